@@ -1,0 +1,198 @@
+"""The Defense contract and the stack that composes defenses.
+
+A defense overrides only the stages it acts on, like a Lightning ``Callback``; every hook defaults
+to "do nothing". The same instances serve the data module and the model (LightningCLI
+``link_arguments(..., apply_on="instantiate")``), so state such as a privacy accountant exists once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # imported for types only: the data module imports this file
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from ..train.data import ImageTable, Manifest
+
+
+@dataclass
+class GenerationContext:
+    """What a generation-side defense may look at besides the images.
+
+    ``reference`` holds the member images in [0, 1], flattened to (M, D); ``labels`` the class
+    labels the samples were generated for (or None when unconditional).
+    """
+
+    reference: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Defense:
+    """Base class: stage hooks that all default to doing nothing.
+
+    Subclasses set ``name`` (used to prefix metrics: ``defense/<name>/<metric>``) and set
+    ``owns_optimizer = True`` when they replace the optimizer, so that the stack can refuse two.
+    """
+
+    name: str = "defense"
+    owns_optimizer: bool = False
+
+    # -- data ---------------------------------------------------------------------------------
+    def transform_dataset(self, dataset: "ImageTable", manifest: "Manifest") -> "ImageTable":
+        """Return the training set this defense allows (it may record what it removed in ``manifest``)."""
+        return dataset
+
+    def on_data_ready(self, num_examples: int, batch_size: int) -> None:
+        """Learn the final training-set size and the expected batch size (after every data transform)."""
+
+    # -- training -----------------------------------------------------------------------------
+    def check_trainer(self, trainer: "pl.Trainer") -> None:
+        """Raise ``ValueError`` for trainer settings this defense cannot honour."""
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """Return the module whose parameters are trained (e.g. an Opacus ``GradSampleModule``)."""
+        return model
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+        """Return the optimizer to step (e.g. an Opacus ``DPOptimizer``)."""
+        return optimizer
+
+    def wrap_train_loader(self, loader: "DataLoader") -> "DataLoader":
+        """Return the training loader (e.g. Poisson sampling)."""
+        return loader
+
+    def on_before_optimizer_step(self, model: nn.Module) -> None:
+        """Called after backward, before the optimizer step (e.g. to reduce per-sample gradients)."""
+
+    def should_stop(self) -> str | None:
+        """Return a reason to stop training before the next step, or None to go on."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that must survive a checkpoint and resume (e.g. the accountant's history)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    # -- generation ---------------------------------------------------------------------------
+    def keep_mask(self, images: torch.Tensor, context: GenerationContext) -> torch.Tensor | None:
+        """Return a bool tensor (B,) of samples to keep, or None to keep all. Images are in [0, 1]."""
+        return None
+
+    # -- reporting ----------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float | int | str]:
+        """Numbers for the report (epsilon spent, images removed, reject rate, ...)."""
+        return {}
+
+    def describe(self) -> str:
+        """A short label for report tables."""
+        return self.name
+
+
+class DefenseStack:
+    """Applies defenses in order; refuses two defenses that both own the optimizer."""
+
+    def __init__(self, defenses: Iterable[Defense] | None = None) -> None:
+        self.defenses: list[Defense] = list(defenses or [])
+        names = [d.name for d in self.defenses]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each defense may appear once in a run, got {names}")
+        owners = [d.name for d in self.defenses if d.owns_optimizer]
+        if len(owners) > 1:
+            raise ValueError(
+                f"defenses {owners} both replace the optimizer; keep one of them in `defenses:`"
+            )
+
+    def __iter__(self):
+        return iter(self.defenses)
+
+    def __len__(self) -> int:
+        return len(self.defenses)
+
+    def transform_dataset(self, dataset: "ImageTable", manifest: "Manifest") -> "ImageTable":
+        for d in self.defenses:
+            dataset = d.transform_dataset(dataset, manifest)
+            if len(dataset) == 0:
+                raise ValueError(
+                    f"defense '{d.name}' removed every training image; loosen its settings "
+                    "(e.g. a lower dedup threshold) or check the data"
+                )
+        return dataset
+
+    def on_data_ready(self, num_examples: int, batch_size: int) -> None:
+        for d in self.defenses:
+            d.on_data_ready(num_examples, batch_size)
+
+    def check_trainer(self, trainer: "pl.Trainer") -> None:
+        for d in self.defenses:
+            d.check_trainer(trainer)
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        for d in self.defenses:
+            model = d.wrap_model(model)
+        return model
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+        for d in self.defenses:
+            optimizer = d.wrap_optimizer(optimizer, model)
+        return optimizer
+
+    def wrap_train_loader(self, loader: "DataLoader") -> "DataLoader":
+        for d in self.defenses:
+            loader = d.wrap_train_loader(loader)
+        return loader
+
+    def on_before_optimizer_step(self, model: nn.Module) -> None:
+        for d in self.defenses:
+            d.on_before_optimizer_step(model)
+
+    def should_stop(self) -> str | None:
+        for d in self.defenses:
+            reason = d.should_stop()
+            if reason:
+                return reason
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {d.name: d.state_dict() for d in self.defenses}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for d in self.defenses:
+            if d.name in state:
+                d.load_state_dict(state[d.name])
+
+    def keep_mask(self, images: torch.Tensor, context: GenerationContext) -> torch.Tensor:
+        keep = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        for d in self.defenses:
+            mask = d.keep_mask(images, context)
+            if mask is not None:
+                keep &= mask.to(device=keep.device, dtype=torch.bool)
+        return keep
+
+    def metrics(self) -> dict[str, float | int | str]:
+        out: dict[str, float | int | str] = {}
+        for d in self.defenses:
+            for key, value in d.metrics().items():
+                out[f"defense/{d.name}/{key}"] = value
+        return out
+
+    def describe(self) -> str:
+        return " + ".join(d.describe() for d in self.defenses) or "none"
+
+    def find(self, name: str) -> Defense | None:
+        """Return the defense called ``name``, or None."""
+        return next((d for d in self.defenses if d.name == name), None)
+
+
+def as_stack(defenses: DefenseStack | Sequence[Defense] | None) -> DefenseStack:
+    """Accept a stack, a list of defenses or None (no defense)."""
+    if isinstance(defenses, DefenseStack):
+        return defenses
+    return DefenseStack(defenses)
