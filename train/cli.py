@@ -1,0 +1,78 @@
+"""The ``privdiff`` command: ``fit`` (LightningCLI), ``audit`` and ``compare``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .data import DiffusionDataModule
+from .loggers import LoggingOptions, build_loggers
+from .module import DiffusionModule
+
+
+class PrivdiffCLI(LightningCLI):
+    """LightningCLI with a run directory, privdiff's loggers and defenses shared by data and model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", type=str, default="runs/default", help="Directory of this run (config, manifest, checkpoints, model, audit).")
+        parser.add_argument("--logging", type=LoggingOptions, default=LoggingOptions())
+        parser.link_arguments("run_dir", "trainer.default_root_dir")
+        parser.link_arguments("data.image_size", "model.image_size")
+        parser.link_arguments("data.channels", "model.channels")
+        # One set of defense instances for data and model: one accountant, one dedup record.
+        parser.link_arguments("data.defenses", "model.defenses", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config.get(str(self.subcommand), self.config)
+        kwargs["logger"] = build_loggers(config["run_dir"], config["logging"])
+        return super().instantiate_trainer(**kwargs)
+
+
+def run_fit_cli(args: list[str] | None = None) -> PrivdiffCLI:
+    """Run LightningCLI on ``args`` (``fit --config ...``) and return it."""
+    return PrivdiffCLI(
+        DiffusionModule,
+        DiffusionDataModule,
+        args=args,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )
+
+
+USAGE = """usage: privdiff {fit,validate,audit,compare} ...
+
+  privdiff fit -c configs/base.yaml -c configs/data/digits.yaml   train (+ audit) one setting
+  privdiff audit --run runs/NAME                                   audit a finished run again
+  privdiff compare -c configs/compare/quickstart.yaml              train and audit a grid, one report
+
+Run `privdiff fit --help`, `privdiff audit --help` or `privdiff compare --help` for the options."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``privdiff`` console script."""
+    from_shell = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    if argv[0] == "audit":
+        from ..eval.audit import audit_command
+
+        audit_command(argv[1:])
+        return
+    if argv[0] == "compare":
+        from .compare import compare_command
+
+        compare_command(argv[1:])
+        return
+    run_fit_cli(None if from_shell else argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,499 @@
+"""Image sources, preprocessing, the seeded membership split and its manifest, and the data module.
+
+Every run trains on *members* and keeps *held-out* images that were never trained on as the
+non-members of membership inference. Both are chosen by a seeded shuffle and written to
+``manifest.json`` in the run directory with stable ids, so that every attack and metric is computed
+against the same split and the same seed gives the same split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from ..defenses.base import Defense, DefenseStack, as_stack
+
+BUILTIN_SOURCES = ("digits", "faces")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+MANIFEST_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory images with stable ids
+# ---------------------------------------------------------------------------------------------
+class ImageTable(Dataset):
+    """Images held in memory as uint8 (N, C, H, W), with int64 labels (-1 = none) and stable string ids.
+
+    Items are ``(image in [-1, 1], label, row)``; ``row`` lets a training step know which example it saw.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, ids: Sequence[str]) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(labels) != len(images) or len(ids) != len(images):
+            raise ValueError(f"{len(images)} images, {len(labels)} labels and {len(ids)} ids must match")
+        self.images = images
+        self.labels = labels.long()
+        self.ids = list(ids)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = self.images[row].float().div(127.5).sub(1.0)
+        return image, self.labels[row], torch.tensor(row)
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> "ImageTable":
+        """Return the table restricted to ``rows`` (in that order)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return ImageTable(self.images[rows], self.labels[rows], [self.ids[i] for i in rows.tolist()])
+
+    def unit(self) -> torch.Tensor:
+        """Return the images as float in [0, 1] (the scale every distance is defined on)."""
+        return self.images.float().div(255.0)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.labels >= 0).any())
+
+    @staticmethod
+    def concat(tables: Sequence["ImageTable"]) -> "ImageTable":
+        return ImageTable(
+            torch.cat([t.images for t in tables]),
+            torch.cat([t.labels for t in tables]),
+            [i for t in tables for i in t.ids],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The membership manifest
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Manifest:
+    """Who is a member, who is held out, what was planted and what a defense removed (stable ids)."""
+
+    seed: int
+    source: dict[str, Any]
+    image_shape: list[int]
+    num_classes: int
+    members: list[str]
+    heldout: list[str]
+    train: list[str] = field(default_factory=list)
+    planted_duplicates: dict[str, int] = field(default_factory=dict)
+    removed: list[dict[str, Any]] = field(default_factory=list)
+    version: int = MANIFEST_VERSION
+
+    def record_removed(self, removed_id: str, kept_id: str, defense: str, **extra: Any) -> None:
+        """Note that ``defense`` dropped ``removed_id`` from training, keeping ``kept_id`` instead."""
+        self.removed.append({"id": removed_id, "kept": kept_id, "defense": defense, **extra})
+
+    def membership_key(self) -> dict[str, Any]:
+        """The part that must never change between a run and its resume or audit."""
+        return {k: getattr(self, k) for k in ("seed", "members", "heldout", "train", "planted_duplicates")}
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON atomically (a crash mid-write leaves the previous file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no membership manifest at {path}; it is written by `privdiff fit` into the run directory")
+        data = json.loads(path.read_text())
+        if data.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"{path}: manifest version {data.get('version')} is not supported (expected {MANIFEST_VERSION})")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+def to_uint8_image(image: Any, image_size: int, channels: int) -> np.ndarray:
+    """Convert a PIL image or array (any of L, RGB, RGBA, P, I;16, float in [0, 1]) to uint8 (C, S, S).
+
+    Non-square images are centre-cropped, then resized with bicubic filtering.
+    """
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            array = np.clip(array.astype(np.float64) * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.transpose(1, 2, 0)
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        image = Image.fromarray(array)
+    if image.mode in ("P", "LA", "PA") or (image.mode == "RGBA" and channels == 3):
+        # Transparent pixels go onto white, the usual background of such images.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("L" if channels == 1 else "RGB")
+    w, h = image.size
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[None]
+    else:
+        array = array.transpose(2, 0, 1)
+    return np.ascontiguousarray(array)
+
+
+def _stack(images: list[np.ndarray], labels: list[int], ids: list[str]) -> ImageTable:
+    return ImageTable(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long), ids)
+
+
+def load_builtin(name: str, image_size: int, channels: int) -> ImageTable:
+    """Load a data set that ships inside an installed package (works offline).
+
+    ``digits``: scikit-learn's 1797 handwritten digits (8x8, 10 classes).
+    ``faces``: the 100 face crops of scikit-image's LFW subset (25x25, unlabeled).
+    """
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        raw = (data.images / 16.0 * 255.0).round().astype(np.uint8)
+        labels = data.target.tolist()
+    elif name == "faces":
+        from skimage.data import lfw_subset
+
+        raw = (lfw_subset()[:100] * 255.0).round().astype(np.uint8)
+        labels = [-1] * len(raw)
+    else:
+        raise ValueError(f"unknown built-in data set {name!r}; choose one of {BUILTIN_SOURCES}")
+    images = [to_uint8_image(Image.fromarray(a), image_size, channels) for a in raw]
+    return _stack(images, labels, [f"{name}/{i:05d}" for i in range(len(images))])
+
+
+def load_folder(path: str | Path, image_size: int, channels: int, on_bad_file: str = "fail") -> ImageTable:
+    """Load every image below ``path``; the first sub-folder names the class when there are sub-folders."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"image folder {root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    class_index = {c: i for i, c in enumerate(classes)}
+    images, labels, ids, bad = [], [], [], []
+    for p in files:
+        rel = p.relative_to(root)
+        try:
+            with Image.open(p) as im:
+                im.load()
+                images.append(to_uint8_image(im, image_size, channels))
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            if on_bad_file == "fail":
+                raise ValueError(
+                    f"cannot read image {p}: {err}. Remove or fix the file, or set data.on_bad_file: skip"
+                ) from err
+            bad.append(str(rel))
+            continue
+        labels.append(class_index[rel.parts[0]] if len(rel.parts) > 1 else -1)
+        ids.append(f"folder/{rel.as_posix()}")
+    if bad:
+        print(f"privdiff: skipped {len(bad)} unreadable image file(s) in {root}: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+    if not images:
+        raise ValueError(f"no readable image in {root} ({len(bad)} unreadable)")
+    return _stack(images, labels, ids)
+
+
+def _open_hf(path: str, split: str):
+    import datasets
+
+    p = Path(path)
+    if p.exists():
+        if (p / "dataset_info.json").is_file() or (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"{p} has splits {list(ds)}, not {split!r}; set data.split")
+                ds = ds[split]
+            return ds
+        if p.is_file() and p.suffix == ".parquet" or p.is_dir() and any(p.glob("*.parquet")):
+            files = [str(p)] if p.is_file() else sorted(str(f) for f in p.glob("*.parquet"))
+            return datasets.load_dataset("parquet", data_files=files, split="train")
+        return datasets.load_dataset(str(p), split=split)
+    try:
+        return datasets.load_dataset(path, split=split)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types when the hub is unreachable
+        raise ValueError(
+            f"cannot load Hugging Face dataset {path!r} (split {split!r}): {type(err).__name__}: {err}. "
+            "If this machine cannot reach the Hugging Face Hub, download it elsewhere with "
+            f"`datasets.load_dataset({path!r}).save_to_disk(DIR)` (or copy its parquet files) "
+            "and set data.path to that local folder."
+        ) from err
+
+
+def load_hf(
+    path: str,
+    image_size: int,
+    channels: int,
+    split: str = "train",
+    image_column: str = "image",
+    label_column: str | None = "label",
+    max_images: int | None = None,
+) -> ImageTable:
+    """Load a Hugging Face dataset by hub name, ``save_to_disk`` folder, or parquet file(s)."""
+    ds = _open_hf(path, split)
+    columns = list(ds.column_names)
+    if image_column not in columns:
+        raise ValueError(f"dataset {path!r} has no image column {image_column!r}; its columns are {columns}. Set data.image_column")
+    if label_column is not None and label_column not in columns:
+        raise ValueError(
+            f"dataset {path!r} has no label column {label_column!r}; its columns are {columns}. "
+            "Set data.label_column (or null for unlabeled data)"
+        )
+    if max_images is not None:
+        ds = ds.select(range(min(max_images, len(ds))))
+    images, labels = [], []
+    for row in ds:
+        images.append(to_uint8_image(row[image_column], image_size, channels))
+        labels.append(int(row[label_column]) if label_column is not None else -1)
+    name = Path(path).name if Path(path).exists() else path
+    return _stack(images, labels, [f"{name}/{split}/{i:06d}" for i in range(len(images))])
+
+
+# ---------------------------------------------------------------------------------------------
+# The membership split
+# ---------------------------------------------------------------------------------------------
+def _too_close(candidates: torch.Tensor, members: torch.Tensor, min_l2: float) -> torch.Tensor:
+    from ..eval.distances import nearest_neighbors
+
+    if min_l2 <= 0 or len(members) == 0 or len(candidates) == 0:
+        return torch.zeros(len(candidates), dtype=torch.bool)
+    return nearest_neighbors(candidates, members, k=1).distances[:, 0] < min_l2
+
+
+@dataclass
+class Split:
+    """The outcome of :func:`membership_split`: training rows (members + planted copies) and held-out rows."""
+
+    train: ImageTable
+    members: ImageTable
+    heldout: ImageTable
+    planted: dict[str, int]
+
+
+def membership_split(
+    pool: ImageTable,
+    num_members: int | None,
+    num_heldout: int,
+    seed: int,
+    duplicate_images: int = 0,
+    duplicate_copies: int = 1,
+    heldout_min_l2: float = 0.02,
+) -> Split:
+    """Choose members and held-out non-members by a seeded shuffle; plant duplicates among members.
+
+    Held-out candidates within ``heldout_min_l2`` (pixel l2 on [0, 1]) of a member are skipped, so
+    that no non-member is a near-copy of a member. ``duplicate_images`` members (k) each appear
+    ``duplicate_copies`` times (n) in the training set, as in Carlini et al. 2023's study of
+    duplication.
+    """
+    if num_heldout < 0 or (num_members is not None and num_members < 1):
+        raise ValueError(f"need num_members >= 1 and num_heldout >= 0, got {num_members} and {num_heldout}")
+    n = len(pool)
+    if num_members is None:
+        num_members = n - num_heldout
+    if num_members + num_heldout > n:
+        raise ValueError(
+            f"the source has {n} images, fewer than num_members={num_members} + num_heldout={num_heldout}; lower them"
+        )
+    if duplicate_images > num_members:
+        raise ValueError(f"duplicate_images={duplicate_images} exceeds num_members={num_members}")
+    if duplicate_copies < 1:
+        raise ValueError(f"duplicate_copies must be >= 1, got {duplicate_copies}")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    member_rows = order[:num_members]
+    members = pool.select(member_rows)
+    rest = order[num_members:]
+    close = _too_close(pool.select(rest).unit(), members.unit(), heldout_min_l2)
+    rest = rest[~close]
+    if len(rest) < num_heldout:
+        raise ValueError(
+            f"only {len(rest)} images remain for num_heldout={num_heldout} after skipping near-copies of members; lower num_heldout"
+        )
+    heldout = pool.select(rest[:num_heldout])
+    planted: dict[str, int] = {}
+    copies = []
+    if duplicate_images and duplicate_copies > 1:
+        chosen = torch.randperm(num_members, generator=gen)[:duplicate_images].sort().values
+        for row in chosen.tolist():
+            planted[members.ids[row]] = duplicate_copies
+            extra = members.select([row] * (duplicate_copies - 1))
+            extra.ids = [f"{members.ids[row]}#copy{c}" for c in range(1, duplicate_copies)]
+            copies.append(extra)
+    train = ImageTable.concat([members, *copies])
+    return Split(train=train, members=members, heldout=heldout, planted=planted)
+
+
+def copies_per_member(manifest: Manifest, members: ImageTable) -> torch.Tensor:
+    """How many copies of each member the final training set holds (0 when a defense removed all)."""
+    counts: dict[str, int] = {}
+    for tid in manifest.train:
+        base = tid.split("#copy")[0]
+        counts[base] = counts.get(base, 0) + 1
+    return torch.tensor([counts.get(i, 0) for i in members.ids], dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data module
+# ---------------------------------------------------------------------------------------------
+class DiffusionDataModule(pl.LightningDataModule):
+    """Loads images, splits members from held-out non-members, applies data-stage defenses.
+
+    Args:
+        source: ``digits`` or ``faces`` (built in, offline), ``hf`` (``path`` = hub name, a
+            ``save_to_disk`` folder or parquet files) or ``folder`` (``path`` = a folder of images).
+        path: where ``hf`` and ``folder`` sources are.
+        image_size: side of the square images the model sees.
+        channels: 1 (grayscale) or 3 (RGB); every image is converted.
+        num_members: images trained on (None: all but the held-out ones).
+        num_heldout: images never trained on, the non-members of membership inference.
+        duplicate_images: how many members to plant as duplicates (k).
+        duplicate_copies: how many times each planted member appears in training (n).
+        seed: seeds the split; the same seed gives the same manifest.
+        batch_size: training batch size (the expected batch under DP-SGD's Poisson sampling).
+        defenses: data- and training-stage defenses (shared with the model).
+        run_dir: where ``manifest.json`` goes; defaults to the trainer's ``default_root_dir``.
+        max_images: read at most this many images from an ``hf`` source.
+        on_bad_file: ``fail`` or ``skip`` unreadable files of a ``folder`` source.
+        heldout_min_l2: held-out candidates closer than this to a member are skipped.
+    """
+
+    def __init__(
+        self,
+        source: Literal["digits", "faces", "hf", "folder"] = "digits",
+        path: str | None = None,
+        split: str = "train",
+        image_column: str = "image",
+        label_column: str | None = "label",
+        image_size: int = 16,
+        channels: Literal[1, 3] = 1,
+        num_members: int | None = 64,
+        num_heldout: int = 64,
+        duplicate_images: int = 0,
+        duplicate_copies: int = 1,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        defenses: list[Defense] | None = None,
+        run_dir: str | None = None,
+        max_images: int | None = None,
+        on_bad_file: Literal["fail", "skip"] = "fail",
+        heldout_min_l2: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if source in ("hf", "folder") and not path:
+            raise ValueError(f"data.source={source!r} needs data.path (a hub name, local dataset or folder)")
+        if source not in (*BUILTIN_SOURCES, "hf", "folder"):
+            raise ValueError(f"data.source must be one of {(*BUILTIN_SOURCES, 'hf', 'folder')}, got {source!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels must be 1 or 3, got {channels}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.save_hyperparameters(ignore=["defenses"])
+        self.defenses: DefenseStack = as_stack(defenses)
+        self.manifest: Manifest | None = None
+        self.train_set: ImageTable | None = None
+        self.members: ImageTable | None = None
+        self.heldout: ImageTable | None = None
+
+    # -- loading -------------------------------------------------------------------------------
+    def load_pool(self) -> ImageTable:
+        """Load every image of the configured source (before the split)."""
+        h = self.hparams
+        if h.source in BUILTIN_SOURCES:
+            return load_builtin(h.source, h.image_size, h.channels)
+        if h.source == "folder":
+            return load_folder(h.path, h.image_size, h.channels, h.on_bad_file)
+        return load_hf(h.path, h.image_size, h.channels, h.split, h.image_column, h.label_column, h.max_images)
+
+    @property
+    def run_dir(self) -> Path | None:
+        if self.hparams.run_dir:
+            return Path(self.hparams.run_dir)
+        trainer = self.trainer
+        return Path(trainer.default_root_dir) if trainer is not None else None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.manifest is not None:
+            return
+        h = self.hparams
+        pool = self.load_pool()
+        split = membership_split(
+            pool, h.num_members, h.num_heldout, h.seed, h.duplicate_images, h.duplicate_copies, h.heldout_min_l2
+        )
+        labels = pool.labels[pool.labels >= 0]
+        manifest = Manifest(
+            seed=h.seed,
+            source={k: v for k, v in dict(h).items() if k not in ("run_dir", "num_workers") and not k.startswith("_")},
+            image_shape=list(pool.image_shape),
+            num_classes=int(labels.max()) + 1 if len(labels) else 0,
+            members=split.members.ids,
+            heldout=split.heldout.ids,
+            planted_duplicates=split.planted,
+        )
+        train = self.defenses.transform_dataset(split.train, manifest)
+        manifest.train = train.ids
+        self._check_against_saved(manifest)
+        self.defenses.on_data_ready(len(train), h.batch_size)
+        self.manifest, self.train_set, self.members, self.heldout = manifest, train, split.members, split.heldout
+        if self.run_dir is not None:
+            manifest.save(self.run_dir / "manifest.json")
+
+    def _check_against_saved(self, manifest: Manifest) -> None:
+        """A resumed run must see the very split it started with."""
+        if self.run_dir is None or not (self.run_dir / "manifest.json").is_file():
+            return
+        saved = Manifest.load(self.run_dir / "manifest.json")
+        if saved.membership_key() != manifest.membership_key():
+            raise ValueError(
+                f"the data no longer match the manifest in {self.run_dir} (different members, held-out set "
+                "or dedup result). Restore the original data and settings, or train into a new run directory"
+            )
+
+    # -- loaders -------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        loader = DataLoader(
+            self.train_set,
+            batch_size=min(self.hparams.batch_size, len(self.train_set)),
+            shuffle=True,
+            drop_last=False,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+        return self.defenses.wrap_train_loader(loader)
+
+    @property
+    def num_classes(self) -> int:
+        if self.manifest is None:
+            self.setup()
+        return self.manifest.num_classes
