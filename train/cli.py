@@ -8,6 +8,9 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from typing import Optional
+
+from ..eval.audit import AuditCallback, AuditConfig
 from .data import DiffusionDataModule
 from .loggers import LoggingOptions, build_loggers
 from .module import DiffusionModule
@@ -19,6 +22,7 @@ class PrivdiffCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_dir", type=str, default="runs/default", help="Directory of this run (config, manifest, checkpoints, model, audit).")
         parser.add_argument("--logging", type=LoggingOptions, default=LoggingOptions())
+        parser.add_argument("--audit", type=Optional[AuditConfig], default=AuditConfig(), help="Audit run after fit (null: none).")
         parser.link_arguments("run_dir", "trainer.default_root_dir")
         parser.link_arguments("data.image_size", "model.image_size")
         parser.link_arguments("data.channels", "model.channels")
@@ -28,7 +32,11 @@ class PrivdiffCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = self.config.get(str(self.subcommand), self.config)
         kwargs["logger"] = build_loggers(config["run_dir"], config["logging"])
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        audit = self._get(self.config_init, "audit")
+        if audit is not None:
+            trainer.callbacks.append(AuditCallback(audit))
+        return trainer
 
 
 def run_fit_cli(args: list[str] | None = None) -> PrivdiffCLI:

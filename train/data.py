@@ -423,6 +423,7 @@ class DiffusionDataModule(pl.LightningDataModule):
         self.train_set: ImageTable | None = None
         self.members: ImageTable | None = None
         self.heldout: ImageTable | None = None
+        self.pool: ImageTable | None = None
 
     # -- loading -------------------------------------------------------------------------------
     def load_pool(self) -> ImageTable:
@@ -464,6 +465,7 @@ class DiffusionDataModule(pl.LightningDataModule):
         self._check_against_saved(manifest)
         self.defenses.on_data_ready(len(train), h.batch_size)
         self.manifest, self.train_set, self.members, self.heldout = manifest, train, split.members, split.heldout
+        self.pool = pool
         if self.run_dir is not None:
             manifest.save(self.run_dir / "manifest.json")
 

@@ -122,6 +122,10 @@ class Denoiser(nn.Module):
         return unwrap(self.unet).config
 
     @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 

@@ -1,0 +1,35 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create/refresh .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/privdiff compare -c configs/compare/quickstart.yaml
+
+test: setup
+	$(PY) -m pytest -q --durations=15
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) scripts/bench_knn.py
+	$(PY) scripts/bench_dp.py
+	$(PY) scripts/bench_sampling.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,415 @@
+"""The audit suite: sample, attack, measure, write ``audit.json``; as a Lightning callback and as a command.
+
+After every ``privdiff fit`` the :class:`AuditCallback` audits the EMA weights; ``privdiff audit
+--run DIR`` (or ``--model`` a diffusers folder with ``--manifest``) audits a saved model again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..defenses.base import DefenseStack, GenerationContext, as_stack
+from ..train.data import ImageTable, Manifest, copies_per_member
+from ..train.denoiser import Denoiser
+from . import extraction, memorization, mia, quality
+from .sampling import generate
+
+AUDIT_SCHEMA = "privdiff.audit/1"
+
+
+@dataclass
+class AuditConfig:
+    """How big and how strong the audit is (``configs/audit/fast.yaml`` for tests, ``full.yaml`` for real use).
+
+    Args:
+        num_samples: images generated for extraction and memorization (Carlini et al. use 2^20 per model).
+        solver, steps, batch_size: the sampler (``dpmsolver++`` at 20 steps by default).
+        seed: seeds sampling and the attacks' noise.
+        tau, min_clique, delta, tile_size: generate-and-filter extraction (Carlini et al. 2023 §4.2).
+        calibrated_threshold, calibrated_n, calibrated_alpha: white-box calibrated-l2 check (§5.1).
+        memorization_threshold: Gu et al. 2023's nearest/second-nearest ratio.
+        mia_attacks: which membership-inference attacks run (``loss``, ``pia``, ``secmi``).
+        mia_examples: members and as many held-out images scored (None: as many as both sets allow).
+        loss_timesteps: timesteps scanned by the loss-threshold attack.
+        pia_t, secmi_t, secmi_k: PIA's and SecMI's settings.
+        fid_backbone: ``classifier`` (a small CNN trained on the data's labels, offline), ``inception``, or ``none``.
+        fid_real: real images for FID: ``pool`` (all images of the source) or ``members``.
+        max_cases: extracted cases kept (locally) for the report's grid.
+    """
+
+    num_samples: int = 512
+    solver: str = "dpmsolver++"
+    steps: int = 20
+    batch_size: int = 256
+    seed: int = 0
+    tau: float = 0.15
+    min_clique: int = 10
+    delta: float = 0.15
+    tile_size: int | None = None
+    calibrated_threshold: float = 1.0
+    calibrated_n: int = 50
+    calibrated_alpha: float = 0.5
+    memorization_threshold: float = 1 / 3
+    mia_attacks: list[str] = field(default_factory=lambda: ["loss", "pia", "secmi"])
+    mia_examples: int | None = None
+    loss_timesteps: list[int] = field(default_factory=lambda: [10, 50, 100, 200, 300, 500])
+    pia_t: int = 200
+    secmi_t: int = 100
+    secmi_k: int = 10
+    fid_backbone: Literal["classifier", "inception", "none"] = "classifier"
+    fid_real: Literal["pool", "members"] = "pool"
+    max_cases: int = 16
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = set(self.mia_attacks) - {"loss", "pia", "secmi"}
+        if unknown:
+            raise ValueError(f"unknown mia_attacks {sorted(unknown)}; choose from loss, pia, secmi")
+        if self.num_samples < 1:
+            raise ValueError(f"audit num_samples must be >= 1, got {self.num_samples}")
+
+
+@dataclass
+class AuditData:
+    """What the audit compares the model with: unique members, held-out images, copies, the pool for FID."""
+
+    members: ImageTable
+    heldout: ImageTable
+    copies: torch.Tensor
+    pool: ImageTable | None = None
+    manifest: Manifest | None = None
+
+
+def _model_scale(table: ImageTable) -> torch.Tensor:
+    return table.images.float().div(127.5).sub(1.0)
+
+
+def _labels(table: ImageTable, denoiser: Denoiser) -> torch.Tensor | None:
+    return table.labels.clamp(min=0) if denoiser.num_classes else None
+
+
+def run_mia(denoiser: Denoiser, data: AuditData, config: AuditConfig) -> dict[str, Any]:
+    """Score members against an equal number of held-out non-members with each configured attack."""
+    n = min(len(data.members), len(data.heldout))
+    if config.mia_examples is not None:
+        n = min(n, config.mia_examples)
+    if n < 2:
+        raise ValueError(
+            f"membership inference needs at least 2 held-out images, got {len(data.heldout)}; raise data.num_heldout"
+        )
+    members, heldout = data.members.select(range(n)), data.heldout.select(range(n))
+    both = ImageTable.concat([members, heldout])
+    x, y = _model_scale(both).to(denoiser.device), _labels(both, denoiser)
+    is_member = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
+    out: dict[str, Any] = {"num_members": n, "num_nonmembers": n}
+    kw = {"batch_size": config.batch_size, "progress": config.progress}
+    if "loss" in config.mia_attacks:
+        res = mia.loss_threshold_attack(denoiser, x, is_member, y, timesteps=config.loss_timesteps, seed=config.seed, **kw)
+        out["loss"] = {**res.best.to_dict(), "t": res.best_timestep, "per_timestep": {str(t): r.auc for t, r in res.per_timestep.items()}}
+    if "pia" in config.mia_attacks:
+        out["pia"] = {**mia.audit(mia.pia_scores(denoiser, x, y, t=config.pia_t, **kw), is_member).to_dict(), "t": config.pia_t}
+    if "secmi" in config.mia_attacks:
+        scores = mia.secmi_scores(denoiser, x, y, t_sec=config.secmi_t, k=config.secmi_k, **kw)
+        out["secmi"] = {**mia.audit(scores, is_member).to_dict(), "t_sec": config.secmi_t, "k": config.secmi_k}
+    attacks = [a for a in ("loss", "pia", "secmi") if a in out]
+    if attacks:
+        best = max(attacks, key=lambda a: out[a]["auc"])
+        out["best"] = {"attack": best, **{k: out[best][k] for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")}}
+    return out
+
+
+def run_audit(
+    denoiser: Denoiser,
+    data: AuditData,
+    config: AuditConfig,
+    defenses: DefenseStack | None = None,
+    run_dir: str | Path | None = None,
+    feature_classifier: "quality.SmallClassifier | None" = None,
+) -> dict[str, Any]:
+    """Run the whole suite and return the ``audit.json`` dict (also written into ``run_dir``).
+
+    Extraction, memorization and MIA are computed against ``data.members`` (unique images, no
+    planted copies) and ``data.heldout``; timings per stage are included so the slowest shows.
+    """
+    stack = as_stack(defenses)
+    timings: dict[str, float] = {}
+    reference = data.members.unit().flatten(1)
+    denoiser = denoiser.eval()
+
+    start = time.perf_counter()
+    generated = generate(
+        denoiser,
+        config.num_samples,
+        solver=config.solver,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        defenses=stack,
+        context=GenerationContext(reference=reference),
+        seed=config.seed,
+        progress=config.progress,
+    )
+    samples = generated.images
+    timings["sample"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    result: dict[str, Any] = {"extraction": {}}
+    if len(samples):
+        gf = extraction.generate_and_filter(
+            samples, data.members.unit(), generated.labels, tau=config.tau, min_clique=config.min_clique,
+            delta=config.delta, tile_size=config.tile_size,
+        )
+        cal = extraction.calibrated_extraction(
+            samples, data.members.unit(), threshold=config.calibrated_threshold, n=config.calibrated_n,
+            alpha=config.calibrated_alpha,
+        )
+    else:
+        gf = cal = None
+    extracted = sorted(set(gf.extracted_indices if gf else []) | set(cal.extracted_indices if cal else []))
+    for name, res in (("generate_and_filter", gf), ("calibrated_l2", cal)):
+        if res is not None:
+            result["extraction"][name] = _extraction_summary(res, data.members)
+    result["extraction"]["union"] = {
+        "extracted": len(extracted),
+        "fraction_of_members": len(extracted) / len(data.members),
+        "ids": [data.members.ids[i] for i in extracted],
+    }
+    timings["extraction"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if len(samples) and len(data.members) >= 2:
+        mem = memorization.memorization_ratio(samples, data.members.unit(), threshold=config.memorization_threshold)
+        result["memorization"] = _memorization_summary(mem)
+    result["by_copies"] = {str(k): v for k, v in memorization.by_copies(extracted, data.copies).items()}
+    timings["memorization"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    result["mia"] = run_mia(denoiser, data, config) if config.mia_attacks else {}
+    timings["mia"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if config.fid_backbone != "none" and len(samples) >= 2:
+        real = data.pool if (config.fid_real == "pool" and data.pool is not None) else data.members
+        if config.fid_backbone == "classifier" and feature_classifier is None:
+            feature_classifier = quality.train_feature_classifier(real.unit(), real.labels, seed=config.seed)
+        q = quality.compute_quality(real.unit(), samples, backbone=config.fid_backbone, classifier=feature_classifier)
+        result["quality"] = q.to_dict()
+    timings["quality"] = time.perf_counter() - start
+
+    metrics = stack.metrics()
+    dp = stack.find("dp_sgd")
+    dedup_removed = sum(1 for r in (data.manifest.removed if data.manifest else []) if r.get("defense") == "dedup")
+    result.update(
+        schema=AUDIT_SCHEMA,
+        run={"defenses": stack.describe(), "run_dir": str(run_dir) if run_dir else None},
+        defense_metrics={k: v for k, v in metrics.items()},
+        privacy={
+            "epsilon": metrics.get("defense/dp_sgd/epsilon") if dp else None,
+            "delta": metrics.get("defense/dp_sgd/delta") if dp else None,
+            "accountant": metrics.get("defense/dp_sgd/accountant") if dp else None,
+        },
+        data={
+            "num_members": len(data.members),
+            "num_heldout": len(data.heldout),
+            "num_train_rows": int(data.copies.sum()),
+            "planted_duplicates": len(data.manifest.planted_duplicates) if data.manifest else 0,
+            "removed_by_dedup": dedup_removed,
+        },
+        sampling={
+            "num_samples": len(samples),
+            "num_drawn": generated.num_drawn,
+            "num_rejected": generated.num_rejected,
+            "reject_rate": generated.reject_rate,
+            "solver": config.solver,
+            "steps": config.steps,
+        },
+        config=asdict(config),
+        timings_s=timings,
+        training_images_embedded=False,
+    )
+    if run_dir is not None:
+        _save_cases(Path(run_dir), samples, data.members, gf, cal, config.max_cases)
+        write_json(Path(run_dir) / "audit.json", result)
+    return result
+
+
+def _extraction_summary(res: "extraction.ExtractionResult", members: ImageTable) -> dict[str, Any]:
+    ids = res.extracted_indices
+    return {
+        "extracted": len(ids),
+        "fraction_of_members": len(ids) / len(members),
+        "num_samples_flagged": res.num_samples_flagged,
+        "records": [
+            {"id": members.ids[r.train_index], "sample": r.sample_index, "distance": r.distance}
+            for r in sorted(res.records, key=lambda r: r.distance)
+        ],
+        "params": res.params,
+    }
+
+
+def _memorization_summary(mem: Any) -> dict[str, Any]:
+    return mem.to_dict()
+
+
+def _save_cases(run_dir: Path, samples, members: ImageTable, gf, cal, max_cases: int) -> None:
+    """Keep the closest extracted pairs on local disk (safetensors) for the report's grid."""
+    from safetensors.torch import save_file
+
+    records = [r for res in (gf, cal) if res is not None for r in res.records]
+    best: dict[int, Any] = {}
+    for r in sorted(records, key=lambda r: r.distance):
+        best.setdefault(r.train_index, r)
+    chosen = list(best.values())[:max_cases]
+    shape = (0, *members.image_shape)
+    tensors = {
+        "samples": torch.stack([samples[r.sample_index] for r in chosen]) if chosen else torch.empty(shape),
+        "nearest": torch.stack([members.unit()[r.train_index] for r in chosen]) if chosen else torch.empty(shape),
+        "distance": torch.tensor([float(r.distance) for r in chosen]),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(run_dir / "audit_cases.safetensors"))
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The audit's headline numbers as ``audit/...`` scalars for the loggers."""
+    out: dict[str, float] = {}
+    union = result.get("extraction", {}).get("union", {})
+    out["audit/extracted"] = float(union.get("extracted", 0))
+    out["audit/extracted_fraction"] = float(union.get("fraction_of_members", 0.0))
+    if "memorization" in result:
+        out["audit/nn_ratio_memorized"] = float(result["memorization"]["fraction_memorized"])
+    for attack in ("loss", "pia", "secmi"):
+        if attack in result.get("mia", {}):
+            out[f"audit/mia_{attack}_auc"] = float(result["mia"][attack]["auc"])
+            out[f"audit/mia_{attack}_tpr_at_1pct_fpr"] = float(result["mia"][attack]["tpr_at_1pct_fpr"])
+    if "quality" in result:
+        out[f"audit/fid_{result['quality']['backbone']}"] = float(result["quality"]["fid"])
+    out["audit/reject_rate"] = float(result["sampling"]["reject_rate"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# After fit: the callback
+# ---------------------------------------------------------------------------------------------
+class AuditCallback(pl.Callback):
+    """Runs the audit on the EMA weights when ``fit`` ends and logs it; writes ``audit.json`` and the report."""
+
+    def __init__(self, config: AuditConfig | None = None) -> None:
+        self.config = config or AuditConfig()
+        self.result: dict[str, Any] | None = None
+        self._train_start: float | None = None
+        self._train_time: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_start = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._train_start is not None:
+            self._train_time = time.perf_counter() - self._train_start
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        run_dir = Path(trainer.default_root_dir)
+        data = AuditData(
+            members=dm.members, heldout=dm.heldout, copies=copies_per_member(dm.manifest, dm.members),
+            pool=getattr(dm, "pool", None), manifest=dm.manifest,
+        )
+        rank_zero_info(f"privdiff: auditing the EMA model ({self.config.num_samples} samples) ...")
+        result = run_audit(pl_module.ema_denoiser(), data, self.config, pl_module.defenses, run_dir)
+        result["run"]["train_time_s"] = self._train_time
+        result["run"]["steps"] = trainer.global_step
+        write_json(run_dir / "audit.json", result)
+        for logger in trainer.loggers:
+            logger.log_metrics(flat_metrics(result), step=trainer.global_step)
+            logger.save()
+        from .report import markdown_table, summarize, write_report
+
+        write_report(run_dir, {run_dir.name: result}, {run_dir.name: run_dir}, title=f"privdiff audit: {run_dir.name}")
+        print(markdown_table([summarize(run_dir.name, result)]))
+        self.result = result
+
+
+# ---------------------------------------------------------------------------------------------
+# `privdiff audit`: again, on a saved model
+# ---------------------------------------------------------------------------------------------
+def load_audit_data(manifest: Manifest) -> AuditData:
+    """Rebuild members, held-out images and the pool from the manifest's recorded data settings."""
+    from ..train.data import DiffusionDataModule
+
+    source = {k: v for k, v in manifest.source.items() if k != "defenses"}
+    dm = DiffusionDataModule(**source)
+    pool = dm.load_pool()
+    index = {image_id: row for row, image_id in enumerate(pool.ids)}
+    missing = [i for i in manifest.members + manifest.heldout if i not in index]
+    if missing:
+        raise ValueError(
+            f"the manifest names {len(missing)} image(s) the data source does not have (e.g. {missing[:3]}); "
+            "the manifest does not match the data"
+        )
+    members = pool.select([index[i] for i in manifest.members])
+    heldout = pool.select([index[i] for i in manifest.heldout])
+    return AuditData(members, heldout, copies_per_member(manifest, members), pool, manifest)
+
+
+def audit_saved(
+    run: str | None = None,
+    model: str | None = None,
+    manifest: str | None = None,
+    audit: AuditConfig | None = None,
+    out: str | None = None,
+) -> dict[str, Any]:
+    """Audit a saved model: ``run`` (a run directory) or ``model`` (a diffusers folder) + ``manifest``.
+
+    Results go to ``out`` (default: the run directory, or the model folder's parent).
+    """
+    if (run is None) == (model is None):
+        raise ValueError("give exactly one of --run DIR or --model DIR (with --manifest FILE)")
+    if run is not None:
+        run_dir = Path(run)
+        model_dir, manifest_path = run_dir / "model", run_dir / "manifest.json"
+    else:
+        model_dir = Path(model)
+        if manifest is None:
+            raise ValueError("--model needs --manifest (the manifest.json written by `privdiff fit`)")
+        manifest_path, run_dir = Path(manifest), model_dir.parent
+    out_dir = Path(out) if out else run_dir
+    denoiser = Denoiser.from_pretrained(model_dir)
+    loaded = Manifest.load(manifest_path)
+    if list(denoiser.image_shape) != list(loaded.image_shape):
+        raise ValueError(f"model images are {denoiser.image_shape} but the manifest's data are {tuple(loaded.image_shape)}")
+    data = load_audit_data(loaded)
+    result = run_audit(denoiser, data, audit or AuditConfig(), None, out_dir)
+    from .report import markdown_table, summarize, write_report
+
+    write_report(out_dir, {out_dir.name: result}, {out_dir.name: out_dir}, title=f"privdiff audit: {out_dir.name}")
+    print(markdown_table([summarize(out_dir.name, result)]))
+    return result
+
+
+def audit_command(argv: Sequence[str]) -> None:
+    """``privdiff audit --run DIR`` / ``--model DIR --manifest FILE`` [``-c configs/audit/full.yaml``]."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="privdiff audit", description=audit_saved.__doc__, default_env=False)
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_function_arguments(audit_saved, as_group=False)
+    cfg = parser.parse_args(list(argv))
+    init = parser.instantiate_classes(cfg)
+    audit_saved(run=init.run, model=init.model, manifest=init.manifest, audit=init.audit, out=init.out)

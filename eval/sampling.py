@@ -1,0 +1,97 @@
+"""The one sampling function of privdiff: batched, seeded, with a progress bar and generation-side defenses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..defenses.base import Defense, DefenseStack, GenerationContext, as_stack
+from ..train.denoiser import Denoiser
+
+
+@dataclass
+class Generated:
+    """Kept samples in [0, 1] and what the generation-side defenses dropped."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    num_drawn: int
+    num_rejected: int
+
+    @property
+    def reject_rate(self) -> float:
+        return self.num_rejected / self.num_drawn if self.num_drawn else 0.0
+
+
+def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    """Class labels 0, 1, ..., C-1, 0, 1, ... so that every class gets the same share of samples."""
+    return torch.arange(num_samples) % num_classes
+
+
+def generate(
+    denoiser: Denoiser,
+    num_samples: int,
+    *,
+    solver: str = "dpmsolver++",
+    steps: int = 20,
+    batch_size: int = 256,
+    class_labels: torch.Tensor | None = None,
+    defenses: DefenseStack | None = None,
+    context: GenerationContext | None = None,
+    seed: int = 0,
+    max_rounds: int = 3,
+    progress: bool = True,
+) -> Generated:
+    """Draw ``num_samples`` images in [0, 1] from ``denoiser``, applying generation-side defenses.
+
+    Batch ``b`` uses a generator seeded with ``(seed, b)``, so the same seed gives the same images
+    whatever process draws the batch. A sample a defense rejects is redrawn (same label) up to
+    ``max_rounds`` rounds; samples still rejected then are dropped and counted in ``num_rejected``.
+    A class-conditional model gets balanced labels when ``class_labels`` is None.
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples} and {batch_size}")
+    stack = as_stack(defenses)
+    context = context or GenerationContext()
+    if denoiser.num_classes and class_labels is None:
+        class_labels = balanced_labels(num_samples, denoiser.num_classes)
+    if class_labels is not None and len(class_labels) != num_samples:
+        raise ValueError(f"got {len(class_labels)} class labels for {num_samples} samples")
+    filtering = any(type(d).keep_mask is not Defense.keep_mask for d in stack)
+
+    was_training = denoiser.training
+    denoiser.eval()
+    kept_images: list[torch.Tensor] = []
+    kept_labels: list[torch.Tensor] = []
+    pending = torch.arange(num_samples)
+    drawn, batch_index = 0, 0
+    bar = tqdm(total=num_samples, desc=f"sampling ({solver}, {steps} steps)", disable=not progress, leave=False)
+    for _ in range(max_rounds if filtering else 1):
+        rejected: list[torch.Tensor] = []
+        for start in range(0, len(pending), batch_size):
+            rows = pending[start : start + batch_size]
+            labels = class_labels[rows] if class_labels is not None else None
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
+            batch_index += 1
+            images = denoiser.sample_batch(len(rows), solver, steps, labels, gen).add(1).div(2).cpu()
+            drawn += len(rows)
+            batch_context = GenerationContext(context.reference, labels, context.extra)
+            keep = stack.keep_mask(images, batch_context).cpu() if filtering else torch.ones(len(rows), dtype=torch.bool)
+            kept_images.append(images[keep])
+            if labels is not None:
+                kept_labels.append(labels[keep].cpu())
+            rejected.append(rows[~keep])
+            bar.update(int(keep.sum()))
+        pending = torch.cat(rejected) if rejected else pending[:0]
+        if len(pending) == 0:
+            break
+    bar.close()
+    denoiser.train(was_training)
+    return Generated(
+        images=torch.cat(kept_images) if kept_images else torch.empty(0, *denoiser.image_shape),
+        labels=torch.cat(kept_labels) if kept_labels else None,
+        num_drawn=drawn,
+        num_rejected=drawn - sum(len(x) for x in kept_images),
+    )
