@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..defenses.base import DefenseStack, GenerationContext, as_stack
+from ..defenses.base import Defense, DefenseStack, GenerationContext, as_stack
 from ..train.data import ImageTable, Manifest, copies_per_member
 from ..train.denoiser import Denoiser
 from . import extraction, memorization, mia, quality
@@ -374,10 +374,12 @@ def audit_saved(
     manifest: str | None = None,
     audit: AuditConfig | None = None,
     out: str | None = None,
+    defenses: list[Defense] | None = None,
 ) -> dict[str, Any]:
     """Audit a saved model: ``run`` (a run directory) or ``model`` (a diffusers folder) + ``manifest``.
 
     Results go to ``out`` (default: the run directory, or the model folder's parent).
+    ``defenses`` adds generation-side defenses (e.g. an output filter) to the audit's sampler.
     """
     if (run is None) == (model is None):
         raise ValueError("give exactly one of --run DIR or --model DIR (with --manifest FILE)")
@@ -395,7 +397,7 @@ def audit_saved(
     if list(denoiser.image_shape) != list(loaded.image_shape):
         raise ValueError(f"model images are {denoiser.image_shape} but the manifest's data are {tuple(loaded.image_shape)}")
     data = load_audit_data(loaded)
-    result = run_audit(denoiser, data, audit or AuditConfig(), None, out_dir)
+    result = run_audit(denoiser, data, audit or AuditConfig(), as_stack(defenses), out_dir)
     from .report import markdown_table, summarize, write_report
 
     write_report(out_dir, {out_dir.name: result}, {out_dir.name: out_dir}, title=f"privdiff audit: {out_dir.name}")
@@ -412,4 +414,4 @@ def audit_command(argv: Sequence[str]) -> None:
     parser.add_function_arguments(audit_saved, as_group=False)
     cfg = parser.parse_args(list(argv))
     init = parser.instantiate_classes(cfg)
-    audit_saved(run=init.run, model=init.model, manifest=init.manifest, audit=init.audit, out=init.out)
+    audit_saved(run=init.run, model=init.model, manifest=init.manifest, audit=init.audit, out=init.out, defenses=init.defenses)

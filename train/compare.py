@@ -1,0 +1,210 @@
+"""``privdiff compare``: train and audit several defense settings on the same data, split and audit, one report.
+
+Each setting runs ``privdiff fit`` in its own process (a crash stays in its run; two 1-thread
+processes also beat one 2-thread process on CPU). A setting whose ``audit.json`` exists is reused
+when the command is repeated; one with a checkpoint but no audit resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+@dataclass
+class Setting:
+    """One row of a comparison.
+
+    Args:
+        configs: config files stacked after the shared ones (e.g. ``configs/defense/dp_sgd.yaml``).
+        args: command-line overrides for ``privdiff fit`` (e.g. ``["--trainer.max_steps", "500"]``).
+        audit_of: audit the model trained by that other setting instead of training again; only the
+            generation-side defenses of ``configs`` then apply (e.g. an output filter).
+    """
+
+    configs: list[str] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+    audit_of: str | None = None
+
+
+def _threads(parallel: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, parallel))
+
+
+def _fit_command(shared: Sequence[str], shared_args: Sequence[str], setting: Setting, run_dir: Path, group: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "privdiff.train.cli", "fit"]
+    for c in [*shared, *setting.configs]:
+        cmd += ["-c", c]
+    cmd += ["--run_dir", str(run_dir), *shared_args, *setting.args]
+    if group:
+        cmd += ["--logging.wandb_group", group]
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        cmd += ["--ckpt_path", "last"]
+    return cmd
+
+
+def _generation_defenses(config_files: Sequence[str]) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    for path in config_files:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        entries += (data.get("data") or {}).get("defenses") or []
+    return entries
+
+
+def _audit_command(shared: Sequence[str], setting: Setting, source_dir: Path, run_dir: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "privdiff.train.cli", "audit", "--run", str(source_dir), "--out", str(run_dir)]
+    audit_files = [c for c in shared if Path(c).parent.name == "audit"]
+    for c in audit_files:
+        cmd += ["-c", c]
+    defenses = _generation_defenses(setting.configs)
+    if defenses:
+        cmd += ["--defenses", json.dumps(defenses)]
+    return cmd
+
+
+def compare(
+    settings: dict[str, Setting],
+    configs: list[str],
+    args: list[str] | None = None,
+    out_dir: str = "runs/compare",
+    parallel: int = 1,
+    wandb: bool = False,
+    title: str = "privdiff comparison",
+) -> dict[str, Any]:
+    """Train and audit every setting, then write ``report.{json,md,html}`` into ``out_dir``.
+
+    Args:
+        settings: name -> :class:`Setting`; all share ``configs`` (data, model, audit) and ``args``.
+        configs: config files every setting stacks first (the same data, split and audit for all).
+        args: overrides every setting gets (e.g. a shorter ``--trainer.max_steps``).
+        out_dir: the comparison's directory; setting ``name`` runs in ``out_dir/name``.
+        parallel: settings run side by side (each with cores/parallel threads).
+        wandb: log every run to wandb (offline unless ``WANDB_MODE=online``) in one group, and the table.
+        title: the report's title.
+
+    Returns the audits by setting name. Raises ``RuntimeError`` naming the settings that failed
+    (after writing the report of those that finished).
+    """
+    if not settings:
+        raise ValueError("a comparison needs at least one entry under `settings:`")
+    for name, s in settings.items():
+        if s.audit_of is not None and s.audit_of not in settings:
+            raise ValueError(f"setting {name!r}: audit_of={s.audit_of!r} is not one of {sorted(settings)}")
+        if s.audit_of is not None and settings[s.audit_of].audit_of is not None:
+            raise ValueError(f"setting {name!r}: audit_of must name a setting that trains ({s.audit_of!r} does not)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    group = out.name if wandb else None
+    shared_args = list(args or [])
+    if wandb:
+        shared_args += ["--logging.wandb", "true"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(_threads(parallel)), MKL_NUM_THREADS=str(_threads(parallel)))
+    env.setdefault("WANDB_MODE", "offline")
+
+    done = {n for n in settings if (out / n / "audit.json").is_file()}
+    for n in sorted(done):
+        print(f"privdiff compare: reusing finished run {out / n}")
+    failed: dict[str, str] = {}
+    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    pending = [n for n in settings if n not in done]
+    started = time.perf_counter()
+    while pending or running:
+        for name in list(pending):
+            if len(running) >= parallel:
+                break
+            s = settings[name]
+            if s.audit_of is not None and s.audit_of not in done:
+                if s.audit_of in failed:
+                    failed[name] = f"its model ({s.audit_of}) failed"
+                    pending.remove(name)
+                continue
+            run_dir = out / name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if s.audit_of is None:
+                cmd = _fit_command(configs, shared_args, s, run_dir, group)
+            else:
+                cmd = _audit_command(configs, s, out / s.audit_of, run_dir)
+            log = open(run_dir / "compare.log", "a")
+            print(f"privdiff compare: starting {name} (log: {run_dir / 'compare.log'})")
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.perf_counter(), log)
+            pending.remove(name)
+        time.sleep(0.5)
+        for name, (proc, t0, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            if proc.returncode == 0 and (out / name / "audit.json").is_file():
+                done.add(name)
+                print(f"privdiff compare: {name} finished in {time.perf_counter() - t0:.0f} s")
+            else:
+                failed[name] = f"exit code {proc.returncode}; see {out / name / 'compare.log'}"
+                print(f"privdiff compare: {name} FAILED ({failed[name]})")
+        if not running and pending and all(settings[n].audit_of in failed or settings[n].audit_of not in settings for n in pending):
+            break
+    audits = {n: json.loads((out / n / "audit.json").read_text()) for n in settings if n in done}
+    for name in audits:
+        src = settings[name].audit_of
+        if src is not None and src in audits:
+            audits[name]["run"]["train_time_s"] = audits[src]["run"].get("train_time_s")
+    if audits:
+        from ..eval.report import markdown_table, summarize, write_report
+
+        paths = write_report(out, audits, {n: out / n for n in audits}, title=title)
+        table = markdown_table([summarize(n, a) for n, a in audits.items()])
+        print(f"\n{table}\n")
+        print(f"privdiff compare: {len(audits)} setting(s) in {time.perf_counter() - started:.0f} s; report: {paths['html']}")
+        print(_breakdown(audits))
+        if wandb:
+            _log_wandb_table(out, group, audits)
+    if failed:
+        raise RuntimeError(f"settings failed: {failed}. Rerun the same command to retry them; finished runs are reused")
+    return audits
+
+
+def _breakdown(audits: dict[str, Any]) -> str:
+    """Seconds per stage and setting, so that the slowest stage is visible."""
+    lines = ["time per stage (s): setting | train | sample | attacks | FID"]
+    for name, a in audits.items():
+        t = a.get("timings_s", {})
+        attacks = t.get("extraction", 0) + t.get("memorization", 0) + t.get("mia", 0)
+        train = a["run"].get("train_time_s")
+        lines.append(
+            f"  {name} | {'-' if train is None else f'{train:.0f}'} | {t.get('sample', 0):.0f} | {attacks:.0f} | {t.get('quality', 0):.0f}"
+        )
+    return "\n".join(lines)
+
+
+def _log_wandb_table(out: Path, group: str | None, audits: dict[str, Any]) -> None:
+    import wandb as wb
+
+    from ..eval.report import COLUMNS, _cells, summarize
+
+    run = wb.init(project="privdiff", group=group, name=f"{group}-table", dir=str(out), job_type="compare")
+    table = wb.Table(columns=[h for h, _ in COLUMNS.values()], data=[_cells(summarize(n, a)) for n, a in audits.items()])
+    run.log({"comparison": table})
+    run.finish()
+
+
+def compare_command(argv: Sequence[str]) -> None:
+    """``privdiff compare -c configs/compare/quickstart.yaml [--parallel 2] ...``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="privdiff compare", description=compare.__doc__, default_env=False)
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_function_arguments(compare, as_group=False)
+    cfg = parser.parse_args(list(argv))
+    init = parser.instantiate_classes(cfg)
+    try:
+        compare(**{k: init[k] for k in ("settings", "configs", "args", "out_dir", "parallel", "wandb", "title")})
+    except RuntimeError as err:
+        print(f"privdiff compare: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
