@@ -1,0 +1,51 @@
+"""A shrunk `privdiff compare`: report files with every column, figures, reuse of finished runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from privdiff.eval.report import COLUMNS
+from privdiff.train.compare import Setting, compare
+
+REPO = Path(__file__).resolve().parents[2]
+SHRUNK = ["--trainer.max_steps=3", "--trainer.enable_progress_bar=false", "--data.num_members=24", "--data.num_heldout=8",
+          "--data.duplicate_images=2", "--data.duplicate_copies=3", "--audit.num_samples=16", "--audit.mia_examples=8"]
+
+
+@pytest.mark.slow
+def test_shrunk_compare_writes_every_column_and_reuses_finished_runs(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(REPO)
+    settings = {
+        "none": Setting(),
+        "output_filter": Setting(configs=["configs/defense/output_filter.yaml"], audit_of="none"),
+    }
+    configs = ["configs/base.yaml", "configs/data/digits.yaml", "configs/audit/fast.yaml"]
+    audits = compare(settings, configs, SHRUNK, out_dir=str(tmp_path), parallel=1)
+    assert set(audits) == {"none", "output_filter"}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["schema"] == "privdiff.report/1"
+    assert set(report["columns"]) == set(COLUMNS)
+    for row in report["rows"]:
+        assert set(COLUMNS) <= set(row)
+        assert row["fid_backbone"].startswith("classifier")
+    markdown = (tmp_path / "report.md").read_text()
+    for header, _ in COLUMNS.values():
+        assert header in markdown
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2 and "privacy–utility" in html
+    assert "output filter gives no DP guarantee" in markdown
+    assert audits["output_filter"]["sampling"]["num_drawn"] >= 16
+    assert "defense/output_filter/reject_rate" in audits["output_filter"]["defense_metrics"]
+    stamp = (tmp_path / "none" / "audit.json").stat().st_mtime
+    capsys.readouterr()
+    compare(settings, configs, SHRUNK, out_dir=str(tmp_path), parallel=1)
+    assert "reusing finished run" in capsys.readouterr().out
+    assert (tmp_path / "none" / "audit.json").stat().st_mtime == stamp
+
+
+def test_compare_rejects_unknown_audit_of(tmp_path) -> None:
+    with pytest.raises(ValueError, match="audit_of='nope'"):
+        compare({"a": Setting(audit_of="nope")}, [], out_dir=str(tmp_path))
