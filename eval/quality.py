@@ -1,0 +1,349 @@
+"""Sample quality: FID and KID with torchmetrics, always reported with the name of their feature extractor.
+
+Two backbones:
+
+- ``"inception"``: torchmetrics' default, torch-fidelity's InceptionV3 (2048-d pool features, the standard FID
+  of Heusel et al. 2017 / KID of Binkowski et al. 2018). Its weights download once from GitHub; offline they
+  must be placed by hand (see ``load_feature_extractor``). Meaningful for natural RGB images; small grayscale
+  images are upsampled to 299x299 and replicated to 3 channels.
+- ``"classifier"``: the penultimate features of a ``SmallClassifier`` trained on the data's own labels
+  (``train_feature_classifier``). Numbers are comparable only between runs that use the same classifier, so
+  cache it with ``save_classifier``. A random, untrained network gives meaningless, tiny distances.
+
+All images handed to this module are float tensors (N, C, H, W) in [0, 1]; convert model outputs in [-1, 1]
+with ``(x + 1) / 2``. torchmetrics hands images unchanged to a custom feature module (its ``normalize`` flag
+only converts images for its built-in Inception), so both extractors here take those [0, 1] floats and do
+their own conversion; each carries an integer ``num_features`` so torchmetrics does not probe it with a
+3x299x299 image.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm
+
+BACKBONES: tuple[str, ...] = ("inception", "classifier")
+_METADATA_KEY = "privdiff.small_classifier"
+
+
+@dataclass(frozen=True)
+class QualityResult:
+    """FID and KID (mean and std over subsets) of ``fake`` against ``real`` in the features of ``backbone``
+    (``"inception-v3"`` or ``"small-classifier-<F>d"``)."""
+
+    fid: float
+    kid_mean: float
+    kid_std: float
+    backbone: str
+    num_real: int
+    num_fake: int
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return asdict(self)
+
+
+# -- the classifier backbone --------------------------------------------------------------------------
+
+
+class SmallClassifier(nn.Module):
+    """A small CNN classifier for images in [0, 1] of shape ``image_shape`` = (C, H, W); GroupNorm, no BatchNorm.
+
+    ``features(x)`` returns the penultimate activations, shape (B, ``feature_dim``), used as the FID space.
+    """
+
+    def __init__(
+        self, image_shape: tuple[int, int, int], num_classes: int, width: int = 16, feature_dim: int = 64
+    ) -> None:
+        super().__init__()
+        image_shape = tuple(int(s) for s in image_shape)
+        if len(image_shape) != 3 or min(image_shape) < 1:
+            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if width < 8 or width % 8:
+            raise ValueError(f"width must be a positive multiple of 8 (GroupNorm groups), got {width}")
+        self.image_shape, self.num_classes = image_shape, int(num_classes)
+        self.width, self.feature_dim = int(width), int(feature_dim)
+        c, w = image_shape[0], self.width
+
+        def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
+
+        self.body = nn.Sequential(
+            *block(c, w, 1), *block(w, 2 * w, 2), *block(2 * w, 2 * w, 2), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+        )
+        self.embed = nn.Sequential(nn.Linear(8 * w, self.feature_dim), nn.SiLU())
+        self.head = nn.Linear(self.feature_dim, self.num_classes)
+
+    @property
+    def config(self) -> dict[str, object]:
+        return {
+            "image_shape": list(self.image_shape),
+            "num_classes": self.num_classes,
+            "width": self.width,
+            "feature_dim": self.feature_dim,
+        }
+
+    def features(self, x: Tensor) -> Tensor:
+        """Return the penultimate features (B, feature_dim) of images in [0, 1]."""
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"this classifier takes images of shape {self.image_shape}, got {tuple(x.shape[1:])}")
+        return self.embed(self.body(x * 2 - 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return class logits (B, num_classes)."""
+        return self.head(self.features(x))
+
+
+def _check_images(name: str, x: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        raise ValueError(f"{name} must be a tensor of shape (N, C, H, W), got {getattr(x, 'shape', type(x))}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor in [0, 1], got dtype {x.dtype}")
+    if x.numel() and (x.min() < -1e-4 or x.max() > 1 + 1e-4):
+        raise ValueError(
+            f"{name} must be in [0, 1], got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]"
+            " (model outputs in [-1, 1] convert with (x + 1) / 2)"
+        )
+
+
+def train_feature_classifier(
+    images: Tensor,
+    labels: Tensor | None,
+    epochs: int = 10,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    width: int = 16,
+    feature_dim: int = 64,
+    num_classes: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> SmallClassifier:
+    """Train a ``SmallClassifier`` on ``images`` (N, C, H, W) in [0, 1] with int64 ``labels``; return it in eval mode.
+
+    Adam with cross-entropy, seeded: the initialisation and the shuffling depend on ``seed`` only, and the global
+    random state is left untouched. Seconds on CPU for the 1797 8x8 digits.
+    """
+    if labels is None:
+        raise ValueError(
+            "FID with the `classifier` backbone needs labels to train its feature classifier; "
+            "use `backbone: inception` or a labeled dataset"
+        )
+    _check_images("images", images)
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers (int64), got dtype {labels.dtype}")
+    labels = labels.long()
+    if labels.min() < 0:
+        raise ValueError("labels must be >= 0")
+    n_cls = int(labels.max()) + 1 if num_classes is None else int(num_classes)
+    if int(labels.max()) >= n_cls:
+        raise ValueError(f"labels go up to {int(labels.max())} but num_classes={n_cls}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clf = SmallClassifier(tuple(images.shape[1:]), n_cls, width=width, feature_dim=feature_dim).to(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    opt = torch.optim.Adam(clf.parameters(), lr=lr)
+    n = images.shape[0]
+    clf.train()
+    for _ in tqdm(range(epochs), desc="feature classifier", disable=not progress):
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            x, y = images[idx].to(device, torch.float32), labels[idx].to(device)
+            loss = F.cross_entropy(clf(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return clf.eval()
+
+
+def save_classifier(clf: SmallClassifier, path: str | Path) -> None:
+    """Write the classifier's weights to a safetensors file; its constructor arguments go in the metadata."""
+    state = {k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt", _METADATA_KEY: json.dumps(clf.config)})
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> SmallClassifier:
+    """Load a classifier written by ``save_classifier`` (weights only; returned in eval mode)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no classifier file at {path}")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if _METADATA_KEY not in meta:
+            raise ValueError(f"{path} holds no privdiff SmallClassifier (metadata key {_METADATA_KEY!r} missing)")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = json.loads(meta[_METADATA_KEY])
+    clf = SmallClassifier(tuple(cfg["image_shape"]), cfg["num_classes"], cfg["width"], cfg["feature_dim"])
+    clf.load_state_dict(state)
+    return clf.to(device).eval()
+
+
+# -- feature extractors for torchmetrics --------------------------------------------------------------
+
+
+class ClassifierFeatures(nn.Module):
+    """Feature module for torchmetrics FID/KID: float images in [0, 1] -> (B, F) ``SmallClassifier`` features."""
+
+    def __init__(self, classifier: SmallClassifier) -> None:
+        super().__init__()
+        if not isinstance(classifier, SmallClassifier):
+            raise TypeError(f"expected a SmallClassifier, got {type(classifier).__name__}")
+        self.classifier = classifier
+        self.num_features: int = classifier.feature_dim  # spares torchmetrics its 3x299x299 probe
+        self.name = f"small-classifier-{classifier.feature_dim}d"  # safe inside a logger metric name
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "ClassifierFeatures":
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255
+        return self.classifier.features(x.float())
+
+
+class InceptionFeatures(nn.Module):
+    """Feature module for torchmetrics FID/KID: float images in [0, 1] (1 or 3 channels) -> torch-fidelity
+    InceptionV3 2048-d features, converted to uint8 exactly as torchmetrics does with ``normalize=True``."""
+
+    def __init__(self, weights_path: str | Path | None = None) -> None:
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.inception = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=["2048"],
+            feature_extractor_weights_path=None if weights_path is None else str(weights_path),
+        )
+        self.num_features: int = 2048
+        self.name = "inception-v3"  # torch-fidelity's TF-ported InceptionV3, 2048-d pool3 features
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] != 3:
+            raise ValueError(f"the inception backbone takes 1- or 3-channel images, got {x.shape[1]} channels")
+        if x.dtype != torch.uint8:
+            x = (x.clamp(0, 1) * 255).byte()  # torchmetrics' own conversion (truncation)
+        return self.inception(x)
+
+
+def _inception_help(weights_path: str | Path | None) -> str:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    fname = URL_INCEPTION_V3.rsplit("/", 1)[-1]
+    target = Path(torch.hub.get_dir()) / "checkpoints" / fname
+    where = f"from {weights_path}" if weights_path is not None else "(download failed; this machine may be offline)"
+    return (
+        f"could not load the InceptionV3 weights for FID/KID {where}. torch-fidelity (via torchmetrics) "
+        f"downloads them from {URL_INCEPTION_V3} into the torch hub checkpoints directory. Offline, download "
+        f"that file elsewhere and copy it to {target} (the directory is $TORCH_HOME/hub/checkpoints, by default "
+        f"~/.cache/torch/hub/checkpoints/), or pass its path as weights_path; or use `backbone: classifier`."
+    )
+
+
+def load_feature_extractor(
+    backbone: str, classifier: SmallClassifier | None = None, weights_path: str | Path | None = None
+) -> nn.Module:
+    """Return the feature module for ``backbone``: a module with ``num_features``, ``name`` and [0, 1] inputs.
+
+    ``"inception"``: torch-fidelity's InceptionV3 (torchmetrics' default), from ``weights_path`` or the torch hub
+    cache, downloading it if needed; raises RuntimeError with instructions when that fails.
+    ``"classifier"``: the given trained ``SmallClassifier``.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    if backbone == "classifier":
+        if classifier is None:
+            raise ValueError(
+                "backbone 'classifier' needs a trained SmallClassifier (train_feature_classifier or load_classifier)"
+            )
+        return ClassifierFeatures(classifier)
+    try:
+        return InceptionFeatures(weights_path)
+    except Exception as err:  # urllib/socket/hash/file errors all mean: no usable weights
+        raise RuntimeError(f"{_inception_help(weights_path)} Cause: {type(err).__name__}: {err}") from err
+
+
+# -- FID and KID --------------------------------------------------------------------------------------
+
+
+def compute_quality(
+    real: Tensor,
+    fake: Tensor,
+    backbone: str = "classifier",
+    classifier: SmallClassifier | None = None,
+    batch_size: int = 256,
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    seed: int = 0,
+    weights_path: str | Path | None = None,
+    feature_extractor: nn.Module | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> QualityResult:
+    """Return FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) of ``fake`` against ``real``.
+
+    Images: float (N, C, H, W) in [0, 1]. The KID subset size is clamped to the smaller of the two sample
+    counts (torchmetrics refuses a subset larger than the sample), and its random subsets are drawn under
+    ``seed`` so the result is reproducible. ``feature_extractor`` (from ``load_feature_extractor``) overrides
+    ``backbone``/``classifier``/``weights_path`` to reuse a loaded Inception. FID in a d-dimensional feature
+    space is biased upwards for small N; compare numbers only at equal N and backbone.
+    """
+    _check_images("real", real)
+    _check_images("fake", fake)
+    if real.shape[1:] != fake.shape[1:]:
+        raise ValueError(f"real and fake images differ in shape: {tuple(real.shape[1:])} vs {tuple(fake.shape[1:])}")
+    if real.shape[0] < 2 or fake.shape[0] < 2:
+        raise ValueError(f"FID/KID need at least 2 real and 2 fake images, got {real.shape[0]} and {fake.shape[0]}")
+    if batch_size < 1 or kid_subset_size < 2 or kid_subsets < 1:
+        raise ValueError("batch_size and kid_subsets must be >= 1 and kid_subset_size >= 2")
+    extractor = feature_extractor or load_feature_extractor(backbone, classifier, weights_path)
+    if not isinstance(getattr(extractor, "num_features", None), int):
+        raise ValueError("the feature extractor needs an integer `num_features` attribute")
+    if device is None:
+        params = list(extractor.parameters())
+        device = params[0].device if params else torch.device("cpu")
+    subset = min(int(kid_subset_size), real.shape[0], fake.shape[0])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+        fid = FrechetInceptionDistance(feature=extractor, reset_real_features=True).to(device)
+        kid = KernelInceptionDistance(feature=extractor, subsets=kid_subsets, subset_size=subset).to(device)
+    for images, is_real in ((real, True), (fake, False)):
+        name = "real" if is_real else "fake"
+        for i in tqdm(range(0, images.shape[0], batch_size), desc=f"features ({name})", disable=not progress):
+            x = images[i : i + batch_size].to(device, torch.float32)
+            fid.update(x, real=is_real)
+            kid.update(x, real=is_real)
+    fid_value = float(fid.compute())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return QualityResult(
+        fid=fid_value,
+        kid_mean=float(kid_mean),
+        kid_std=float(kid_std),
+        backbone=getattr(extractor, "name", type(extractor).__name__),
+        num_real=int(real.shape[0]),
+        num_fake=int(fake.shape[0]),
+    )
