@@ -1,0 +1,66 @@
+"""Every shipped config loads and instantiates (LightningCLI configs with the base, compare and audit files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from privdiff.eval.audit import AuditConfig
+from privdiff.train.cli import PrivdiffCLI
+from privdiff.train.data import DiffusionDataModule
+from privdiff.train.module import DiffusionModule
+
+REPO = Path(__file__).resolve().parents[1]
+FIT_CONFIGS = sorted(p for group in ("data", "model", "defense", "audit") for p in (REPO / "configs" / group).glob("*.yaml"))
+COMPARE_CONFIGS = sorted((REPO / "configs" / "compare").glob("*.yaml"))
+
+
+def test_every_config_folder_has_files() -> None:
+    assert (REPO / "configs" / "base.yaml").is_file()
+    for group in ("data", "model", "defense", "audit", "compare"):
+        assert list((REPO / "configs" / group).glob("*.yaml")), group
+
+
+@pytest.mark.parametrize("path", FIT_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_fit_config_instantiates(path: Path, monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(REPO)
+    cli = PrivdiffCLI(
+        DiffusionModule,
+        DiffusionDataModule,
+        args=["-c", "configs/base.yaml", "-c", str(path.relative_to(REPO)), "--run_dir", str(tmp_path)],
+        run=False,
+        auto_configure_optimizers=False,
+    )
+    assert isinstance(cli.model, DiffusionModule) and isinstance(cli.datamodule, DiffusionDataModule)
+    assert cli.model.defenses.defenses == cli.datamodule.defenses.defenses  # the same instances
+    assert cli.trainer.default_root_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("path", COMPARE_CONFIGS, ids=lambda p: p.name)
+def test_compare_config_parses_and_names_existing_files(path: Path, monkeypatch) -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from privdiff.train.compare import compare
+
+    monkeypatch.chdir(REPO)
+    parser = ArgumentParser(default_env=False)
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_function_arguments(compare, as_group=False)
+    cfg = parser.instantiate_classes(parser.parse_args(["-c", str(path)]))
+    files = list(cfg.configs) + [c for s in cfg.settings.values() for c in s.configs]
+    assert files and all((REPO / f).is_file() for f in files)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "audit").glob("*.yaml")), ids=lambda p: p.name)
+def test_audit_configs_are_valid_audit_settings(path: Path) -> None:
+    AuditConfig(**yaml.safe_load(path.read_text())["audit"])
+
+
+def test_unknown_config_key_is_refused(monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(REPO)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  num_membrs: 10\n")
+    with pytest.raises(SystemExit):
+        PrivdiffCLI(DiffusionModule, DiffusionDataModule, args=["-c", "configs/base.yaml", "-c", str(bad)], run=False)
