@@ -1,0 +1,188 @@
+"""Memorization metrics: Gu et al. 2023's nearest-neighbour ratio and extraction by duplicate count.
+
+Gu, Du, Pang, Li, Lin, Wang, "On Memorization in Diffusion Models" (arXiv:2310.02664, TMLR 2025),
+following Yoon et al. 2023, call a generated image memorized when its l2 distance to the nearest
+training image is less than 1/3 of its distance to the second-nearest one. Distances are the l2 of
+Carlini et al. 2023 (root mean squared difference on [0, 1] pixels); the ratio is scale-free, so
+the normalisation does not change it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .distances import nearest_two
+
+__all__ = ["MemorizationResult", "by_copies", "memorization_ratio", "nn_ratio"]
+
+
+def _ratio(d1: Tensor, d2: Tensor) -> Tensor:
+    # d2 == 0 forces d1 == 0: the sample is an exact copy; call the ratio 0 rather than 0/0.
+    return torch.where(d2 > 0, d1 / d2.clamp(min=torch.finfo(d2.dtype).tiny), torch.zeros_like(d1))
+
+
+def nn_ratio(samples: Tensor, references: Tensor, block_size: int | None = None) -> Tensor:
+    """Gu et al. 2023 memorization ratio ``l2(x, NN1(x)) / l2(x, NN2(x))`` per sample.
+
+    The reference set should hold each distinct training image once (deduplicate it and pass
+    the multiplicities to :func:`by_copies`): with an exact duplicate the second-nearest image is
+    the same picture and the ratio of its copies is about 1. Where both distances are 0 the
+    ratio is 0 (an exact copy).
+
+    Args:
+        samples: generated images (N, C, H, W) or (N, D) in [0, 1].
+        references: training images (M, ...) in [0, 1], M >= 2.
+        block_size: passed to :func:`~privdiff.eval.distances.nearest_neighbors`.
+
+    Returns:
+        Tensor (N,) in [0, 1]; memorized when below 1/3.
+    """
+    if references.shape[0] < 2:
+        raise ValueError(f"the nearest-neighbour ratio needs at least 2 references, got {references.shape[0]}")
+    d1, d2, _ = nearest_two(samples, references, block_size=block_size)
+    return _ratio(d1, d2)
+
+
+@dataclass
+class MemorizationResult:
+    """Outcome of :func:`memorization_ratio`.
+
+    Attributes:
+        threshold: a sample is memorized when its ratio is below it (1/3 in Gu et al. 2023).
+        ratio: (N,) nearest / second-nearest training l2 per sample.
+        nearest_index: (N,) int64 index of each sample's nearest training image.
+        nearest_l2: (N,) l2 to it.
+        memorized: (N,) bool, ``ratio < threshold``.
+        matched_indices: sorted unique training indices that some memorized sample copies.
+        num_references: size of the training set.
+    """
+
+    threshold: float
+    ratio: Tensor
+    nearest_index: Tensor
+    nearest_l2: Tensor
+    memorized: Tensor
+    matched_indices: list[int]
+    num_references: int
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.ratio.shape[0])
+
+    @property
+    def num_memorized(self) -> int:
+        return int(self.memorized.sum())
+
+    @property
+    def fraction_memorized(self) -> float:
+        """Fraction of samples that are memorized (0 for no samples)."""
+        return self.num_memorized / self.num_samples if self.num_samples else 0.0
+
+    @property
+    def num_matched(self) -> int:
+        """Distinct training images copied by at least one memorized sample."""
+        return len(self.matched_indices)
+
+    @property
+    def fraction_matched(self) -> float:
+        """``num_matched`` as a fraction of the training set."""
+        return self.num_matched / self.num_references if self.num_references else 0.0
+
+    def to_dict(self, per_sample: bool = False) -> dict[str, Any]:
+        """JSON-able summary; ``per_sample=True`` adds the per-sample lists."""
+        out: dict[str, Any] = {
+            "threshold": float(self.threshold),
+            "num_samples": self.num_samples,
+            "num_memorized": self.num_memorized,
+            "fraction_memorized": float(self.fraction_memorized),
+            "num_references": int(self.num_references),
+            "num_matched": self.num_matched,
+            "fraction_matched": float(self.fraction_matched),
+            "matched_indices": [int(i) for i in self.matched_indices],
+        }
+        if per_sample:
+            out["ratio"] = self.ratio.tolist()
+            out["nearest_index"] = self.nearest_index.tolist()
+            out["nearest_l2"] = self.nearest_l2.tolist()
+        return out
+
+
+def memorization_ratio(
+    samples: Tensor,
+    references: Tensor,
+    threshold: float = 1 / 3,
+    *,
+    block_size: int | None = None,
+) -> MemorizationResult:
+    """Gu et al. 2023 memorization: samples whose nearest / second-nearest training l2 < threshold.
+
+    See :func:`nn_ratio` for the ratio and why ``references`` should be deduplicated.
+
+    Args:
+        samples: generated images (N, C, H, W) or (N, D) in [0, 1].
+        references: training images (M, ...) in [0, 1], M >= 2.
+        threshold: in (0, 1]; 1/3 in the paper.
+        block_size: passed to :func:`~privdiff.eval.distances.nearest_neighbors`.
+
+    Returns:
+        :class:`MemorizationResult` with the fraction of memorized samples, the per-sample ratio
+        and nearest index, and the distinct training images they copy.
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    if references.shape[0] < 2:
+        raise ValueError(f"the nearest-neighbour ratio needs at least 2 references, got {references.shape[0]}")
+    d1, d2, idx = nearest_two(samples, references, block_size=block_size)
+    ratio = _ratio(d1, d2)
+    memorized = ratio < threshold
+    matched = torch.unique(idx[memorized]).tolist()
+    return MemorizationResult(
+        threshold=float(threshold),
+        ratio=ratio,
+        nearest_index=idx,
+        nearest_l2=d1,
+        memorized=memorized,
+        matched_indices=[int(i) for i in matched],
+        num_references=int(references.shape[0]),
+    )
+
+
+def by_copies(extracted_indices: Sequence[int] | Tensor, copies: Tensor | Sequence[int]) -> dict[int, dict[str, Any]]:
+    """Extraction rate by number of copies in the training set.
+
+    Carlini et al. 2023 find that images duplicated in the training set are extracted far more
+    often; this table shows whether planted duplicates are memorized first.
+
+    Args:
+        extracted_indices: training indices that were extracted or memorized (repeats count once).
+        copies: (M,) integer count of copies of each training image in the training set
+            (1 normally, k for an image planted k times).
+
+    Returns:
+        ``{copy_count: {"num_images", "num_extracted", "fraction_extracted"}}`` for each distinct
+        copy count, in increasing order, with python ints and floats.
+    """
+    copies_t = torch.as_tensor(copies)
+    if copies_t.dim() != 1 or copies_t.is_floating_point() or copies_t.dtype == torch.bool:
+        raise ValueError(f"copies must be a 1-D integer tensor, got dtype {copies_t.dtype} shape {tuple(copies_t.shape)}")
+    if copies_t.numel() and int(copies_t.min()) < 1:
+        raise ValueError(f"copies must be >= 1, got minimum {int(copies_t.min())}")
+    ext = torch.as_tensor(extracted_indices, dtype=torch.long).reshape(-1).cpu()
+    m = copies_t.numel()
+    if ext.numel() and (int(ext.min()) < 0 or int(ext.max()) >= m):
+        raise ValueError(f"extracted indices must be in [0, {m}), got range [{int(ext.min())}, {int(ext.max())}]")
+    copies_t = copies_t.cpu()
+    hit = torch.zeros(m, dtype=torch.bool)
+    hit[ext] = True
+    out: dict[int, dict[str, Any]] = {}
+    for c in torch.unique(copies_t).tolist():
+        mask = copies_t == c
+        total = int(mask.sum())
+        got = int((hit & mask).sum())
+        out[int(c)] = {"num_images": total, "num_extracted": got, "fraction_extracted": got / total}
+    return out

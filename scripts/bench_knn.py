@@ -1,0 +1,122 @@
+"""Benchmark privdiff's blocked nearest-neighbour search against this machine's matrix products.
+
+Prints, for each shape, the GFLOP/s of ``nearest_neighbors`` (counting the 2*N*M*D flops of the
+distance products) and of a plain fp32 ``N x D @ D x M`` matmul measured in the same run, and
+their ratio (medians of repeats). Then the peak extra memory (RSS of a child process) of one
+search over a large N x M, next to what the dense N x M distance matrix would take.
+
+    python scripts/bench_knn.py            # ~1-2 minutes on 2 cores
+    python scripts/bench_knn.py --quick    # seconds
+    python scripts/bench_knn.py --large    # N=100k, M=50k, D=3072 (long)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from privdiff.eval.distances import nearest_neighbors
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_time(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def throughput(n: int, m: int, d: int, k: int, repeats: int, device: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(n, d, generator=g).to(device)
+    r = torch.rand(m, d, generator=g).to(device)
+    gflop = 2.0 * n * m * d / 1e9
+    t_mm = _median_time(lambda: q @ r.T, repeats, device)
+    t_nn = _median_time(lambda: nearest_neighbors(q, r, k=k), repeats, device)
+    return {"mm_gflops": gflop / t_mm, "nn_gflops": gflop / t_nn, "ratio": t_mm / t_nn, "t_nn": t_nn}
+
+
+def child_peak_memory(n: int, m: int, d: int) -> None:
+    """Run in a subprocess: print the peak RSS growth (bytes) caused by one search."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(n, d, generator=g)
+    r = torch.rand(m, d, generator=g)
+    nearest_neighbors(q[:8], r[:8], k=1)  # load the BLAS kernels before taking the baseline
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    t = time.perf_counter()
+    nearest_neighbors(q, r, k=1)
+    elapsed = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"extra_bytes": peak - base, "seconds": elapsed}))
+
+
+def faiss_line(n: int, m: int, d: int, repeats: int) -> str:
+    try:
+        import faiss  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        return "faiss not installed"
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(n, d, generator=g).numpy()
+    r = torch.rand(m, d, generator=g).numpy()
+    index = faiss.IndexFlatL2(d)
+    index.add(r)
+    t = _median_time(lambda: index.search(q, 1), repeats, "cpu")
+    t_nn = _median_time(lambda: nearest_neighbors(torch.from_numpy(q), torch.from_numpy(r), k=1), repeats, "cpu")
+    return f"faiss IndexFlatL2 N={n} M={m} D={d}: {2 * n * m * d / 1e9 / t:.1f} GFLOP/s; privdiff / faiss time = {t_nn / t:.2f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    p.add_argument("--large", action="store_true", help="memory run at N=100k, M=50k, D=3072")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--child-memory", nargs=3, type=int, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child_memory:
+        child_peak_memory(*a.child_memory)
+        return
+    torch.set_num_threads(a.threads)
+    n, m = (2000, 500) if a.quick else (10_000, 2000)
+    print(f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}, median of {a.repeats}")
+    print(f"{'N':>7} {'M':>6} {'D':>5} {'k':>3} {'matmul GFLOP/s':>15} {'knn GFLOP/s':>12} {'knn/matmul':>11}")
+    for d in (256, 1024):
+        for k in (1, 50):
+            res = throughput(n, m, d, k, a.repeats, a.device)
+            print(f"{n:>7} {m:>6} {d:>5} {k:>3} {res['mm_gflops']:>15.1f} {res['nn_gflops']:>12.1f} {res['ratio']:>11.2f}")
+    print(faiss_line(n, m, 256, a.repeats))
+
+    mn, mm, md = (4000, 2000, 3072) if a.quick else (100_000, 50_000, 3072) if a.large else (20_000, 10_000, 3072)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child-memory", str(mn), str(mm), str(md)],
+        capture_output=True, text=True, check=True,
+    )
+    mem = json.loads(out.stdout.strip().splitlines()[-1])
+    dense = mn * mm * 4
+    print(
+        f"peak memory N={mn} M={mm} D={md} k=1 (1 thread, child RSS): +{mem['extra_bytes'] / 2**20:.0f} MiB "
+        f"over the inputs ({mn * md * 4 / 2**20 + mm * md * 4 / 2**20:.0f} MiB); a dense N x M float32 "
+        f"matrix would be {dense / 2**20:.0f} MiB; search took {mem['seconds']:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
