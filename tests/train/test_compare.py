@@ -20,7 +20,7 @@ def test_shrunk_compare_writes_every_column_and_reuses_finished_runs(tmp_path, m
     monkeypatch.chdir(REPO)
     settings = {
         "none": Setting(),
-        "output_filter": Setting(configs=["configs/defense/output_filter.yaml"], audit_of="none"),
+        "output_filter": Setting(configs=["configs/defense/output_filter_digits.yaml"], audit_of="none"),
     }
     configs = ["configs/base.yaml", "configs/data/digits.yaml", "configs/audit/fast.yaml"]
     audits = compare(settings, configs, SHRUNK, out_dir=str(tmp_path), parallel=1)
