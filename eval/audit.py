@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -338,8 +339,9 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
 class AuditCallback(pl.Callback):
     """Runs the audit on the EMA weights when ``fit`` ends and logs it; writes ``audit.json`` and the report."""
 
-    def __init__(self, config: AuditConfig | None = None) -> None:
+    def __init__(self, config: AuditConfig | None = None, log_training_images: bool = False) -> None:
         self.config = config or AuditConfig()
+        self.log_training_images = log_training_images
         self.result: dict[str, Any] | None = None
         self._train_start: float | None = None
         self._train_time: float | None = None
@@ -367,12 +369,31 @@ class AuditCallback(pl.Callback):
         write_json(run_dir / "audit.json", result)
         for logger in trainer.loggers:
             logger.log_metrics(flat_metrics(result), step=trainer.global_step)
+            if self.log_training_images and hasattr(logger, "log_image"):
+                self._log_cases(logger, run_dir, trainer.global_step)
             logger.save()
         from .report import markdown_table, summarize, write_report
 
         write_report(run_dir, {run_dir.name: result}, {run_dir.name: run_dir}, title=f"privdiff audit: {run_dir.name}")
         print(markdown_table([summarize(run_dir.name, result)]))
         self.result = result
+
+
+    @staticmethod
+    def _log_cases(logger: Any, run_dir: Path, step: int) -> None:
+        """Send the extracted cases (training images!) to a dashboard; only on the user's explicit opt-in."""
+        from .report import cases_figure, load_cases
+
+        cases = load_cases(run_dir)
+        if cases is None or not len(cases["samples"]):
+            return
+        import matplotlib.pyplot as plt
+
+        fig = cases_figure(cases)
+        fig.canvas.draw()
+        image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        plt.close(fig)
+        logger.log_image(key="audit/extracted_cases", images=[image], step=step)
 
 
 # ---------------------------------------------------------------------------------------------

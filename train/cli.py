@@ -31,12 +31,23 @@ class PrivdiffCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         config = self.config.get(str(self.subcommand), self.config)
-        kwargs["logger"] = build_loggers(config["run_dir"], config["logging"])
+        logging = self._get(self.config_init, "logging")
+        kwargs["logger"] = build_loggers(config["run_dir"], logging)
         trainer = super().instantiate_trainer(**kwargs)
         audit = self._get(self.config_init, "audit")
         if audit is not None:
-            trainer.callbacks.append(AuditCallback(audit))
+            trainer.callbacks.append(AuditCallback(audit, log_training_images=logging.log_training_images))
         return trainer
+
+
+    def after_fit(self) -> None:
+        # Lightning leaves the wandb run open (for notebooks); a finished fit closes it so that a
+        # next run in the same process gets its own run and directory.
+        if any(type(logger).__name__ == "WandbLogger" for logger in self.trainer.loggers):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
 
 
 def run_fit_cli(args: list[str] | None = None) -> PrivdiffCLI:
