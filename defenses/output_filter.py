@@ -24,7 +24,7 @@ class OutputFilterDefense(Defense):
     "extracted" criterion, so the default ``threshold=1.0`` refuses exactly what their white-box
     check would count as extracted; a larger threshold refuses more borderline copies.
 
-    This is output filtering: it gives no differential-privacy guarantee and does not stop
+    This is output filtering: it gives no DP guarantee (differential privacy) and does not stop
     membership inference (the weights are unchanged).
 
     Args:
