@@ -75,6 +75,10 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels, _ = batch
+        if images.shape[0] == 0:
+            # Poisson sampling (DP-SGD) can draw an empty batch: no forward; the DP optimizer still
+            # takes its noise-only step, which the accountant counts.
+            return None
         k = self.noise_multiplicity
         if k > 1:
             # DPDM's noise multiplicity: K (t, noise) draws per image; the DP defense averages the
@@ -98,6 +102,9 @@ class DiffusionModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.ema.step(unwrap(self.denoiser.unet).parameters())
+        every = self.trainer.log_every_n_steps
+        if not self.trainer.should_stop and (not every or self.trainer.global_step % every):
+            return  # Lightning writes step logs every log_every_n_steps only; an accountant's epsilon costs ~0.3 s
         metrics = self.defenses.metrics()
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if numeric:

@@ -1,0 +1,581 @@
+"""DP-SGD (Abadi et al. 2016) for the diffusion trainer, assembled from Opacus's parts.
+
+Per-example gradients come from an Opacus ``GradSampleModule``; a ``DPOptimizer`` clips each
+example's gradient to ``max_grad_norm``, sums, adds Gaussian noise of standard deviation
+``noise_multiplier * max_grad_norm`` and divides by the expected batch size; a ``DPDataLoader``
+draws Poisson batches (each row independently with probability q = batch_size / N); an Opacus
+accountant (PRV, Gopi et al. 2021, or RDP, Mironov 2017) turns the steps taken into (epsilon, delta).
+Everything runs inside the documented Lightning hooks the Defense contract exposes.
+
+Noise multiplicity (Dockhorn et al. 2023, DPDM, Sec. 3.2): each image gets K (timestep, noise)
+draws; the K per-row gradients of one image are averaged *before* clipping, so one image still
+contributes at most ``max_grad_norm`` to an update.
+
+The privacy unit is one training *row*. An image that appears k times in the training set (a
+planted or natural duplicate) is protected only at group-privacy level (about k*epsilon): run
+dedup before DP-SGD.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchSplittingSampler
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from .base import Defense
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+GradSampleMode = Literal["hooks", "functorch", "ghost"]
+AccountantName = Literal["prv", "rdp"]
+
+PRIVACY_UNIT = (
+    "one training row: an image present k times in the training set is protected only at "
+    "group-privacy level (about k*epsilon); deduplicate before DP-SGD"
+)
+STATE_VERSION = 1
+
+
+def _contiguous_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook: hand a convolution contiguous inputs.
+
+    Opacus's ``unfold2d`` (``grad_sample_mode="hooks"``) assumes contiguous memory; the attention
+    block of a diffusers UNet hands on channels-last tensors, and the per-sample gradients of the
+    convolutions after it then come out exactly zero without any error. ``.contiguous()`` is a
+    no-op for tensors that already are.
+    """
+    return tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
+
+
+class SplitPoissonBatches(BatchSplittingSampler):
+    """Opacus's ``BatchMemoryManager`` sampler, without a length.
+
+    It tells the DPOptimizer, in order, which physical batch ends a Poisson batch. Lightning ends an
+    epoch after ``len(loader)`` batches, which for split Poisson batches is only an estimate: a cut
+    in the middle of a Poisson batch would leave the optimizer's queue of skip signals out of step
+    with the batches (two Poisson batches merged into one DP step). Without a length, Lightning
+    runs each epoch until the sampler is exhausted.
+    """
+
+    def __len__(self) -> int:
+        raise TypeError("split Poisson batches have no fixed number")
+
+
+class DPSGDDefense(Defense):
+    """Differentially private training with DP-SGD (Abadi et al. 2016) from Opacus's parts.
+
+    Give exactly one of ``noise_multiplier`` (sigma, fixed) and ``target_epsilon`` (sigma is then
+    chosen so that the planned number of steps spends at most ``target_epsilon``; training stops
+    before a step that would exceed it).
+
+    Args:
+        max_grad_norm: clipping bound C of one image's gradient (> 0).
+        noise_multiplier: sigma; the noise added to the summed clipped gradients has standard
+            deviation sigma * C.
+        target_epsilon: the epsilon budget at ``delta``; sigma is computed with Opacus's
+            ``get_noise_multiplier`` for ``steps`` steps at sample rate batch_size / N.
+        delta: the delta of (epsilon, delta)-DP. The default 1e-5 must stay below 1/N (a
+            mechanism that publishes one random row in full is (0, 1/N)-DP); for N >= 1e5 set a
+            smaller one, e.g. 1/N**1.1.
+        steps: steps the sigma of ``target_epsilon`` is planned for; default ``trainer.max_steps``
+            (or ``max_epochs`` times the Poisson loader's 1/q batches per epoch).
+        max_epsilon: with a fixed ``noise_multiplier``, stop before a step that would spend more
+            than this (optional).
+        accountant: ``prv`` (Gopi et al. 2021, tight) or ``rdp`` (Mironov 2017, an upper bound).
+        noise_multiplicity: K (timestep, noise) draws per image (DPDM); the K per-row gradients
+            of an image are averaged before clipping. The batch holds B*K rows (memory x K).
+        grad_sample_mode: ``hooks`` (Opacus's per-layer rules; convolutions get contiguous
+            inputs, see ``_contiguous_inputs``) or ``functorch`` (vmap of per-layer gradients).
+            ``ghost`` is refused: Opacus's ghost clipping needs two backward passes over the
+            per-row loss vector, which Lightning's one ``loss.backward()`` on the mean does not give.
+        poisson_sampling: must be True. The accountants assume Poisson subsampling; shuffled
+            fixed-size batches are not covered by the epsilon they report, so False is refused.
+        max_physical_batch_size: split each Poisson batch into chunks of at most this many images
+            (Opacus ``BatchMemoryManager``): one DP step per logical batch. Lightning then counts
+            every chunk as a step (``max_steps``, LR schedule, EMA, logging), the accountant only
+            logical batches; planning sigma from ``max_steps`` is then conservative.
+        new_budget: accept a checkpoint whose sigma, sample rate, data size, delta or accountant
+            differ from this run's. The spent history is kept and composed with the new steps:
+            epsilon is never reset, because the weights carry every earlier step.
+    """
+
+    name = "dp_sgd"
+    owns_optimizer = True
+
+    def __init__(
+        self,
+        *,
+        max_grad_norm: float = 1.0,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        delta: float = 1e-5,
+        steps: int | None = None,
+        max_epsilon: float | None = None,
+        accountant: AccountantName = "prv",
+        noise_multiplicity: int = 1,
+        grad_sample_mode: GradSampleMode = "hooks",
+        poisson_sampling: bool = True,
+        max_physical_batch_size: int | None = None,
+        new_budget: bool = False,
+    ) -> None:
+        if not max_grad_norm > 0:
+            raise ValueError(f"dp_sgd max_grad_norm must be > 0, got {max_grad_norm}")
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError(
+                "dp_sgd needs exactly one of noise_multiplier and target_epsilon, got "
+                f"noise_multiplier={noise_multiplier} and target_epsilon={target_epsilon}; set "
+                "target_epsilon (sigma is then planned for the run) or a fixed noise_multiplier"
+            )
+        if noise_multiplier is not None and not noise_multiplier > 0:
+            raise ValueError(
+                f"dp_sgd noise_multiplier must be > 0 (sigma=0 gives no privacy, epsilon=inf), got {noise_multiplier}"
+            )
+        if target_epsilon is not None and not target_epsilon > 0:
+            raise ValueError(f"dp_sgd target_epsilon must be > 0, got {target_epsilon}")
+        if max_epsilon is not None and (target_epsilon is not None or not max_epsilon > 0):
+            raise ValueError(
+                f"dp_sgd max_epsilon={max_epsilon} needs a fixed noise_multiplier and must be > 0; "
+                "with target_epsilon the target is the budget"
+            )
+        if not 0 < delta < 1:
+            raise ValueError(f"dp_sgd delta must be in (0, 1), got {delta}")
+        if steps is not None and steps < 1:
+            raise ValueError(f"dp_sgd steps must be >= 1, got {steps}")
+        if accountant not in ("prv", "rdp"):
+            raise ValueError(f"dp_sgd accountant must be 'prv' or 'rdp', got {accountant!r}")
+        if int(noise_multiplicity) != noise_multiplicity or noise_multiplicity < 1:
+            raise ValueError(f"dp_sgd noise_multiplicity must be an integer >= 1, got {noise_multiplicity}")
+        if grad_sample_mode == "ghost":
+            raise ValueError(
+                "dp_sgd grad_sample_mode='ghost' is not supported: Opacus's ghost clipping needs the "
+                "per-row loss vector and two backward passes, and Lightning runs one loss.backward() on "
+                "the mean loss; it would also clip each noise draw instead of each image when "
+                "noise_multiplicity > 1. Use grad_sample_mode='hooks' (default) or 'functorch'"
+            )
+        if grad_sample_mode not in ("hooks", "functorch"):
+            raise ValueError(
+                f"dp_sgd grad_sample_mode must be 'hooks' or 'functorch', got {grad_sample_mode!r} "
+                "(Opacus 'ew' fails on diffusers models)"
+            )
+        if not poisson_sampling:
+            raise ValueError(
+                "dp_sgd poisson_sampling=False is refused: the accountant's epsilon assumes Poisson "
+                "sampling (each row joins each batch independently with probability q); shuffled "
+                "fixed-size batches are not covered by it. Leave poisson_sampling: true"
+            )
+        if max_physical_batch_size is not None and max_physical_batch_size < 1:
+            raise ValueError(f"dp_sgd max_physical_batch_size must be >= 1 or null, got {max_physical_batch_size}")
+
+        self.max_grad_norm = float(max_grad_norm)
+        self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
+        self.max_epsilon = None if max_epsilon is None else float(max_epsilon)
+        self.delta = float(delta)
+        self.steps_arg = steps
+        self.planned_steps: int | None = steps  # resolved in check_trainer when not given
+        self.accountant_name: str = accountant
+        self.noise_multiplicity = int(noise_multiplicity)
+        self.grad_sample_mode = grad_sample_mode
+        self.poisson_sampling = True
+        self.max_physical_batch_size = max_physical_batch_size
+        self.new_budget = bool(new_budget)
+
+        self.noise_multiplier: float | None = None if noise_multiplier is None else float(noise_multiplier)
+        self.num_examples: int | None = None
+        self.batch_size: int | None = None
+        self.sample_rate: float | None = None
+        self.accountant = create_accountant(accountant)
+        self._sigma_from_checkpoint = False
+        self._model: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._epsilon_cache: tuple[tuple, float] | None = None
+        self._ok_until: int | None = None  # total steps verified to stay within the budget
+
+    # -- data ---------------------------------------------------------------------------------
+    def on_data_ready(self, num_examples: int, batch_size: int) -> None:
+        if num_examples < 1 or batch_size < 1:
+            raise ValueError(f"dp_sgd needs num_examples >= 1 and batch_size >= 1, got {num_examples} and {batch_size}")
+        if self.delta >= 1.0 / num_examples:
+            raise ValueError(
+                f"dp_sgd delta={self.delta:g} must be below 1/N={1.0 / num_examples:g} for N={num_examples} "
+                f"training rows; set delta to e.g. {num_examples ** -1.1:.1e} (1/N^1.1)"
+            )
+        sample_rate = min(1.0, batch_size / num_examples)
+        if self._optimizer is not None and sample_rate != self.sample_rate:
+            raise ValueError(
+                f"dp_sgd: the data changed after the optimizer was built (sample rate {self.sample_rate} -> {sample_rate})"
+            )
+        if self.sample_rate is not None and sample_rate != self.sample_rate and self.target_epsilon is not None and not self._sigma_from_checkpoint:
+            self.noise_multiplier = None  # planned for another sample rate: plan again
+        self.num_examples, self.batch_size, self.sample_rate = int(num_examples), int(batch_size), sample_rate
+        self._ok_until = None
+
+    # -- training -----------------------------------------------------------------------------
+    def check_trainer(self, trainer: "pl.Trainer") -> None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"dp_sgd clips each image's gradient itself (max_grad_norm={self.max_grad_norm}); Lightning's "
+                f"trainer.gradient_clip_val={trainer.gradient_clip_val} would clip the non-private gradient "
+                "that DP-SGD then discards, i.e. be silently ignored. Remove trainer.gradient_clip_val"
+            )
+        if trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"dp_sgd cannot honour trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: "
+                "accumulating Poisson batches changes the sample rate the accountant assumes. Raise "
+                "data.batch_size instead, and set dp_sgd max_physical_batch_size to bound memory"
+            )
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"dp_sgd runs on one device; got world_size={trainer.world_size}. Set trainer.devices: 1"
+            )
+        precision = str(trainer.precision)
+        if not precision.startswith(("32", "64")):
+            raise ValueError(
+                f"dp_sgd needs full-precision per-sample gradients; got trainer.precision={precision!r}. "
+                "Set trainer.precision: 32-true"
+            )
+        if self.target_epsilon is not None:
+            self.planned_steps = self._planned_steps(trainer)
+        if self.noise_multiplier is None:
+            self._plan_noise(self.planned_steps)
+        if self.noise_multiplicity > 1:
+            rank_zero_info(
+                f"privdiff: dp_sgd noise multiplicity K={self.noise_multiplicity}: each image is seen with "
+                f"K noise draws (batches hold K x rows); the K gradients are averaged before clipping"
+            )
+
+    def _planned_steps(self, trainer: "pl.Trainer | None" = None) -> int:
+        if self.steps_arg is not None:
+            return self.steps_arg
+        if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        if trainer is not None and trainer.max_epochs and trainer.max_epochs > 0 and self.sample_rate:
+            return int(trainer.max_epochs) * int(1 / self.sample_rate)
+        raise ValueError(
+            f"dp_sgd target_epsilon={self.target_epsilon} needs the number of planned steps: set "
+            "trainer.max_steps or dp_sgd steps"
+        )
+
+    def _plan_noise(self, steps: int) -> float:
+        """Set sigma so that ``steps`` Poisson-sampled steps spend at most ``target_epsilon``."""
+        self._require_data()
+        try:
+            sigma = get_noise_multiplier(
+                target_epsilon=self.target_epsilon,
+                target_delta=self.delta,
+                sample_rate=self.sample_rate,
+                steps=steps,
+                accountant=self.accountant_name,
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"dp_sgd cannot reach target_epsilon={self.target_epsilon} at delta={self.delta:g} in {steps} "
+                f"steps at sample rate {self.sample_rate:.4g} ({err}); raise target_epsilon or lower the steps"
+            ) from err
+        self.planned_steps = steps
+        self.noise_multiplier = float(sigma)
+        self._ok_until = None
+        return self.noise_multiplier
+
+    def _require_data(self) -> None:
+        if self.sample_rate is None:
+            raise ValueError(
+                "dp_sgd does not know the data yet: on_data_ready(num_examples, batch_size) must run first "
+                "(the data module calls it in setup)"
+            )
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        if isinstance(model, AbstractGradSampleModule):
+            self._model = model
+            return model
+        if self._model is not None and getattr(self._model, "_module", None) is model:
+            return self._model  # wrapped before: one set of Opacus hooks only
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise ValueError(
+                f"dp_sgd cannot train this model privately: {errors}. Replace BatchNorm by GroupNorm "
+                "(opacus.validators.ModuleValidator.fix does it) and other flagged layers as Opacus says"
+            )
+        if self.grad_sample_mode == "hooks":
+            for module in model.modules():
+                if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not getattr(module, "_privdiff_contiguous", False):
+                    module.register_forward_pre_hook(_contiguous_inputs)
+                    module._privdiff_contiguous = True
+        wrapped = GradSampleModule(
+            model, batch_first=True, loss_reduction="mean", strict=True,
+            force_functorch=self.grad_sample_mode == "functorch",
+        )
+        # Poisson batches must not be accumulated: one backward per optimizer step.
+        wrapped.forbid_grad_accumulation()
+        self._model = wrapped
+        return wrapped
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+        if isinstance(optimizer, DPOptimizer):
+            return optimizer
+        self._require_data()
+        if self.noise_multiplier is None:
+            self._plan_noise(self._planned_steps())
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            # Mean over images: each image's per-row gradients are averaged to one per-image
+            # gradient before clipping, so the expected batch counts images, not B*K rows.
+            expected_batch_size=self.expected_batch_size,
+            loss_reduction="mean",
+        )
+        dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+        self._optimizer = dp_optimizer
+        return dp_optimizer
+
+    @property
+    def expected_batch_size(self) -> int:
+        self._require_data()
+        return max(1, round(self.sample_rate * self.num_examples))
+
+    def wrap_train_loader(self, loader: DataLoader) -> DataLoader:
+        if isinstance(loader, DPDataLoader) or getattr(loader, "_privdiff_dp", False):
+            return loader
+        self._require_data()
+        if isinstance(loader.dataset, IterableDataset):
+            raise ValueError("dp_sgd needs a map-style dataset for Poisson sampling, got an IterableDataset")
+        if len(loader.dataset) != self.num_examples:
+            raise ValueError(
+                f"dp_sgd was told N={self.num_examples} training rows but the loader holds {len(loader.dataset)}"
+            )
+        # Built directly rather than with DPDataLoader.from_data_loader, whose sample rate is
+        # 1/len(loader) = 1/ceil(N/B): the loader must draw with the accountant's q = B/N.
+        dp_loader = DPDataLoader(
+            loader.dataset,
+            sample_rate=self.sample_rate,
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
+            timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context,
+            generator=loader.generator,
+            prefetch_factor=loader.prefetch_factor,
+            persistent_workers=loader.persistent_workers,
+        )
+        if self.max_physical_batch_size is None:
+            return dp_loader
+        if self._optimizer is None:
+            raise ValueError("dp_sgd max_physical_batch_size needs the DP optimizer: call wrap_optimizer before wrap_train_loader")
+        split = DataLoader(
+            dp_loader.dataset,
+            batch_sampler=SplitPoissonBatches(
+                sampler=dp_loader.batch_sampler, max_batch_size=self.max_physical_batch_size, optimizer=self._optimizer
+            ),
+            collate_fn=dp_loader.collate_fn,
+            num_workers=dp_loader.num_workers,
+            pin_memory=dp_loader.pin_memory,
+            timeout=dp_loader.timeout,
+            worker_init_fn=dp_loader.worker_init_fn,
+            multiprocessing_context=dp_loader.multiprocessing_context,
+            generator=dp_loader.generator,
+            prefetch_factor=dp_loader.prefetch_factor,
+            persistent_workers=dp_loader.persistent_workers,
+        )
+        split._privdiff_dp = True
+        return split
+
+    def on_before_optimizer_step(self, model: nn.Module) -> None:
+        """Turn per-row gradients into per-image ones before the DPOptimizer clips them.
+
+        With K > 1 the rows ``[i*K:(i+1)*K]`` belong to image i: their gradients are averaged
+        (DPDM: average the K draws before clipping). Opacus's ``loss_reduction="mean"`` scaled
+        each row's gradient by the B*K rows of the batch, so a row holds the gradient of its own
+        loss and the average is the gradient of the image's mean loss; the DPOptimizer then
+        divides the clipped sum by the expected number of *images*. An empty Poisson batch (no
+        backward ran) gets empty per-sample gradients, so the step adds noise only and is counted.
+        """
+        params = [p for p in model.parameters() if p.requires_grad]
+        samples = [getattr(p, "grad_sample", None) for p in params]
+        present = [g for g in samples if g is not None]
+        if any(isinstance(g, list) for g in present):
+            raise ValueError("dp_sgd: per-sample gradients were accumulated over several backward passes; take one optimizer step per batch")
+        # An empty Poisson batch: no backward ran (None), or Opacus's rules for 0 rows disagree.
+        rows = 0 if not present or any(g.shape[0] == 0 for g in present) else present[0].shape[0]
+        k = self.noise_multiplicity
+        if rows % k:
+            raise ValueError(f"dp_sgd: {rows} rows are not a multiple of noise_multiplicity={k}")
+        for p, g in zip(params, samples):
+            if g is None or rows == 0:  # empty batch, or a parameter the forward did not use
+                p.grad_sample = p.new_zeros((rows // k, *p.shape))
+            elif k > 1:
+                p.grad_sample = g.view(rows // k, k, *g.shape[1:]).mean(1)
+
+    # -- the budget -----------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """DP steps taken (and accounted) so far, including any restored from a checkpoint."""
+        return int(sum(h[2] for h in self.accountant.history))
+
+    def _history_with(self, extra_steps: int) -> list[tuple[float, float, int]]:
+        history = [tuple(h) for h in self.accountant.history]
+        if extra_steps > 0:
+            step = (self.noise_multiplier, self.sample_rate)
+            if history and tuple(history[-1][:2]) == step:
+                history[-1] = (*step, history[-1][2] + extra_steps)
+            else:
+                history.append((*step, extra_steps))
+        return history
+
+    def _epsilon_of(self, history: list[tuple[float, float, int]]) -> float:
+        if not history or sum(h[2] for h in history) == 0:
+            return 0.0
+        accountant = create_accountant(self.accountant_name)
+        accountant.history = [tuple(h) for h in history]
+        return float(accountant.get_epsilon(delta=self.delta))
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at ``delta`` by the configured accountant (0 before the first step)."""
+        key = tuple(tuple(h) for h in self.accountant.history)
+        if self._epsilon_cache is None or self._epsilon_cache[0] != key:
+            self._epsilon_cache = (key, self._epsilon_of(list(key)))
+        return self._epsilon_cache[1]
+
+    @property
+    def budget(self) -> float | None:
+        """The epsilon training must not exceed (``target_epsilon`` or ``max_epsilon``), or None."""
+        return self.target_epsilon if self.target_epsilon is not None else self.max_epsilon
+
+    def should_stop(self) -> str | None:
+        """Stop before a step after which epsilon would exceed the budget (the message names both)."""
+        budget = self.budget
+        if budget is None or self.noise_multiplier is None or self.sample_rate is None:
+            return None
+        done = self.steps
+        if self._ok_until is None or done + 1 > self._ok_until:
+            self._ok_until = self._last_step_within(budget)
+        if done + 1 <= self._ok_until:
+            return None
+        after = self._epsilon_of(self._history_with(1))
+        return (
+            f"dp_sgd privacy budget reached: epsilon={self.epsilon():.4g} spent after {done} steps; one more step "
+            f"would spend {after:.4g} > budget {budget:g} (delta={self.delta:g}, {self.accountant_name} accountant)"
+        )
+
+    def _last_step_within(self, budget: float) -> int:
+        """The largest total step count whose epsilon stays within ``budget`` (more steps at this sigma and q).
+
+        Epsilon grows with steps, so steps up to the returned count need no further check; a PRV
+        evaluation takes ~0.3 s, so the count is found once by a search rather than every step. The
+        search stops at the planned steps when they fit (a run usually ends there).
+        """
+        done = self.steps
+
+        def fits(total: int) -> bool:
+            return self._epsilon_of(self._history_with(total - done)) <= budget
+
+        if self.planned_steps and self.planned_steps > done + 1 and fits(self.planned_steps):
+            return self.planned_steps
+        if not fits(done + 1):
+            return done
+        lo, width = done + 1, 1
+        while True:  # exponential search for a count over the budget, then bisection
+            hi = lo + width
+            if hi - done > 10**7:
+                return hi
+            if not fits(hi):
+                break
+            lo, width = hi, 2 * width
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "accountant": {
+                "mechanism": self.accountant.mechanism(),
+                "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant.history],
+            },
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "num_examples": self.num_examples,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "max_grad_norm": self.max_grad_norm,
+            "noise_multiplicity": self.noise_multiplicity,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the accountant's history (replacing, never adding to, the current one).
+
+        Refuses a state whose sigma, sample rate, data size, delta or accountant differ from this
+        run's unless ``new_budget=True``. With ``target_epsilon`` the saved sigma is kept (the
+        budget was planned with it) and training stops when the budget is spent.
+        """
+        if not state:
+            return
+        saved = state["accountant"]
+        history = [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
+        changes = []
+        if self.num_examples is not None and state.get("num_examples") not in (None, self.num_examples):
+            changes.append(f"training rows {state['num_examples']} -> {self.num_examples}")
+        if self.sample_rate is not None and state.get("sample_rate") is not None and not math.isclose(state["sample_rate"], self.sample_rate, rel_tol=1e-12):
+            changes.append(f"sample rate {state['sample_rate']:.6g} -> {self.sample_rate:.6g}")
+        if not math.isclose(state.get("delta", self.delta), self.delta, rel_tol=1e-12):
+            changes.append(f"delta {state['delta']:g} -> {self.delta:g}")
+        if saved["mechanism"] != self.accountant_name:
+            changes.append(f"accountant {saved['mechanism']} -> {self.accountant_name}")
+        saved_sigma = state.get("noise_multiplier")
+        if self.target_epsilon is None and saved_sigma is not None and not math.isclose(saved_sigma, self.noise_multiplier, rel_tol=1e-12):
+            changes.append(f"noise_multiplier {saved_sigma:g} -> {self.noise_multiplier:g}")
+        if self.target_epsilon is not None and state.get("target_epsilon") not in (None, self.target_epsilon):
+            changes.append(f"target_epsilon {state['target_epsilon']:g} -> {self.target_epsilon:g}")
+        if changes and not self.new_budget:
+            raise ValueError(
+                f"dp_sgd: the checkpoint's privacy settings differ from this run's ({'; '.join(changes)}). "
+                "Resume with the original settings, or set dp_sgd new_budget: true to compose the spent "
+                f"history ({sum(h[2] for h in history)} steps) with the new settings (epsilon is not reset)"
+            )
+        self.accountant.history = history
+        if self.target_epsilon is not None and saved_sigma is not None and not self.new_budget:
+            self.noise_multiplier = float(saved_sigma)
+            self._sigma_from_checkpoint = True
+        if self._optimizer is not None and self.noise_multiplier is not None:
+            self._optimizer.noise_multiplier = self.noise_multiplier
+        self._ok_until = None
+        self._epsilon_cache = None
+
+    # -- reporting ------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float | int | str]:
+        out: dict[str, float | int | str] = {
+            "epsilon": self.epsilon(),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier if self.noise_multiplier is not None else float("nan"),
+            "steps": self.steps,
+            "sample_rate": self.sample_rate if self.sample_rate is not None else float("nan"),
+            "max_grad_norm": self.max_grad_norm,
+            "noise_multiplicity": self.noise_multiplicity,
+            "accountant": self.accountant_name,
+            "privacy_unit": PRIVACY_UNIT,
+        }
+        if self.budget is not None:
+            out["epsilon_budget"] = self.budget
+        return out
+
+    def describe(self) -> str:
+        if self.target_epsilon is not None:
+            return f"dp_sgd(eps<={self.target_epsilon:g}, delta={self.delta:g})"
+        return f"dp_sgd(sigma={self.noise_multiplier:g}, C={self.max_grad_norm:g})"

@@ -1,0 +1,129 @@
+"""Throughput of DP-SGD training vs non-private training on the quickstart UNet, measured in one run.
+
+    python scripts/bench_dp.py --threads 2
+
+Each mode runs the step privdiff's trainer runs (zero_grad, mean per-row loss, backward, the
+defense's per-image reduction, optimizer step) on a fixed batch. ``ghost`` is Opacus's ghost
+clipping driven by hand (two backward passes): privdiff refuses it under Lightning, it is measured
+here to show what it would be worth. Prints the median images/s and the ratio to non-private.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+from privdiff.defenses.dp_sgd import DPSGDDefense, _contiguous_inputs
+from privdiff.train.denoiser import Denoiser, build_scheduler, build_unet
+
+
+def make(seed: int = 0) -> Denoiser:
+    torch.manual_seed(seed)
+    return Denoiser(build_unet(16, 1), build_scheduler())
+
+
+def step_fn(mode: str, batch: torch.Tensor, max_grad_norm: float = 1.0, sigma: float = 1.0):
+    """Return a function running one training step of ``mode`` and the model it trains."""
+    den = make()
+    if mode == "none":
+        opt = torch.optim.AdamW(den.unet.parameters(), lr=1e-4)
+
+        def step() -> None:
+            opt.zero_grad()
+            den.per_sample_loss(batch).mean().backward()
+            opt.step()
+
+        return step, den
+    if mode == "ghost":
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+
+        for m in den.unet.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_pre_hook(_contiguous_inputs)
+        den.unet = gsm = GradSampleModuleFastGradientClipping(den.unet, max_grad_norm=max_grad_norm, loss_reduction="mean")
+        opt = DPOptimizerFastGradientClipping(
+            torch.optim.AdamW(gsm.parameters(), lr=1e-4), noise_multiplier=sigma,
+            max_grad_norm=max_grad_norm, expected_batch_size=len(batch), loss_reduction="mean",
+        )
+
+        def step() -> None:  # what opacus' DPTensorFastGradientClipping.backward does
+            opt.zero_grad()
+            per_row = den.per_sample_loss(batch)
+            per_row.mean().backward(retain_graph=True)
+            opt.zero_grad()
+            coef = gsm.get_clipping_coef()
+            gsm.disable_hooks()
+            (coef * per_row).sum().backward()
+            gsm.enable_hooks()
+            opt.step()
+
+        return step, den
+    defense = DPSGDDefense(noise_multiplier=sigma, max_grad_norm=max_grad_norm, grad_sample_mode=mode, accountant="rdp")
+    defense.on_data_ready(10 * len(batch), len(batch))
+    den.unet = defense.wrap_model(den.unet)
+    opt = defense.wrap_optimizer(torch.optim.AdamW(den.unet.parameters(), lr=1e-4), den.unet)
+
+    def step() -> None:
+        opt.zero_grad()
+        den.per_sample_loss(batch).mean().backward()
+        defense.on_before_optimizer_step(den.unet)
+        opt.step()
+
+    return step, den
+
+
+def per_image_norms(mode: str, batch: torch.Tensor) -> torch.Tensor:
+    """Per-image gradient norms as ``mode`` computes them (to check that the modes agree)."""
+    _, den = step_fn(mode, batch)
+    torch.manual_seed(1)
+    per_row = den.per_sample_loss(batch)
+    params = [p for p in den.unet.parameters() if p.requires_grad]
+    if mode == "ghost":
+        per_row.mean().backward()
+        return torch.stack([p._norm_sample for p in params], 1).norm(dim=1)
+    per_row.mean().backward()
+    return torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params], 1).norm(dim=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4, help="steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["none", "hooks", "functorch", "ghost"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    batch = torch.rand(args.batch, 1, 16, 16) * 2 - 1
+    rates: dict[str, list[float]] = {}
+    steps = {mode: step_fn(mode, batch)[0] for mode in args.modes}
+    for mode in args.modes:
+        steps[mode]()  # warm-up
+    for _ in range(args.repeats):  # interleave the modes so that drifts hit all alike
+        for mode in args.modes:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                steps[mode]()
+            rates.setdefault(mode, []).append(args.batch * args.steps / (time.perf_counter() - start))
+    if "hooks" in args.modes:
+        ref = per_image_norms("hooks", batch[:8])
+        for mode in (m for m in args.modes if m not in ("none", "hooks")):
+            err = ((per_image_norms(mode, batch[:8]) - ref).abs() / ref).max().item()
+            print(f"per-image gradient norms, {mode} vs hooks: max relative difference {err:.1e}")
+    base = statistics.median(rates["none"]) if "none" in rates else None
+    print(f"quickstart UNet (1.1M params), batch {args.batch} at 16x16, {args.threads} thread(s), "
+          f"median of {args.repeats} x {args.steps} steps")
+    for mode in args.modes:
+        rate = statistics.median(rates[mode])
+        ratio = f"{rate / base:.2f}x" if base else "-"
+        print(f"  {mode:10s} {rate:7.1f} img/s   {ratio} of non-private")
+
+
+if __name__ == "__main__":
+    main()
