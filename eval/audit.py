@@ -315,6 +315,14 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def report_single_run(run_dir: Path, result: dict[str, Any]) -> None:
+    """Write the one-row report of a run into its directory and print its table."""
+    from .report import markdown_table, summarize, write_report
+
+    write_report(run_dir, {run_dir.name: result}, {run_dir.name: run_dir}, title=f"privdiff audit: {run_dir.name}")
+    print(markdown_table([summarize(run_dir.name, result)]))
+
+
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The audit's headline numbers as ``audit/...`` scalars for the loggers."""
     out: dict[str, float] = {}
@@ -372,10 +380,7 @@ class AuditCallback(pl.Callback):
             if self.log_training_images and hasattr(logger, "log_image"):
                 self._log_cases(logger, run_dir, trainer.global_step)
             logger.save()
-        from .report import markdown_table, summarize, write_report
-
-        write_report(run_dir, {run_dir.name: result}, {run_dir.name: run_dir}, title=f"privdiff audit: {run_dir.name}")
-        print(markdown_table([summarize(run_dir.name, result)]))
+        report_single_run(run_dir, result)
         self.result = result
 
 
@@ -448,20 +453,5 @@ def audit_saved(
         raise ValueError(f"model images are {denoiser.image_shape} but the manifest's data are {tuple(loaded.image_shape)}")
     data = load_audit_data(loaded)
     result = run_audit(denoiser, data, audit or AuditConfig(), as_stack(defenses), out_dir)
-    from .report import markdown_table, summarize, write_report
-
-    write_report(out_dir, {out_dir.name: result}, {out_dir.name: out_dir}, title=f"privdiff audit: {out_dir.name}")
-    print(markdown_table([summarize(out_dir.name, result)]))
+    report_single_run(out_dir, result)
     return result
-
-
-def audit_command(argv: Sequence[str]) -> None:
-    """``privdiff audit --run DIR`` / ``--model DIR --manifest FILE`` [``-c configs/audit/full.yaml``]."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog="privdiff audit", description=audit_saved.__doc__, default_env=False)
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_function_arguments(audit_saved, as_group=False)
-    cfg = parser.parse_args(list(argv))
-    init = parser.instantiate_classes(cfg)
-    audit_saved(run=init.run, model=init.model, manifest=init.manifest, audit=init.audit, out=init.out, defenses=init.defenses)

@@ -40,14 +40,11 @@ def test_fit_config_instantiates(path: Path, monkeypatch, tmp_path) -> None:
 
 @pytest.mark.parametrize("path", COMPARE_CONFIGS, ids=lambda p: p.name)
 def test_compare_config_parses_and_names_existing_files(path: Path, monkeypatch) -> None:
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
+    from privdiff.train.cli import function_parser
     from privdiff.train.compare import compare
 
     monkeypatch.chdir(REPO)
-    parser = ArgumentParser(default_env=False)
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_function_arguments(compare, as_group=False)
+    parser = function_parser(compare, "privdiff compare")
     cfg = parser.instantiate_classes(parser.parse_args(["-c", str(path)]))
     files = list(cfg.configs) + [c for s in cfg.settings.values() for c in s.configs]
     assert files and all((REPO / f).is_file() for f in files)

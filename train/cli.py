@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
-from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
+from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from typing import Optional
 
 from ..eval.audit import AuditCallback, AuditConfig
 from .data import DiffusionDataModule
@@ -63,6 +63,22 @@ def run_fit_cli(args: list[str] | None = None) -> PrivdiffCLI:
     )
 
 
+def function_parser(fn: Callable[..., Any], prog: str) -> ArgumentParser:
+    """A parser for ``fn``'s typed signature plus ``-c/--config`` YAML files (how audit and compare read options)."""
+    parser = ArgumentParser(prog=prog, description=fn.__doc__, default_env=False)
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_function_arguments(fn, as_group=False)
+    return parser
+
+
+def call_from_args(fn: Callable[..., Any], argv: Sequence[str], prog: str) -> Any:
+    """Parse ``argv`` for ``fn``, instantiate classes (configs, defenses) and call it."""
+    parser = function_parser(fn, prog)
+    init = parser.instantiate_classes(parser.parse_args(list(argv)))
+    names = inspect.signature(fn).parameters
+    return fn(**{k: init[k] for k in names})
+
+
 USAGE = """usage: privdiff {fit,validate,audit,compare} ...
 
   privdiff fit -c configs/base.yaml -c configs/data/digits.yaml   train (+ audit) one setting
@@ -81,14 +97,18 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     if argv[0] == "audit":
-        from ..eval.audit import audit_command
+        from ..eval.audit import audit_saved
 
-        audit_command(argv[1:])
+        call_from_args(audit_saved, argv[1:], "privdiff audit")
         return
     if argv[0] == "compare":
-        from .compare import compare_command
+        from .compare import compare
 
-        compare_command(argv[1:])
+        try:
+            call_from_args(compare, argv[1:], "privdiff compare")
+        except RuntimeError as err:
+            print(f"privdiff compare: {err}", file=sys.stderr)
+            raise SystemExit(1) from err
         return
     run_fit_cli(None if from_shell else argv)
 

@@ -192,19 +192,3 @@ def _log_wandb_table(out: Path, group: str | None, audits: dict[str, Any]) -> No
     table = wb.Table(columns=[h for h, _ in COLUMNS.values()], data=[_cells(summarize(n, a)) for n, a in audits.items()])
     run.log({"comparison": table})
     run.finish()
-
-
-def compare_command(argv: Sequence[str]) -> None:
-    """``privdiff compare -c configs/compare/quickstart.yaml [--parallel 2] ...``."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog="privdiff compare", description=compare.__doc__, default_env=False)
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_function_arguments(compare, as_group=False)
-    cfg = parser.parse_args(list(argv))
-    init = parser.instantiate_classes(cfg)
-    try:
-        compare(**{k: init[k] for k in ("settings", "configs", "args", "out_dir", "parallel", "wandb", "title")})
-    except RuntimeError as err:
-        print(f"privdiff compare: {err}", file=sys.stderr)
-        raise SystemExit(1) from err

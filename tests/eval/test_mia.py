@@ -22,13 +22,6 @@ from privdiff.eval.mia import (
 from privdiff.train.denoiser import Denoiser, build_scheduler, build_unet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two cores shared with other jobs: one thread avoids oversubscription
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_denoiser(num_classes=None, seed=0) -> Denoiser:

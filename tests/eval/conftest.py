@@ -1,0 +1,12 @@
+"""Attack and metric tests run single-threaded: two cores shared with other jobs, no oversubscription."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
