@@ -7,6 +7,12 @@ draws Poisson batches (each row independently with probability q = batch_size / 
 accountant (PRV, Gopi et al. 2021, or RDP, Mironov 2017) turns the steps taken into (epsilon, delta).
 Everything runs inside the documented Lightning hooks the Defense contract exposes.
 
+Under DDP (``trainer.strategy: ddp``, any number of devices and nodes) the processes share one
+global Poisson batch (:class:`DistributedPoissonBatchSampler`, expected size ``batch_size``, the
+same q = batch_size / N), Opacus's ``DistributedDPOptimizer`` adds the noise once (on rank 0) and
+sums the clipped gradients of all processes, and every rank's accountant records the same steps:
+epsilon is that of one process with the same batch size and steps.
+
 Noise multiplicity (Dockhorn et al. 2023, DPDM, Sec. 3.2): each image gets K (timestep, noise)
 draws; the K per-row gradients of one image are averaged *before* clipping, so one image still
 contributes at most ``max_grad_norm`` to an update.
@@ -19,19 +25,20 @@ dedup before DP-SGD.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
+import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from .base import Defense
 
@@ -59,18 +66,79 @@ def _contiguous_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, .
     return tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
 
 
+class DistributedPoissonBatchSampler(Sampler[list[int]]):
+    """Poisson sampling for a DDP job: one global Poisson batch per step, shared out among the processes.
+
+    Every process draws the same Bernoulli(q) mask over all N rows (its generator is seeded alike
+    on every rank) and keeps the selected rows r with ``r % world_size == rank``. The union of the
+    local batches is exactly a Poisson sample of the whole training set at rate q -- the batch one
+    process would draw from the same generator -- so the accountant's assumption (each row joins
+    each step independently with probability q) holds for the global batch.
+
+    Opacus's ``DistributedUniformWithReplacementSampler`` is not used for two reasons: it skips an
+    empty local batch (the processes then disagree on the number of steps and the gradient
+    all-reduce deadlocks or pairs different steps), and it draws each rank's mask from the global
+    RNG, which Lightning seeds alike on every rank, so the rows at the same position of every
+    rank's shard would join a batch together rather than independently.
+
+    Args:
+        num_samples: N, rows of the training set.
+        sample_rate: q.
+        rank, world_size: this process and the number of processes.
+        generator: seeded alike on every process.
+        steps: batches per epoch (default ``int(1 / q)``, as Opacus).
+    """
+
+    def __init__(
+        self, *, num_samples: int, sample_rate: float, rank: int, world_size: int,
+        generator: torch.Generator, steps: int | None = None,
+    ) -> None:
+        if num_samples < 1 or not 0 < sample_rate <= 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need num_samples >= 1, 0 < sample_rate <= 1 and 0 <= rank < world_size, got "
+                f"{num_samples}, {sample_rate}, {rank}, {world_size}"
+            )
+        self.num_samples, self.sample_rate = num_samples, sample_rate
+        self.rank, self.world_size, self.generator = rank, world_size, generator
+        self.steps = steps if steps is not None else int(1 / sample_rate)
+        self.largest_share = 0  # the largest local batch of the last global batch (the same on every rank)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            rows = (torch.rand(self.num_samples, generator=self.generator) < self.sample_rate).nonzero().flatten()
+            owner = rows % self.world_size
+            self.largest_share = int(torch.bincount(owner, minlength=self.world_size).max())
+            yield rows[owner == self.rank].tolist()  # possibly empty: every process takes every step
+
+
 class SplitPoissonBatches(BatchSplittingSampler):
-    """Opacus's ``BatchMemoryManager`` sampler, without a length.
+    """Opacus's ``BatchMemoryManager`` sampler, without a length, and in step across DDP processes.
 
     It tells the DPOptimizer, in order, which physical batch ends a Poisson batch. Lightning ends an
     epoch after ``len(loader)`` batches, which for split Poisson batches is only an estimate: a cut
     in the middle of a Poisson batch would leave the optimizer's queue of skip signals out of step
     with the batches (two Poisson batches merged into one DP step). Without a length, Lightning
-    runs each epoch until the sampler is exhausted.
+    runs each epoch until the sampler is exhausted. Under DDP each process splits its share into as
+    many chunks as the largest share needs (some may be empty), so that all processes take the same
+    number of physical steps.
     """
 
     def __len__(self) -> int:
         raise TypeError("split Poisson batches have no fixed number")
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.sampler:
+            largest = getattr(self.sampler, "largest_share", len(batch))
+            chunks = max(1, math.ceil(largest / self.max_batch_size))
+            parts = [p.tolist() for p in np.array_split(np.asarray(batch, dtype=np.int64), chunks)]
+            for part in parts[:-1]:
+                self.optimizer.signal_skip_step(do_skip=True)
+                yield part
+            self.optimizer.signal_skip_step(do_skip=False)
+            yield parts[-1]
 
 
 class DPSGDDefense(Defense):
@@ -201,6 +269,7 @@ class DPSGDDefense(Defense):
         self._optimizer: torch.optim.Optimizer | None = None
         self._epsilon_cache: tuple[tuple, float] | None = None
         self._ok_until: int | None = None  # total steps verified to stay within the budget
+        self._rank, self._world_size = 0, 1  # this process and the number of DDP processes (check_trainer)
 
     # -- data ---------------------------------------------------------------------------------
     def on_data_ready(self, num_examples: int, batch_size: int) -> None:
@@ -223,6 +292,7 @@ class DPSGDDefense(Defense):
 
     # -- training -----------------------------------------------------------------------------
     def check_trainer(self, trainer: "pl.Trainer") -> None:
+        from lightning.pytorch.strategies import DDPStrategy
         from lightning.pytorch.utilities import rank_zero_info
 
         if trainer.gradient_clip_val:
@@ -237,10 +307,13 @@ class DPSGDDefense(Defense):
                 "accumulating Poisson batches changes the sample rate the accountant assumes. Raise "
                 "data.batch_size instead, and set dp_sgd max_physical_batch_size to bound memory"
             )
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             raise ValueError(
-                f"dp_sgd runs on one device; got world_size={trainer.world_size}. Set trainer.devices: 1"
+                f"dp_sgd runs on one device or with DistributedDataParallel (trainer.strategy: ddp); got "
+                f"{type(trainer.strategy).__name__} with world_size={trainer.world_size}. Opacus's per-sample "
+                "gradients need whole (unsharded) parameters: use strategy ddp"
             )
+        self._rank, self._world_size = int(trainer.global_rank), int(trainer.world_size)
         precision = str(trainer.precision)
         if not precision.startswith(("32", "64")):
             raise ValueError(
@@ -329,13 +402,17 @@ class DPSGDDefense(Defense):
         self._require_data()
         if self.noise_multiplier is None:
             self._plan_noise(self._planned_steps())
-        dp_optimizer = DPOptimizer(
+        # Under DDP each process divides its clipped sum (plus, on rank 0, the noise) by its share
+        # of the expected batch, and Opacus's DistributedDPOptimizer averages the processes: the
+        # update is (sum of all clipped gradients + one noise draw) / expected_batch_size.
+        distributed = self._world_size > 1
+        dp_optimizer = (DistributedDPOptimizer if distributed else DPOptimizer)(
             optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
             # Mean over images: each image's per-row gradients are averaged to one per-image
             # gradient before clipping, so the expected batch counts images, not B*K rows.
-            expected_batch_size=self.expected_batch_size,
+            expected_batch_size=self.expected_batch_size / self._world_size if distributed else self.expected_batch_size,
             loss_reduction="mean",
         )
         dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
@@ -372,6 +449,8 @@ class DPSGDDefense(Defense):
             prefetch_factor=loader.prefetch_factor,
             persistent_workers=loader.persistent_workers,
         )
+        if self._world_size > 1:
+            dp_loader = self._distributed_loader(dp_loader)
         if self.max_physical_batch_size is None:
             return dp_loader
         if self._optimizer is None:
@@ -393,6 +472,35 @@ class DPSGDDefense(Defense):
         )
         split._privdiff_dp = True
         return split
+
+    def _distributed_loader(self, dp_loader: DataLoader) -> DataLoader:
+        """The DP loader with this process's share of one global Poisson batch per step (DDP).
+
+        The generator of the shared mask is seeded from rank 0's (seeded) global RNG, broadcast to
+        every process, mixed with the steps already taken so that a resumed run draws new batches.
+        """
+        seed = [int(torch.randint(0, 2**62, (1,)).item())]
+        torch.distributed.broadcast_object_list(seed, src=0)
+        state = np.random.SeedSequence([seed[0], self.steps]).generate_state(1, np.uint64)[0]
+        sampler = DistributedPoissonBatchSampler(
+            num_samples=len(dp_loader.dataset), sample_rate=self.sample_rate, rank=self._rank,
+            world_size=self._world_size, generator=torch.Generator().manual_seed(int(state) & (2**63 - 1)),
+        )
+        loader = DataLoader(
+            dp_loader.dataset,
+            batch_sampler=sampler,
+            collate_fn=dp_loader.collate_fn,  # Opacus's collate, which gives empty batches their shape
+            num_workers=dp_loader.num_workers,
+            pin_memory=dp_loader.pin_memory,
+            timeout=dp_loader.timeout,
+            worker_init_fn=dp_loader.worker_init_fn,
+            multiprocessing_context=dp_loader.multiprocessing_context,
+            generator=dp_loader.generator,
+            prefetch_factor=dp_loader.prefetch_factor,
+            persistent_workers=dp_loader.persistent_workers,
+        )
+        loader._privdiff_dp = True
+        return loader
 
     def on_before_optimizer_step(self, model: nn.Module) -> None:
         """Turn per-row gradients into per-image ones before the DPOptimizer clips them.

@@ -19,11 +19,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..defenses.base import Defense, DefenseStack, GenerationContext, as_stack
-from ..train.data import ImageTable, Manifest, copies_per_member
+from ..train.data import ImageTable, Manifest, copies_per_member, image_fingerprint
 from ..train.denoiser import Denoiser
 from . import extraction, memorization, mia, quality
 from .distances import calibrated_l2, nearest_two
 from .sampling import generate
+from .shard import Shard, check_shard
 
 AUDIT_SCHEMA = "privdiff.audit/1"
 
@@ -99,15 +100,28 @@ def _labels(table: ImageTable, denoiser: Denoiser) -> torch.Tensor | None:
     return table.labels.clamp(min=0) if denoiser.num_classes else None
 
 
-def run_mia(denoiser: Denoiser, data: AuditData, config: AuditConfig) -> dict[str, Any]:
-    """Score members against an equal number of held-out non-members with each configured attack."""
-    n = min(len(data.members), len(data.heldout))
+def check_mia_sizes(num_members: int, num_heldout: int, config: AuditConfig) -> int:
+    """Return how many members (and as many held-out images) membership inference scores.
+
+    Raises ``ValueError`` naming the setting to change when fewer than 2 of either are available.
+    """
+    n = min(num_members, num_heldout)
     if config.mia_examples is not None:
         n = min(n, config.mia_examples)
     if n < 2:
-        raise ValueError(
-            f"membership inference needs at least 2 held-out images, got {len(data.heldout)}; raise data.num_heldout"
-        )
+        if num_heldout < 2:
+            why = f"at least 2 held-out images, got data.num_heldout={num_heldout}; raise data.num_heldout"
+        elif num_members < 2:
+            why = f"at least 2 members, got {num_members}; raise data.num_members"
+        else:
+            why = f"at least 2 examples, got audit.mia_examples={config.mia_examples}; raise it"
+        raise ValueError(f"membership inference needs {why} (or set audit.mia_attacks: [] to skip it)")
+    return n
+
+
+def run_mia(denoiser: Denoiser, data: AuditData, config: AuditConfig) -> dict[str, Any]:
+    """Score members against an equal number of held-out non-members with each configured attack."""
+    n = check_mia_sizes(len(data.members), len(data.heldout), config)
     members, heldout = data.members.select(range(n)), data.heldout.select(range(n))
     both = ImageTable.concat([members, heldout])
     x, y = _model_scale(both).to(denoiser.device), _labels(both, denoiser)
@@ -136,12 +150,20 @@ def run_audit(
     defenses: DefenseStack | None = None,
     run_dir: str | Path | None = None,
     feature_classifier: "quality.SmallClassifier | None" = None,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
     """Run the whole suite and return the ``audit.json`` dict (also written into ``run_dir``).
 
     Extraction, memorization and MIA are computed against ``data.members`` (unique images, no
     planted copies) and ``data.heldout``; timings per stage are included so the slowest shows.
+
+    With ``shard=(rank, world_size)`` every process of a ``torch.distributed`` group calls this
+    with the same inputs: sampling, the extraction graph and the nearest-neighbour searches are
+    split over the processes and gathered (the same numbers as one process for the same seeds);
+    membership inference and FID run whole on every process; only rank 0 writes files.
     """
+    shard = check_shard(shard)
+    writes = shard is None or shard[0] == 0
     stack = as_stack(defenses)
     timings: dict[str, float] = {}
     reference = data.members.unit().flatten(1)
@@ -157,7 +179,8 @@ def run_audit(
         defenses=stack,
         context=GenerationContext(reference=reference),
         seed=config.seed,
-        progress=config.progress,
+        progress=config.progress and writes,
+        shard=shard,
     )
     samples = generated.images
     timings["sample"] = time.perf_counter() - start
@@ -167,11 +190,11 @@ def run_audit(
     if len(samples):
         gf = extraction.generate_and_filter(
             samples, data.members.unit(), generated.labels, tau=config.tau, min_clique=config.min_clique,
-            delta=config.delta, tile_size=config.tile_size,
+            delta=config.delta, tile_size=config.tile_size, shard=shard,
         )
         cal = extraction.calibrated_extraction(
             samples, data.members.unit(), threshold=config.calibrated_threshold, n=config.calibrated_n,
-            alpha=config.calibrated_alpha,
+            alpha=config.calibrated_alpha, shard=shard,
         )
     else:
         gf = cal = None
@@ -188,10 +211,10 @@ def run_audit(
 
     start = time.perf_counter()
     if len(samples) and len(data.members) >= 2:
-        mem = memorization.memorization_ratio(samples, data.members.unit(), threshold=config.memorization_threshold)
+        mem = memorization.memorization_ratio(samples, data.members.unit(), threshold=config.memorization_threshold, shard=shard)
         result["memorization"] = _memorization_summary(mem)
     result["by_copies"] = {str(k): v for k, v in memorization.by_copies(extracted, data.copies).items()}
-    result["threshold_check"] = threshold_check(data, config)
+    result["threshold_check"] = threshold_check(data, config, shard=shard)
     timings["memorization"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -238,13 +261,13 @@ def run_audit(
         timings_s=timings,
         training_images_embedded=False,
     )
-    if run_dir is not None:
+    if run_dir is not None and writes:
         _save_cases(Path(run_dir), samples, data.members, gf, cal, config.max_cases)
         write_json(Path(run_dir) / "audit.json", result)
     return result
 
 
-def threshold_check(data: AuditData, config: AuditConfig) -> dict[str, Any]:
+def threshold_check(data: AuditData, config: AuditConfig, shard: Shard | None = None) -> dict[str, Any]:
     """How often each criterion flags held-out *real* images, which no model copied (a false-positive rate).
 
     The published thresholds were set for CIFAR-10 and 50k training images; on a small member set
@@ -254,11 +277,11 @@ def threshold_check(data: AuditData, config: AuditConfig) -> dict[str, Any]:
     if len(data.heldout) == 0 or len(data.members) < 2:
         return {}
     held, ref = data.heldout.unit(), data.members.unit()
-    d1, d2, _ = nearest_two(held, ref)
+    d1, d2, _ = nearest_two(held, ref, shard=shard)
     rates = {
         "l2_le_delta": float((d1 <= config.delta).float().mean()),
         "calibrated_below_threshold": float(
-            (calibrated_l2(held, ref, n=config.calibrated_n, alpha=config.calibrated_alpha).score < config.calibrated_threshold).float().mean()
+            (calibrated_l2(held, ref, n=config.calibrated_n, alpha=config.calibrated_alpha, shard=shard).score < config.calibrated_threshold).float().mean()
         ),
         "nn_ratio_below_threshold": float(((d1 / d2.clamp(min=1e-12)) < config.memorization_threshold).float().mean()),
     }
@@ -354,6 +377,12 @@ class AuditCallback(pl.Callback):
         self._train_start: float | None = None
         self._train_time: float | None = None
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # After the data module's setup, before any training step: refuse an audit that cannot run.
+        dm = trainer.datamodule
+        if self.config.mia_attacks and getattr(dm, "heldout", None) is not None and getattr(dm, "members", None) is not None:
+            check_mia_sizes(len(dm.members), len(dm.heldout), self.config)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_start = time.perf_counter()
 
@@ -362,16 +391,27 @@ class AuditCallback(pl.Callback):
             self._train_time = time.perf_counter() - self._train_start
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        # Under DDP every process samples and searches its share (the EMA weights are the same on
+        # every rank); rank 0 alone writes and logs. Without a process group, rank 0 audits alone.
+        distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not (trainer.is_global_zero or distributed):
             return
+        shard = (trainer.global_rank, trainer.world_size) if distributed else None
         dm = trainer.datamodule
         run_dir = Path(trainer.default_root_dir)
         data = AuditData(
             members=dm.members, heldout=dm.heldout, copies=copies_per_member(dm.manifest, dm.members),
             pool=getattr(dm, "pool", None), manifest=dm.manifest,
         )
-        rank_zero_info(f"privdiff: auditing the EMA model ({self.config.num_samples} samples) ...")
-        result = run_audit(pl_module.ema_denoiser(), data, self.config, pl_module.defenses, run_dir)
+        rank_zero_info(
+            f"privdiff: auditing the EMA model ({self.config.num_samples} samples"
+            + (f", sampling and neighbour search over {trainer.world_size} processes" if shard else "") + ") ..."
+        )
+        # Lightning's teardown has moved the module to the CPU before on_fit_end: audit on the training device.
+        denoiser = pl_module.ema_denoiser().to(trainer.strategy.root_device)
+        result = run_audit(denoiser, data, self.config, pl_module.defenses, run_dir, shard=shard)
+        if not trainer.is_global_zero:
+            return
         result["run"]["train_time_s"] = self._train_time
         result["run"]["steps"] = trainer.global_step
         write_json(run_dir / "audit.json", result)
@@ -420,6 +460,7 @@ def load_audit_data(manifest: Manifest) -> AuditData:
         )
     members = pool.select([index[i] for i in manifest.members])
     heldout = pool.select([index[i] for i in manifest.heldout])
+    manifest.check_fingerprint(image_fingerprint(members, heldout), "the data source")
     return AuditData(members, heldout, copies_per_member(manifest, members), pool, manifest)
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .shard import Shard, check_shard, gather, rows_of
+
 __all__ = [
     "Calibrated",
     "Neighbors",
@@ -318,6 +320,7 @@ def nearest_neighbors(
     block_size: int | None = None,
     *,
     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    shard: Shard | None = None,
 ) -> Neighbors:
     """The k nearest references of each query in Carlini et al. 2023 l2 (RMS on [0, 1] pixels).
 
@@ -343,6 +346,10 @@ def nearest_neighbors(
             them (up to 4096) from ``max_block_bytes``.
         max_block_bytes: memory cap for one block step (default 64 MiB); also bounds
             ``block_size``.
+        shard: ``(rank, world_size)``: this process searches only the query blocks ``b`` with
+            ``b % world_size == rank`` (the blocks one process would use) and the rows of every
+            process are gathered (``torch.distributed``); every process of the group must call
+            this with the same inputs and gets the whole result.
 
     Returns:
         :class:`Neighbors` with ``distances`` (N, k) ascending and ``indices`` (N, k) int64.
@@ -357,13 +364,15 @@ def nearest_neighbors(
     m = r_all.shape[0]
     if m < k:
         raise ValueError(f"k={k} neighbours requested but the reference set has only {m} items")
+    shard = check_shard(shard)
     dtype = _compute_dtype(q_all, r_all)
     device = q_all.device
     itemsize = torch.empty((), dtype=dtype).element_size()
     bq, br = _block_sizes(n, m, d, k, itemsize, block_size, max_block_bytes)
 
-    out_d = torch.empty(n, k, dtype=dtype, device=device)
-    out_i = torch.empty(n, k, dtype=torch.long, device=device)
+    # Rows of query blocks another shard computes stay at +inf (no exact recomputation below).
+    out_d = torch.full((n, k), float("inf"), dtype=dtype, device=device)
+    out_i = torch.zeros(n, k, dtype=torch.long, device=device)
     if n == 0:
         return Neighbors(out_d, out_i)
 
@@ -384,7 +393,9 @@ def nearest_neighbors(
         r = torch.sub(chunk_r, center, out=r_buf[: chunk_r.shape[0] * d].view(-1, d))
         r_norm[j : j + br] = torch.linalg.vector_norm(r, dim=1).square_()
 
-    for i in range(0, n, bq):
+    query_blocks = range(0, n, bq)
+    mine = rows_of(len(query_blocks), shard)
+    for i in (query_blocks[b] for b in mine):
         chunk_q = q_all[i : i + bq]
         q = torch.sub(chunk_q, center, out=q_buf[: chunk_q.shape[0] * d].view(-1, d))
         rows = q.shape[0]
@@ -426,17 +437,29 @@ def nearest_neighbors(
     order = out_d.argsort(dim=1, stable=True)
     out_d = out_d.gather(1, order)
     out_i = out_i.gather(1, order)
+    if shard is not None:
+        # Each process sends the rows of its own blocks (on the CPU) and fills in everyone else's.
+        own = [torch.arange(query_blocks[b], min(n, query_blocks[b] + bq)) for b in mine]
+        own_rows = torch.cat(own) if own else torch.empty(0, dtype=torch.long)
+        shares = gather((own_rows, out_d[own_rows.to(device)].cpu(), out_i[own_rows.to(device)].cpu()), shard)
+        for share_rows, dist, idx in shares:
+            out_d[share_rows.to(device)] = dist.to(device)
+            out_i[share_rows.to(device)] = idx.to(device)
     return Neighbors(out_d, out_i)
 
 
-def nearest_two(samples: Tensor, references: Tensor, block_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def nearest_two(
+    samples: Tensor, references: Tensor, block_size: int | None = None, *, shard: Shard | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Nearest and second-nearest reference l2 of each sample (for Gu et al. 2023's ratio).
+
+    ``shard`` splits the search over processes as in :func:`nearest_neighbors`.
 
     Returns:
         ``(d1, d2, idx1)``: (N,) distances to the nearest and second-nearest reference and the
         (N,) int64 index of the nearest one. Needs at least two references.
     """
-    nb = nearest_neighbors(samples, references, k=2, block_size=block_size)
+    nb = nearest_neighbors(samples, references, k=2, block_size=block_size, shard=shard)
     return nb.distances[:, 0], nb.distances[:, 1], nb.indices[:, 0]
 
 
@@ -475,6 +498,8 @@ def calibrated_l2(
     n: int = 50,
     alpha: float = 0.5,
     block_size: int | None = None,
+    *,
+    shard: Shard | None = None,
 ) -> Calibrated:
     """Carlini et al. 2023 §5.1 calibrated l2 of each sample to its nearest training image.
 
@@ -494,6 +519,8 @@ def calibrated_l2(
         n: neighbourhood size of the calibration.
         alpha: calibration factor, > 0.
         block_size: passed to :func:`nearest_neighbors`.
+        shard: ``(rank, world_size)``, passed to :func:`nearest_neighbors` (the search is split
+            over processes, every process gets the whole result).
 
     Returns:
         :class:`Calibrated` with per-sample ``score``, ``nearest_index`` and ``nearest_l2``.
@@ -505,7 +532,7 @@ def calibrated_l2(
     if references.shape[0] == 0:
         raise ValueError("references is empty")
     n_used = min(n, int(references.shape[0]))
-    nb = nearest_neighbors(samples, references, k=n_used, block_size=block_size)
+    nb = nearest_neighbors(samples, references, k=n_used, block_size=block_size, shard=shard)
     d1 = nb.distances[:, 0]
     denom = alpha * nb.distances.mean(dim=1)
     score = torch.where(denom > 0, d1 / denom.clamp(min=torch.finfo(denom.dtype).tiny), torch.zeros_like(d1))

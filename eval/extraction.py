@@ -31,6 +31,7 @@ from .distances import (
     nearest_neighbors,
     resolve_tile_size,
 )
+from .shard import Shard, check_shard, gather, rows_of
 
 __all__ = ["ExtractionRecord", "ExtractionResult", "calibrated_extraction", "generate_and_filter"]
 
@@ -137,13 +138,25 @@ def _closest_per_train(
 # ---------------------------------------------------------------------------------- cliques
 
 
-def _adjacency(x: Tensor, tau: float, tile: tuple[int, int], max_block_bytes: int) -> Tensor:
-    """Boolean (n, n) graph: edge where tiled l2 <= tau, no self loops; built in row blocks."""
+def _adjacency(
+    x: Tensor, tau: float, tile: tuple[int, int], max_block_bytes: int, shard: Shard | None = None
+) -> Tensor:
+    """Boolean (n, n) graph: edge where tiled l2 <= tau, no self loops; built in row blocks.
+
+    With ``shard`` this process builds the row blocks ``b % world_size == rank`` and the rows of
+    every process are gathered.
+    """
     n = x.shape[0]
     adj = torch.zeros(n, n, dtype=torch.bool, device=x.device)
     rows = max(1, max_block_bytes // (3 * 8 * max(1, n)))  # distance block + temporaries
-    for i in range(0, n, rows):
+    blocks = range(0, n, rows)
+    mine = [blocks[b] for b in rows_of(len(blocks), shard)]
+    for i in mine:
         adj[i : i + rows] = _pairwise_tiled(x[i : i + rows], x, tile) <= tau
+    if shard is not None:
+        for share in gather([(i, adj[i : i + rows].cpu()) for i in mine], shard):
+            for i, block in share:
+                adj[i : i + rows] = block.to(adj.device)
     adj.fill_diagonal_(False)
     return adj
 
@@ -220,6 +233,7 @@ def generate_and_filter(
     *,
     block_size: int | None = None,
     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    shard: Shard | None = None,
 ) -> ExtractionResult:
     """Carlini et al. 2023 §4.2 black-box generate-and-filter extraction.
 
@@ -256,6 +270,8 @@ def generate_and_filter(
         tile_size: tile side in pixels dividing H and W, or None for the default above.
         block_size: passed to :func:`~privdiff.eval.distances.nearest_neighbors`.
         max_block_bytes: memory cap for one distance block (graph rows and the neighbour search).
+        shard: ``(rank, world_size)``: split the graph's rows and the neighbour search over the
+            processes of a ``torch.distributed`` group; every process gets the whole result.
 
     Returns:
         :class:`ExtractionResult` with ``method="generate_and_filter"``.
@@ -271,6 +287,7 @@ def generate_and_filter(
         raise ValueError(f"min_clique must be an int >= 1, got {min_clique!r}")
     if references.shape[0] == 0:
         raise ValueError("references is empty")
+    shard = check_shard(shard)
     n = samples.shape[0]
     if labels is not None:
         if not isinstance(labels, Tensor) or labels.shape != (n,) or labels.is_floating_point():
@@ -285,14 +302,14 @@ def generate_and_filter(
         idx = torch.arange(n, device=samples.device) if g is None else (labels == g).nonzero().squeeze(1)
         if idx.numel() < min_clique:
             continue
-        adj = _adjacency(samples[idx], float(tau), tile, max_block_bytes)
+        adj = _adjacency(samples[idx], float(tau), tile, max_block_bytes, shard)
         flagged[idx[_clique_members(adj, min_clique)]] = True
 
     sample_idx = flagged.nonzero().squeeze(1)
     records: list[ExtractionRecord] = []
     if sample_idx.numel():
         nb = nearest_neighbors(
-            samples[sample_idx], references, k=1, block_size=block_size, max_block_bytes=max_block_bytes
+            samples[sample_idx], references, k=1, block_size=block_size, max_block_bytes=max_block_bytes, shard=shard
         )
         dist, train_idx = nb.distances[:, 0], nb.indices[:, 0]
         hit = dist <= delta
@@ -321,6 +338,7 @@ def calibrated_extraction(
     alpha: float = 0.5,
     *,
     block_size: int | None = None,
+    shard: Shard | None = None,
 ) -> ExtractionResult:
     """Carlini et al. 2023 §5.1 white-box extraction check with the calibrated l2 (CIFAR-10).
 
@@ -337,13 +355,15 @@ def calibrated_extraction(
         n: calibration neighbourhood size.
         alpha: calibration factor.
         block_size: passed to :func:`~privdiff.eval.distances.nearest_neighbors`.
+        shard: ``(rank, world_size)``: split the neighbour search over processes (every process
+            gets the whole result).
 
     Returns:
         :class:`ExtractionResult` with ``method="calibrated_l2"``.
     """
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold!r}")
-    cal = calibrated_l2(samples, references, n=n, alpha=alpha, block_size=block_size)
+    cal = calibrated_l2(samples, references, n=n, alpha=alpha, block_size=block_size, shard=shard)
     hit = cal.score < threshold
     sample_idx = hit.nonzero().squeeze(1)
     records = _closest_per_train(cal.nearest_index[hit], sample_idx, cal.nearest_l2[hit], cal.score[hit])

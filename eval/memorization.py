@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .distances import nearest_two
+from .shard import Shard
 
 __all__ = ["MemorizationResult", "by_copies", "memorization_ratio", "nn_ratio"]
 
@@ -118,6 +119,7 @@ def memorization_ratio(
     threshold: float = 1 / 3,
     *,
     block_size: int | None = None,
+    shard: Shard | None = None,
 ) -> MemorizationResult:
     """Gu et al. 2023 memorization: samples whose nearest / second-nearest training l2 < threshold.
 
@@ -128,6 +130,8 @@ def memorization_ratio(
         references: training images (M, ...) in [0, 1], M >= 2.
         threshold: in (0, 1]; 1/3 in the paper.
         block_size: passed to :func:`~privdiff.eval.distances.nearest_neighbors`.
+        shard: ``(rank, world_size)``: split the neighbour search over processes (see
+            :func:`~privdiff.eval.distances.nearest_neighbors`); every process gets the whole result.
 
     Returns:
         :class:`MemorizationResult` with the fraction of memorized samples, the per-sample ratio
@@ -137,7 +141,7 @@ def memorization_ratio(
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
     if references.shape[0] < 2:
         raise ValueError(f"the nearest-neighbour ratio needs at least 2 references, got {references.shape[0]}")
-    d1, d2, idx = nearest_two(samples, references, block_size=block_size)
+    d1, d2, idx = nearest_two(samples, references, block_size=block_size, shard=shard)
     ratio = _ratio(d1, d2)
     memorized = ratio < threshold
     matched = torch.unique(idx[memorized]).tolist()

@@ -17,7 +17,7 @@ REPORT_SCHEMA = "privdiff.report/1"
 COLUMNS: dict[str, tuple[str, str]] = {
     "setting": ("setting", ""),
     "defense": ("defense", ""),
-    "epsilon": ("ε (δ)", "epsilon of (epsilon, delta)-DP; 'none' without DP-SGD"),
+    "epsilon": ("ε (δ, accountant)", "epsilon spent, of (epsilon, delta)-DP, by the named Opacus accountant; 'none' without DP-SGD"),
     "fid": ("FID", "Fréchet distance in the named backbone's feature space (lower is better)"),
     "kid": ("KID", "kernel inception distance, mean ± std over subsets"),
     "extracted": ("extracted", "unique member images extracted (count, % of members)"),
@@ -73,7 +73,7 @@ def summarize(name: str, audit: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _cells(row: Mapping[str, Any]) -> list[str]:
-    eps = "none" if row["epsilon"] is None else f"{row['epsilon']:.2f} ({row['delta']:.0e})"
+    eps = "none" if row["epsilon"] is None else f"{row['epsilon']:.2f} ({row['delta']:.0e}, {row['accountant']})"
     fid = "—" if row["fid"] is None else f"{row['fid']:.3g} ({row['fid_backbone']})"
     kid = "—" if row["kid"] is None else f"{row['kid']:.3g} ± {row['kid_std']:.2g}"
     if row["extracted"] is None:
@@ -119,7 +119,7 @@ def privacy_utility_figure(rows: list[Mapping[str, Any]]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8), layout="constrained")
     for ax, key, label in ((axes[0], "extracted", "extracted member images"), (axes[1], "mia", "best MIA AUC")):
         for r in rows:
             if r["fid"] is None or r[key] is None:
@@ -212,22 +212,24 @@ def write_report(
         "runs": runs,
         "training_images_embedded": embed_training_images,
     }
-    (out / "report.json").write_text(json.dumps(payload, indent=1, default=float))
-    notes = _notes(runs)
-    (out / "report.md").write_text(f"# {title}\n\n{table}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-
     import matplotlib.pyplot as plt
 
     figures = {"privacy–utility": privacy_utility_figure(rows), "memorization vs copies": copies_figure(runs)}
+    embedded = False
     if embed_training_images and run_dirs:
         for name, run_dir in run_dirs.items():
             cases = load_cases(Path(run_dir))
             if cases is not None and len(cases["samples"]):
                 figures[f"most-extracted cases: {name}"] = cases_figure(cases)
+                embedded = True
     images = {k: _png(f) for k, f in figures.items()}
     for f in figures.values():
         plt.close(f)
-    (out / "report.html").write_text(_html(title, rows, images, notes, embed_training_images))
+    payload["training_images_embedded"] = embedded
+    (out / "report.json").write_text(json.dumps(payload, indent=1, default=float))
+    notes = _notes(runs)
+    (out / "report.md").write_text(f"# {title}\n\n{table}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    (out / "report.html").write_text(_html(title, rows, images, notes, embedded))
     return {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
 
 
@@ -242,6 +244,13 @@ def _notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 notes.append(f"{name}: the output filter gives {value}.")
             if key.endswith("/duplicates_note"):
                 notes.append(f"{name}: {value}")
+        dp = {k.rsplit("/", 1)[-1]: v for k, v in (audit.get("defense_metrics") or {}).items() if k.startswith("defense/dp_sgd/")}
+        if "epsilon" in dp:
+            budget = dp.get("epsilon_budget")
+            spent = f"{name}: DP-SGD spent ε={_fmt(dp['epsilon'], 4)} at δ={_fmt(dp.get('delta'))} ({dp.get('accountant')} accountant, {dp.get('steps')} steps)"
+            if budget is not None:
+                spent += f" of a budget of ε={_fmt(budget)}" + (" — OVER BUDGET" if dp["epsilon"] > budget else "")
+            notes.append(spent + f"; privacy unit: {dp.get('privacy_unit', 'one training row')}.")
     return notes
 
 

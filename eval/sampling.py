@@ -1,4 +1,4 @@
-"""The one sampling function of privdiff: batched, seeded, with a progress bar and generation-side defenses."""
+"""The one sampling function of privdiff: batched, seeded, shardable over processes, with generation-side defenses."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from ..defenses.base import Defense, DefenseStack, GenerationContext, as_stack
 from ..train.denoiser import Denoiser
+from .shard import Shard, check_shard, gather, rows_of
 
 
 @dataclass
@@ -43,6 +44,7 @@ def generate(
     seed: int = 0,
     max_rounds: int = 3,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> Generated:
     """Draw ``num_samples`` images in [0, 1] from ``denoiser``, applying generation-side defenses.
 
@@ -50,9 +52,15 @@ def generate(
     whatever process draws the batch. A sample a defense rejects is redrawn (same label) up to
     ``max_rounds`` rounds; samples still rejected then are dropped and counted in ``num_rejected``.
     A class-conditional model gets balanced labels when ``class_labels`` is None.
+
+    With ``shard=(rank, world_size)`` this process draws only the batches ``b`` with
+    ``b % world_size == rank``; after every round the batches of all processes are gathered
+    (``torch.distributed``) and every process filters them in batch order, so every process
+    returns (and every defense counts) what one process would.
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples} and {batch_size}")
+    shard = check_shard(shard)
     stack = as_stack(defenses)
     context = context or GenerationContext()
     if denoiser.num_classes and class_labels is None:
@@ -69,14 +77,20 @@ def generate(
     drawn, batch_index = 0, 0
     bar = tqdm(total=num_samples, desc=f"sampling ({solver}, {steps} steps)", disable=not progress, leave=False)
     for _ in range(max_rounds if filtering else 1):
-        rejected: list[torch.Tensor] = []
-        for start in range(0, len(pending), batch_size):
-            rows = pending[start : start + batch_size]
+        starts = range(0, len(pending), batch_size)
+        drawn_batches: list[tuple[int, torch.Tensor]] = []
+        for j in rows_of(len(starts), shard):
+            rows = pending[starts[j] : starts[j] + batch_size]
             labels = class_labels[rows] if class_labels is not None else None
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
-            batch_index += 1
-            images = denoiser.sample_batch(len(rows), solver, steps, labels, gen).add(1).div(2).cpu()
-            drawn += len(rows)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + batch_index + j)
+            drawn_batches.append((j, denoiser.sample_batch(len(rows), solver, steps, labels, gen).add(1).div(2).cpu()))
+        if shard is not None:
+            drawn_batches = sorted((b for share in gather(drawn_batches, shard) for b in share), key=lambda b: b[0])
+        # Every process filters every batch, in batch order: the defenses see what one process would.
+        rejected: list[torch.Tensor] = []
+        for j, images in drawn_batches:
+            rows = pending[starts[j] : starts[j] + batch_size]
+            labels = class_labels[rows] if class_labels is not None else None
             batch_context = GenerationContext(context.reference, labels, context.extra)
             keep = stack.keep_mask(images, batch_context).cpu() if filtering else torch.ones(len(rows), dtype=torch.bool)
             kept_images.append(images[keep])
@@ -84,6 +98,8 @@ def generate(
                 kept_labels.append(labels[keep].cpu())
             rejected.append(rows[~keep])
             bar.update(int(keep.sum()))
+        batch_index += len(starts)
+        drawn += len(pending)
         pending = torch.cat(rejected) if rejected else pending[:0]
         if len(pending) == 0:
             break

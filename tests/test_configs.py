@@ -19,7 +19,7 @@ COMPARE_CONFIGS = sorted((REPO / "configs" / "compare").glob("*.yaml"))
 
 def test_every_config_folder_has_files() -> None:
     assert (REPO / "configs" / "base.yaml").is_file()
-    for group in ("data", "model", "defense", "audit", "compare"):
+    for group in ("data", "model", "defense", "audit", "compare", "trainer"):
         assert list((REPO / "configs" / group).glob("*.yaml")), group
 
 
@@ -36,6 +36,34 @@ def test_fit_config_instantiates(path: Path, monkeypatch, tmp_path) -> None:
     assert isinstance(cli.model, DiffusionModule) and isinstance(cli.datamodule, DiffusionDataModule)
     assert cli.model.defenses.defenses == cli.datamodule.defenses.defenses  # the same instances
     assert cli.trainer.default_root_dir == str(tmp_path)
+
+
+TRAINER_CONFIGS = sorted((REPO / "configs" / "trainer").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TRAINER_CONFIGS, ids=lambda p: f"trainer/{p.name}")
+def test_trainer_config_instantiates_ddp_with_every_defense_config(path: Path, monkeypatch, tmp_path) -> None:
+    """Scaling out changes only the trainer section; shrunk here to 2 CPU processes (nothing is launched)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    monkeypatch.chdir(REPO)
+    shipped = yaml.safe_load(path.read_text())["trainer"]
+    assert shipped["strategy"] == "ddp" and shipped["accelerator"] == "gpu"
+    for defense in [None, *sorted((REPO / "configs" / "defense").glob("*.yaml"))]:
+        extra = ["-c", str(defense.relative_to(REPO))] if defense else []
+        cli = PrivdiffCLI(
+            DiffusionModule,
+            DiffusionDataModule,
+            args=["-c", "configs/base.yaml", *extra, "-c", str(path.relative_to(REPO)), "--run_dir", str(tmp_path),
+                  "--trainer.accelerator", "cpu", "--trainer.devices", "2"],
+            run=False,
+            auto_configure_optimizers=False,
+        )
+        assert isinstance(cli.trainer.strategy, DDPStrategy)
+        assert cli.trainer.world_size == 2 * shipped["num_nodes"] and cli.trainer.num_nodes == shipped["num_nodes"]
+        # DP-SGD draws its own Poisson batches: Lightning's distributed sampler must stay out.
+        dp = cli.model.defenses.find("dp_sgd") is not None
+        assert cli.config["trainer"]["use_distributed_sampler"] is (not dp), defense
 
 
 @pytest.mark.parametrize("path", COMPARE_CONFIGS, ids=lambda p: p.name)

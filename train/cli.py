@@ -8,9 +8,11 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ..eval.audit import AuditCallback, AuditConfig
+from .checkpoint_io import SafeCheckpointIO
 from .data import DiffusionDataModule
 from .loggers import LoggingOptions, build_loggers
 from .module import DiffusionModule
@@ -33,6 +35,12 @@ class PrivdiffCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config)
         logging = self._get(self.config_init, "logging")
         kwargs["logger"] = build_loggers(config["run_dir"], logging)
+        # Checkpoints are written atomically and loaded weights-only, unless the user brings a CheckpointIO.
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(SafeCheckpointIO())
+        kwargs["plugins"] = plugins
         trainer = super().instantiate_trainer(**kwargs)
         audit = self._get(self.config_init, "audit")
         if audit is not None:

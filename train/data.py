@@ -94,6 +94,7 @@ class Manifest:
     train: list[str] = field(default_factory=list)
     planted_duplicates: dict[str, int] = field(default_factory=dict)
     removed: list[dict[str, Any]] = field(default_factory=list)
+    fingerprint: str = ""  # image_fingerprint(members, held-out): the pixels the ids stood for ("" in older manifests)
     version: int = MANIFEST_VERSION
 
     def record_removed(self, removed_id: str, kept_id: str, defense: str, **extra: Any) -> None:
@@ -103,6 +104,15 @@ class Manifest:
     def membership_key(self) -> dict[str, Any]:
         """The part that must never change between a run and its resume or audit."""
         return {k: getattr(self, k) for k in ("seed", "members", "heldout", "train", "planted_duplicates")}
+
+    def check_fingerprint(self, fingerprint: str, where: Any) -> None:
+        """Raise ``ValueError`` when ``fingerprint`` (of the members and held-out images now) is not the recorded one."""
+        if self.fingerprint and fingerprint != self.fingerprint:
+            raise ValueError(
+                f"the images behind the manifest's ids in {where} changed since it was written (same ids, other "
+                "pixels: edited or replaced files, or another image_size/channels). Restore the original data, or "
+                "train into a new run directory"
+            )
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically (a crash mid-write leaves the previous file)."""
@@ -123,18 +133,41 @@ class Manifest:
         return cls(**data)
 
 
+def image_fingerprint(*tables: "ImageTable") -> str:
+    """SHA-256 of the tables' uint8 pixels, shapes and ids, in order (what a manifest's ids stood for)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for table in tables:
+        digest.update(repr((tuple(table.images.shape), table.ids)).encode())
+        digest.update(table.images.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------
+def _as_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale pixels to uint8: floats in [0, 1] by 255, 16-bit integers (uint16, or larger than 255) by 255/65535."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer) and (array.dtype == np.uint16 or (array.size and array.max() > 255)):
+        return np.clip(np.round(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    array = np.nan_to_num(array.astype(np.float64))
+    return np.clip(array * (255.0 if array.size and array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+
+
 def to_uint8_image(image: Any, image_size: int, channels: int) -> np.ndarray:
     """Convert a PIL image or array (any of L, RGB, RGBA, P, I;16, float in [0, 1]) to uint8 (C, S, S).
 
     Non-square images are centre-cropped, then resized with bicubic filtering.
     """
+    if isinstance(image, Image.Image) and image.mode.startswith(("I", "F")):
+        image = np.asarray(image)  # 16/32-bit or float pixels: PIL's convert("L") would clip them to white
     if not isinstance(image, Image.Image):
-        array = np.asarray(image)
-        if array.dtype != np.uint8:
-            array = np.clip(array.astype(np.float64) * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        array = _as_uint8(np.asarray(image))
         if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
             array = array.transpose(1, 2, 0)
         if array.ndim == 3 and array.shape[-1] == 1:
@@ -205,7 +238,7 @@ def load_folder(path: str | Path, image_size: int, channels: int, on_bad_file: s
             with Image.open(p) as im:
                 im.load()
                 images.append(to_uint8_image(im, image_size, channels))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
             if on_bad_file == "fail":
                 raise ValueError(
                     f"cannot read image {p}: {err}. Remove or fix the file, or set data.on_bad_file: skip"
@@ -378,7 +411,8 @@ class DiffusionDataModule(pl.LightningDataModule):
         duplicate_images: how many members to plant as duplicates (k).
         duplicate_copies: how many times each planted member appears in training (n).
         seed: seeds the split; the same seed gives the same manifest.
-        batch_size: training batch size (the expected batch under DP-SGD's Poisson sampling).
+        batch_size: training batch size of all processes together (the expected batch under DP-SGD's
+            Poisson sampling); under DDP each of W processes loads batch_size / W.
         defenses: data- and training-stage defenses (shared with the model).
         run_dir: where ``manifest.json`` goes; defaults to the trainer's ``default_root_dir``.
         max_images: read at most this many images from an ``hf`` source.
@@ -459,15 +493,32 @@ class DiffusionDataModule(pl.LightningDataModule):
             members=split.members.ids,
             heldout=split.heldout.ids,
             planted_duplicates=split.planted,
+            fingerprint=image_fingerprint(split.members, split.heldout),
         )
         train = self.defenses.transform_dataset(split.train, manifest)
         manifest.train = train.ids
+        self._agree_across_processes(manifest)
         self._check_against_saved(manifest)
         self.defenses.on_data_ready(len(train), h.batch_size)
         self.manifest, self.train_set, self.members, self.heldout = manifest, train, split.members, split.heldout
         self.pool = pool
-        if self.run_dir is not None:
-            manifest.save(self.run_dir / "manifest.json")
+        if self.run_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
+            manifest.save(self.run_dir / "manifest.json")  # once, by rank 0: every rank holds the same
+
+    def _agree_across_processes(self, manifest: Manifest) -> None:
+        """Under DDP every process builds the split (and dedup) itself: refuse to train unless all equal rank 0's."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return
+        import hashlib
+
+        key = hashlib.sha256(json.dumps(asdict(manifest), sort_keys=True, default=str).encode()).hexdigest()
+        strategy = trainer.strategy
+        if not strategy.reduce_boolean_decision(key == strategy.broadcast(key, src=0), all=True):
+            raise ValueError(
+                f"the {trainer.world_size} processes built different manifests (members, held-out set, dedup "
+                "result or pixels): every node must read the same data with the same settings"
+            )
 
     def _check_against_saved(self, manifest: Manifest) -> None:
         """A resumed run must see the very split it started with."""
@@ -479,20 +530,31 @@ class DiffusionDataModule(pl.LightningDataModule):
                 f"the data no longer match the manifest in {self.run_dir} (different members, held-out set "
                 "or dedup result). Restore the original data and settings, or train into a new run directory"
             )
+        saved.check_fingerprint(manifest.fingerprint, self.run_dir / "manifest.json")
 
     # -- loaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
+        """Batches of ``batch_size`` rows in all: under DDP each of the W processes loads ``batch_size / W``
+        (Lightning's distributed sampler shares out the rows), or draws its share of one Poisson batch (DP-SGD)."""
         if self.train_set is None:
             self.setup("fit")
+        world = self.trainer.world_size if self.trainer is not None else 1
+        batch_size = min(self.hparams.batch_size, len(self.train_set))
         loader = DataLoader(
             self.train_set,
-            batch_size=min(self.hparams.batch_size, len(self.train_set)),
+            batch_size=max(1, batch_size // world),
             shuffle=True,
             drop_last=False,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )
-        return self.defenses.wrap_train_loader(loader)
+        wrapped = self.defenses.wrap_train_loader(loader)
+        if wrapped is loader and batch_size % world:
+            raise ValueError(
+                f"data.batch_size={batch_size} is the batch of all {world} processes together and must split "
+                f"evenly among them; use a multiple of {world}, e.g. {batch_size // world * world or world}"
+            )
+        return wrapped
 
     @property
     def num_classes(self) -> int:

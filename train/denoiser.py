@@ -106,6 +106,14 @@ class Denoiser(nn.Module):
                 f"{path} is not a diffusers model folder: expected unet/config.json and scheduler/ "
                 "(written by `privdiff fit` as <run>/model, or by DDPMPipeline.save_pretrained)"
             )
+        if not any((path / "unet").glob("*.safetensors")):
+            found = sorted(f.name for f in (path / "unet").iterdir() if f.is_file() and f.name != "config.json")
+            raise ValueError(
+                f"{path / 'unet'} holds no safetensors weights (found {found or 'nothing'}). privdiff loads weights "
+                "from safetensors only: a .bin/.pt file is a pickle that can run code when loaded. If you trust it, "
+                "convert it on a machine you trust: UNet2DModel.from_pretrained(DIR, use_safetensors=False)"
+                ".save_pretrained(DIR, safe_serialization=True)"
+            )
         unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True)
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
         return cls(unet, scheduler)

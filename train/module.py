@@ -77,8 +77,12 @@ class DiffusionModule(pl.LightningModule):
         images, labels, _ = batch
         if images.shape[0] == 0:
             # Poisson sampling (DP-SGD) can draw an empty batch: no forward; the DP optimizer still
-            # takes its noise-only step, which the accountant counts.
-            return None
+            # takes its noise-only step, which the accountant counts. Under DDP every process must
+            # run a backward (Lightning refuses a skipped step): a zero loss that reaches every
+            # parameter gives zero gradients and no per-sample ones (the DP defense adds none).
+            if self.trainer.world_size == 1:
+                return None
+            return torch.stack([p.sum() for p in self.denoiser.unet.parameters() if p.requires_grad]).sum() * 0.0
         k = self.noise_multiplicity
         if k > 1:
             # DPDM's noise multiplicity: K (t, noise) draws per image; the DP defense averages the
@@ -100,8 +104,13 @@ class DiffusionModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.defenses.on_before_optimizer_step(self.denoiser.unet)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Here rather than in on_train_batch_end, which Lightning calls after the callbacks' (the
+        # ModelCheckpoint saves there): a checkpoint then holds the EMA of every step it counts.
         self.ema.step(unwrap(self.denoiser.unet).parameters())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.trainer.log_every_n_steps
         if not self.trainer.should_stop and (not every or self.trainer.global_step % every):
             return  # Lightning writes step logs every log_every_n_steps only; an accountant's epsilon costs ~0.3 s
@@ -129,7 +138,15 @@ class DiffusionModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
-        self.defenses.load_state_dict(checkpoint.get("defenses", {}))
+        states = checkpoint.get("defenses", {})
+        dp = self.defenses.find("dp_sgd")
+        if dp is not None and "dp_sgd" not in states and checkpoint.get("global_step", 0) > 0 and not getattr(dp, "new_budget", False):
+            raise ValueError(
+                f"the checkpoint's {checkpoint['global_step']} training steps ran without dp_sgd: epsilon would not "
+                "cover them. Resume it without dp_sgd, or, if those steps saw public data only, set dp_sgd "
+                "new_budget: true to start accounting here"
+            )
+        self.defenses.load_state_dict(states)
         if unwrap(self.denoiser.unet) is not self.denoiser.unet:
             checkpoint["state_dict"] = {
                 k.replace("denoiser.unet.", "denoiser.unet._module."): v for k, v in checkpoint["state_dict"].items()
