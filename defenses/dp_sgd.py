@@ -141,6 +141,25 @@ class SplitPoissonBatches(BatchSplittingSampler):
             yield parts[-1]
 
 
+def _with_batch_sampler(dp_loader: DataLoader, batch_sampler: Any) -> DataLoader:
+    """The DP loader's settings (Opacus's collate, which gives empty batches their shape) with another batch sampler."""
+    loader = DataLoader(
+        dp_loader.dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=dp_loader.collate_fn,
+        num_workers=dp_loader.num_workers,
+        pin_memory=dp_loader.pin_memory,
+        timeout=dp_loader.timeout,
+        worker_init_fn=dp_loader.worker_init_fn,
+        multiprocessing_context=dp_loader.multiprocessing_context,
+        generator=dp_loader.generator,
+        prefetch_factor=dp_loader.prefetch_factor,
+        persistent_workers=dp_loader.persistent_workers,
+    )
+    loader._privdiff_dp = True
+    return loader
+
+
 class DPSGDDefense(Defense):
     """Differentially private training with DP-SGD (Abadi et al. 2016) from Opacus's parts.
 
@@ -455,23 +474,12 @@ class DPSGDDefense(Defense):
             return dp_loader
         if self._optimizer is None:
             raise ValueError("dp_sgd max_physical_batch_size needs the DP optimizer: call wrap_optimizer before wrap_train_loader")
-        split = DataLoader(
-            dp_loader.dataset,
-            batch_sampler=SplitPoissonBatches(
+        return _with_batch_sampler(
+            dp_loader,
+            SplitPoissonBatches(
                 sampler=dp_loader.batch_sampler, max_batch_size=self.max_physical_batch_size, optimizer=self._optimizer
             ),
-            collate_fn=dp_loader.collate_fn,
-            num_workers=dp_loader.num_workers,
-            pin_memory=dp_loader.pin_memory,
-            timeout=dp_loader.timeout,
-            worker_init_fn=dp_loader.worker_init_fn,
-            multiprocessing_context=dp_loader.multiprocessing_context,
-            generator=dp_loader.generator,
-            prefetch_factor=dp_loader.prefetch_factor,
-            persistent_workers=dp_loader.persistent_workers,
         )
-        split._privdiff_dp = True
-        return split
 
     def _distributed_loader(self, dp_loader: DataLoader) -> DataLoader:
         """The DP loader with this process's share of one global Poisson batch per step (DDP).
@@ -486,21 +494,7 @@ class DPSGDDefense(Defense):
             num_samples=len(dp_loader.dataset), sample_rate=self.sample_rate, rank=self._rank,
             world_size=self._world_size, generator=torch.Generator().manual_seed(int(state) & (2**63 - 1)),
         )
-        loader = DataLoader(
-            dp_loader.dataset,
-            batch_sampler=sampler,
-            collate_fn=dp_loader.collate_fn,  # Opacus's collate, which gives empty batches their shape
-            num_workers=dp_loader.num_workers,
-            pin_memory=dp_loader.pin_memory,
-            timeout=dp_loader.timeout,
-            worker_init_fn=dp_loader.worker_init_fn,
-            multiprocessing_context=dp_loader.multiprocessing_context,
-            generator=dp_loader.generator,
-            prefetch_factor=dp_loader.prefetch_factor,
-            persistent_workers=dp_loader.persistent_workers,
-        )
-        loader._privdiff_dp = True
-        return loader
+        return _with_batch_sampler(dp_loader, sampler)
 
     def on_before_optimizer_step(self, model: nn.Module) -> None:
         """Turn per-row gradients into per-image ones before the DPOptimizer clips them.
