@@ -92,10 +92,6 @@ class AuditData:
     manifest: Manifest | None = None
 
 
-def _model_scale(table: ImageTable) -> torch.Tensor:
-    return table.images.float().div(127.5).sub(1.0)
-
-
 def _labels(table: ImageTable, denoiser: Denoiser) -> torch.Tensor | None:
     return table.labels.clamp(min=0) if denoiser.num_classes else None
 
@@ -124,7 +120,7 @@ def run_mia(denoiser: Denoiser, data: AuditData, config: AuditConfig) -> dict[st
     n = check_mia_sizes(len(data.members), len(data.heldout), config)
     members, heldout = data.members.select(range(n)), data.heldout.select(range(n))
     both = ImageTable.concat([members, heldout])
-    x, y = _model_scale(both).to(denoiser.device), _labels(both, denoiser)
+    x, y = both.model_scale().to(denoiser.device), _labels(both, denoiser)
     is_member = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
     out: dict[str, Any] = {"num_members": n, "num_nonmembers": n}
     kw = {"batch_size": config.batch_size, "progress": config.progress}
@@ -166,7 +162,8 @@ def run_audit(
     writes = shard is None or shard[0] == 0
     stack = as_stack(defenses)
     timings: dict[str, float] = {}
-    reference = data.members.unit().flatten(1)
+    members = data.members.unit()  # converted once: every distance below is on [0, 1] pixels
+    reference = members.flatten(1)
     denoiser = denoiser.eval()
 
     start = time.perf_counter()
@@ -189,11 +186,11 @@ def run_audit(
     result: dict[str, Any] = {"extraction": {}}
     if len(samples):
         gf = extraction.generate_and_filter(
-            samples, data.members.unit(), generated.labels, tau=config.tau, min_clique=config.min_clique,
+            samples, members, generated.labels, tau=config.tau, min_clique=config.min_clique,
             delta=config.delta, tile_size=config.tile_size, shard=shard,
         )
         cal = extraction.calibrated_extraction(
-            samples, data.members.unit(), threshold=config.calibrated_threshold, n=config.calibrated_n,
+            samples, members, threshold=config.calibrated_threshold, n=config.calibrated_n,
             alpha=config.calibrated_alpha, shard=shard,
         )
     else:
@@ -211,7 +208,7 @@ def run_audit(
 
     start = time.perf_counter()
     if len(samples) and len(data.members) >= 2:
-        mem = memorization.memorization_ratio(samples, data.members.unit(), threshold=config.memorization_threshold, shard=shard)
+        mem = memorization.memorization_ratio(samples, members, threshold=config.memorization_threshold, shard=shard)
         result["memorization"] = _memorization_summary(mem)
     result["by_copies"] = {str(k): v for k, v in memorization.by_copies(extracted, data.copies).items()}
     result["threshold_check"] = threshold_check(data, config, shard=shard)
@@ -324,7 +321,7 @@ def _save_cases(run_dir: Path, samples, members: ImageTable, gf, cal, max_cases:
     shape = (0, *members.image_shape)
     tensors = {
         "samples": torch.stack([samples[r.sample_index] for r in chosen]) if chosen else torch.empty(shape),
-        "nearest": torch.stack([members.unit()[r.train_index] for r in chosen]) if chosen else torch.empty(shape),
+        "nearest": members.unit()[[r.train_index for r in chosen]] if chosen else torch.empty(shape),
         "distance": torch.tensor([float(r.distance) for r in chosen]),
     }
     run_dir.mkdir(parents=True, exist_ok=True)

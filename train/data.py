@@ -49,13 +49,16 @@ class ImageTable(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image = self.images[row].float().div(127.5).sub(1.0)
-        return image, self.labels[row], torch.tensor(row)
+        return self.model_scale(row), self.labels[row], torch.tensor(row)
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> "ImageTable":
         """Return the table restricted to ``rows`` (in that order)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         return ImageTable(self.images[rows], self.labels[rows], [self.ids[i] for i in rows.tolist()])
+
+    def model_scale(self, rows: int | slice = slice(None)) -> torch.Tensor:
+        """Return images (all, or ``rows``) as float in [-1, 1], the scale the diffusion model sees."""
+        return self.images[rows].float().div(127.5).sub(1.0)
 
     def unit(self) -> torch.Tensor:
         """Return the images as float in [0, 1] (the scale every distance is defined on)."""
@@ -64,10 +67,6 @@ class ImageTable(Dataset):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
-
-    @property
-    def has_labels(self) -> bool:
-        return bool((self.labels >= 0).any())
 
     @staticmethod
     def concat(tables: Sequence["ImageTable"]) -> "ImageTable":
