@@ -27,6 +27,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
 	$(PY) scripts/bench_knn.py
 	$(PY) scripts/bench_dp.py
 	$(PY) scripts/bench_sampling.py

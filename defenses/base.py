@@ -67,6 +67,11 @@ class Defense:
         """Return the training loader (e.g. Poisson sampling)."""
         return loader
 
+    def backward_inputs(self, model: nn.Module) -> list[torch.Tensor] | None:
+        """The tensors the training loss's backward pass must reach (``loss.backward(inputs=...)``),
+        or None for all leaves (the default: every parameter gets its gradient)."""
+        return None
+
     def on_before_optimizer_step(self, model: nn.Module) -> None:
         """Called after backward, before the optimizer step (e.g. to reduce per-sample gradients)."""
 
@@ -148,6 +153,12 @@ class DefenseStack:
         for d in self.defenses:
             loader = d.wrap_train_loader(loader)
         return loader
+
+    def backward_inputs(self, model: nn.Module) -> list[torch.Tensor] | None:
+        chosen = [inputs for d in self.defenses if (inputs := d.backward_inputs(model)) is not None]
+        if len(chosen) > 1:
+            raise ValueError("two defenses restrict the backward pass; at most one may")
+        return chosen[0] if chosen else None
 
     def on_before_optimizer_step(self, model: nn.Module) -> None:
         for d in self.defenses:

@@ -1,9 +1,10 @@
 """DP-SGD (Abadi et al. 2016) for the diffusion trainer, assembled from Opacus's parts.
 
-Per-example gradients come from an Opacus ``GradSampleModule``; a ``DPOptimizer`` clips each
-example's gradient to ``max_grad_norm``, sums, adds Gaussian noise of standard deviation
-``noise_multiplier * max_grad_norm`` and divides by the expected batch size; a ``DPDataLoader``
-draws Poisson batches (each row independently with probability q = batch_size / N); an Opacus
+Per-example gradients come from Opacus's ``GradSampleModule`` (privdiff's subclass with a faster
+convolution rule, and a backward pass that skips the discarded parameter gradients: see
+``per_sample_grads``); Opacus's ``DPOptimizer`` clips each example's gradient to ``max_grad_norm``,
+sums, adds Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` and divides by
+the expected batch size; a ``DPDataLoader`` draws Poisson batches (each row independently with probability q = batch_size / N); an Opacus
 accountant (PRV, Gopi et al. 2021, or RDP, Mironov 2017) turns the steps taken into (epsilon, delta).
 Everything runs inside the documented Lightning hooks the Defense contract exposes.
 
@@ -29,18 +30,18 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
-from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from .base import Defense
+from .per_sample_grads import ClippingDistributedDPOptimizer, ClippingDPOptimizer, FastGradSampleModule
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -403,10 +404,11 @@ class DPSGDDefense(Defense):
             )
         if self.grad_sample_mode == "hooks":
             for module in model.modules():
-                if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not getattr(module, "_privdiff_contiguous", False):
+                # Conv2d's rule (FastGradSampleModule) takes any memory layout; Opacus's 1d/3d ones don't.
+                if isinstance(module, (nn.Conv1d, nn.Conv3d)) and not getattr(module, "_privdiff_contiguous", False):
                     module.register_forward_pre_hook(_contiguous_inputs)
                     module._privdiff_contiguous = True
-        wrapped = GradSampleModule(
+        wrapped = FastGradSampleModule(
             model, batch_first=True, loss_reduction="mean", strict=True,
             force_functorch=self.grad_sample_mode == "functorch",
         )
@@ -425,7 +427,7 @@ class DPSGDDefense(Defense):
         # of the expected batch, and Opacus's DistributedDPOptimizer averages the processes: the
         # update is (sum of all clipped gradients + one noise draw) / expected_batch_size.
         distributed = self._world_size > 1
-        dp_optimizer = (DistributedDPOptimizer if distributed else DPOptimizer)(
+        dp_optimizer = (ClippingDistributedDPOptimizer if distributed else ClippingDPOptimizer)(
             optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
@@ -495,6 +497,16 @@ class DPSGDDefense(Defense):
             world_size=self._world_size, generator=torch.Generator().manual_seed(int(state) & (2**63 - 1)),
         )
         return _with_batch_sampler(dp_loader, sampler)
+
+    def backward_inputs(self, model: nn.Module) -> list[torch.Tensor] | None:
+        """Backward to the layers' inputs only: the summed parameter gradients are discarded anyway.
+
+        One process only: under DDP the wrapper all-reduces parameter gradients during backward
+        and waits for every one of them.
+        """
+        if self._world_size > 1 or not isinstance(model, FastGradSampleModule):
+            return None
+        return model.backward_inputs() or None
 
     def on_before_optimizer_step(self, model: nn.Module) -> None:
         """Turn per-row gradients into per-image ones before the DPOptimizer clips them.

@@ -67,19 +67,28 @@ def child_peak_memory(n: int, m: int, d: int) -> None:
     print(json.dumps({"extra_bytes": peak - base, "seconds": elapsed}))
 
 
-def faiss_line(n: int, m: int, d: int, repeats: int) -> str:
+def faiss_line(n: int, m: int, d: int, repeats: int, threads: int) -> str:
+    """privdiff's k=1 search against faiss ``IndexFlatL2`` (exact, brute force) on the same data and threads."""
     try:
-        import faiss  # noqa: PLC0415 (optional dependency)
+        import faiss  # noqa: PLC0415 (optional: `pip install faiss-cpu`, the bench extra)
     except ImportError:
-        return "faiss not installed"
+        return f"faiss not installed (pip install faiss-cpu): no comparison at N={n} M={m} D={d}"
+    faiss.omp_set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     q = torch.rand(n, d, generator=g).numpy()
     r = torch.rand(m, d, generator=g).numpy()
     index = faiss.IndexFlatL2(d)
     index.add(r)
-    t = _median_time(lambda: index.search(q, 1), repeats, "cpu")
+    t_faiss = _median_time(lambda: index.search(q, 1), repeats, "cpu")
     t_nn = _median_time(lambda: nearest_neighbors(torch.from_numpy(q), torch.from_numpy(r), k=1), repeats, "cpu")
-    return f"faiss IndexFlatL2 N={n} M={m} D={d}: {2 * n * m * d / 1e9 / t:.1f} GFLOP/s; privdiff / faiss time = {t_nn / t:.2f}"
+    t_mm = _median_time(lambda: torch.from_numpy(q) @ torch.from_numpy(r).T, repeats, "cpu")
+    _, found = index.search(q, 1)
+    ours = nearest_neighbors(torch.from_numpy(q), torch.from_numpy(r), k=1).indices[:, 0].numpy()
+    agree = float((found[:, 0] == ours).mean())
+    return (
+        f"{n:>7} {m:>6} {d:>5}   faiss {2 * n * m * d / 1e9 / t_faiss:6.1f} GFLOP/s ({t_mm / t_faiss:.2f} of matmul), "
+        f"privdiff {2 * n * m * d / 1e9 / t_nn:6.1f} GFLOP/s: {t_faiss / t_nn:.2f}x faiss; same nearest index for {agree:.2%}"
+    )
 
 
 def main() -> None:
@@ -102,7 +111,9 @@ def main() -> None:
         for k in (1, 50):
             res = throughput(n, m, d, k, a.repeats, a.device)
             print(f"{n:>7} {m:>6} {d:>5} {k:>3} {res['mm_gflops']:>15.1f} {res['nn_gflops']:>12.1f} {res['ratio']:>11.2f}")
-    print(faiss_line(n, m, 256, a.repeats))
+    print("k=1 against faiss IndexFlatL2 (exact search, same threads):")
+    for d in (256, 1024):
+        print(faiss_line(n, m, d, a.repeats, a.threads))
 
     mn, mm, md = (4000, 2000, 3072) if a.quick else (100_000, 50_000, 3072) if a.large else (20_000, 10_000, 3072)
     out = subprocess.run(

@@ -101,6 +101,12 @@ class DiffusionModule(pl.LightningModule):
             return -1
         return None
 
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        inputs = self.defenses.backward_inputs(self.denoiser.unet)
+        if inputs is not None:
+            kwargs["inputs"] = inputs
+        super().backward(loss, *args, **kwargs)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.defenses.on_before_optimizer_step(self.denoiser.unet)
 

@@ -64,7 +64,8 @@ def wrapped_step(d: DPSGDDefense, b: int, k: int):
     opt = d.wrap_optimizer(torch.optim.SGD(wrapped.parameters(), lr=0.0), wrapped)
     x, t, noise = draws(b, k)
     opt.zero_grad()
-    den.per_sample_loss(x, timesteps=t, noise=noise).mean().backward()
+    # The trainer's backward (DiffusionModule.backward): to the layers' inputs only.
+    den.per_sample_loss(x, timesteps=t, noise=noise).mean().backward(inputs=d.backward_inputs(wrapped))
     d.on_before_optimizer_step(wrapped)
     return den, opt
 
@@ -81,6 +82,41 @@ def test_per_image_gradients_equal_a_micro_batch_loop_for_every_parameter(mode: 
         expected = torch.stack([r[name] for r in reference])
         assert p.grad_sample.shape == expected.shape, name
         torch.testing.assert_close(p.grad_sample, expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_backward_pass_skips_the_discarded_parameter_gradients() -> None:
+    d = dp()
+    den, _ = wrapped_step(d, 2, 1)
+    leaves = d.backward_inputs(den.unet)
+    assert leaves and all(not isinstance(t, torch.nn.Parameter) for t in leaves)  # input image, timestep features
+    assert all(p.grad is None and p.grad_sample is not None for p in den.unet.parameters())
+
+
+def test_per_image_gradients_of_a_class_conditional_model_reach_the_label_embedding() -> None:
+    """A layer fed integers (the class embedding) is reached through its own weight."""
+    b = 3
+
+    def unet() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_unet(8, 1, block_out_channels=(8, 16), attention_levels=(1,), num_classes=4)
+
+    x, t, noise = draws(b, 1)
+    labels = torch.tensor([0, 3, 1])
+    den = Denoiser(unet(), build_scheduler())
+    reference = []
+    for i in range(b):
+        den.zero_grad()
+        den.per_sample_loss(x[i : i + 1], labels[i : i + 1], timesteps=t[i : i + 1], noise=noise[i : i + 1]).mean().backward()
+        reference.append({n: p.grad.clone() for n, p in den.unet.named_parameters()})
+    d = dp()
+    wrapped = d.wrap_model(unet())
+    Denoiser(wrapped, build_scheduler()).per_sample_loss(x, labels, timesteps=t, noise=noise).mean().backward(
+        inputs=d.backward_inputs(wrapped)
+    )
+    names = [n for n, _ in wrapped._module.named_parameters()]
+    assert any("class_embedding" in n for n in names)
+    for name, p in wrapped._module.named_parameters():
+        torch.testing.assert_close(p.grad_sample, torch.stack([r[name] for r in reference]), atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_plain_opacus_hooks_are_wrong_after_the_attention_block() -> None:

@@ -1,0 +1,102 @@
+"""privdiff's per-example gradient rule for convolutions and its layout-free clipping equal Opacus's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from privdiff.defenses.per_sample_grads import (
+    ClippingDPOptimizer,
+    _uses_shifted_products,
+    conv2d_per_example_grads,
+    per_example_norms,
+    weighted_example_sum,
+)
+
+
+def loop_reference(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's weight and bias gradient from its own backward pass (loss <g_n, conv(x_n)>)."""
+    weights, biases = [], []
+    for n in range(x.shape[0]):
+        layer.zero_grad()
+        (layer(x[n : n + 1]) * g[n : n + 1]).sum().backward()
+        weights.append(layer.weight.grad.clone())
+        biases.append(layer.bias.grad.clone())
+    return torch.stack(weights), torch.stack(biases)
+
+
+@pytest.mark.parametrize(
+    "c_in,c_out,size,kernel,padding,stride,shifted",
+    [
+        (8, 16, 8, 3, 1, 1, True),
+        (16, 8, 7, 3, 1, 1, True),  # odd size
+        (8, 8, 6, 1, 0, 1, True),  # 1x1 shortcut
+        (8, 4, 9, 3, 0, 1, True),  # no padding: output narrower than the padded width
+        (8, 4, 8, (3, 5), (1, 2), 1, True),  # rectangular kernel and padding
+        (8, 8, 8, 3, 1, 2, False),  # strided (downsampling): Opacus's rule
+        (1, 8, 8, 3, 1, 1, False),  # one input channel: Opacus's rule
+    ],
+)
+def test_convolution_rule_equals_a_loop_of_single_image_gradients(c_in, c_out, size, kernel, padding, stride, shifted) -> None:
+    torch.manual_seed(0)
+    layer = nn.Conv2d(c_in, c_out, kernel, padding=padding, stride=stride)
+    x = torch.randn(5, c_in, size, size)
+    g = torch.randn_like(layer(x))
+    assert _uses_shifted_products(layer, x) is shifted
+    weight, bias = loop_reference(layer, x, g)
+    for memory_format in (torch.contiguous_format, torch.channels_last):  # attention blocks hand on channels-last
+        out = conv2d_per_example_grads(layer, [x.to(memory_format=memory_format)], g)
+        torch.testing.assert_close(out[layer.weight], weight, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[layer.bias], bias, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[layer.weight], compute_conv_grad_sample(layer, [x], g)[layer.weight], atol=1e-5, rtol=1e-4)
+
+
+def test_an_empty_batch_gets_empty_per_example_gradients() -> None:
+    layer = nn.Conv2d(8, 4, 3, padding=1)
+    out = conv2d_per_example_grads(layer, [torch.zeros(0, 8, 6, 6)], torch.zeros(0, 4, 6, 6))
+    assert out[layer.weight].shape[1:] == layer.weight.shape and out[layer.weight].shape[0] in (0, 1)
+
+
+def strided_samples(n: int) -> list[torch.Tensor]:
+    """Per-example gradients in several memory layouts: contiguous, permuted (as the convolution
+    rule returns them), and sliced (not a permutation of a dense block)."""
+    torch.manual_seed(1)
+    dense = torch.randn(n, 6, 4, 3, 3)
+    permuted = torch.randn(9, n, 6, 4).permute(1, 2, 3, 0).unflatten(-1, (3, 3))
+    sliced = torch.randn(n, 10, 7)[:, ::2, 1:]
+    return [dense, permuted, sliced, torch.randn(n, 5)]
+
+
+def test_norms_and_weighted_sums_do_not_depend_on_memory_layout() -> None:
+    samples = strided_samples(6)
+    assert not samples[1].is_contiguous() and not samples[2].is_contiguous()
+    expected = torch.stack([g.reshape(6, -1).norm(dim=1) for g in samples], 1).norm(dim=1)
+    torch.testing.assert_close(per_example_norms(samples), expected)
+    weights = torch.rand(6)
+    for g in samples:
+        total = weighted_example_sum(g, weights)
+        torch.testing.assert_close(total, torch.einsum("i,i...", weights, g))
+        assert total.shape == g.shape[1:] and total.is_contiguous()
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.05, 100.0])
+def test_layout_free_clipping_equals_opacus_clipping(max_grad_norm: float) -> None:
+    samples = strided_samples(6)
+    sums = []
+    for cls in (DPOptimizer, ClippingDPOptimizer):
+        params = [nn.Parameter(torch.zeros(g.shape[1:])) for g in samples]
+        for p, g in zip(params, samples):
+            p.grad_sample = g.clone() if cls is DPOptimizer else g
+        opt = cls(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=6)
+        opt.clip_and_accumulate()
+        sums.append([p.summed_grad for p in params])
+    for ours, opacus in zip(*reversed(sums)):
+        torch.testing.assert_close(ours, opacus)
+    if max_grad_norm > 10:  # no example reaches the bound: the plain sum
+        for total, g in zip(sums[1], samples):
+            torch.testing.assert_close(total, g.sum(0))
+    else:  # every example is clipped: the sum of 6 is within 6 C
+        assert torch.cat([t.flatten() for t in sums[1]]).norm() <= 6 * max_grad_norm * (1 + 1e-5)
