@@ -31,6 +31,7 @@ bench: setup
 	$(PY) scripts/bench_knn.py
 	$(PY) scripts/bench_dp.py
 	$(PY) scripts/bench_sampling.py
+	$(PY) scripts/bench_audit.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -52,9 +52,9 @@ def throughput(n: int, m: int, d: int, k: int, repeats: int, device: str) -> dic
     return {"mm_gflops": gflop / t_mm, "nn_gflops": gflop / t_nn, "ratio": t_mm / t_nn, "t_nn": t_nn}
 
 
-def child_peak_memory(n: int, m: int, d: int) -> None:
-    """Run in a subprocess: print the peak RSS growth (bytes) caused by one search."""
-    torch.set_num_threads(1)
+def child_peak_memory(n: int, m: int, d: int, threads: int) -> None:
+    """Run in a subprocess: print the peak RSS growth (bytes) caused by one search, and the process's peak."""
+    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     q = torch.rand(n, d, generator=g)
     r = torch.rand(m, d, generator=g)
@@ -64,7 +64,7 @@ def child_peak_memory(n: int, m: int, d: int) -> None:
     nearest_neighbors(q, r, k=1)
     elapsed = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"extra_bytes": peak - base, "seconds": elapsed}))
+    print(json.dumps({"extra_bytes": peak - base, "peak_bytes": peak, "seconds": elapsed}))
 
 
 def faiss_line(n: int, m: int, d: int, repeats: int, threads: int) -> str:
@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--child-memory", nargs=3, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--child-memory", nargs=4, type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child_memory:
         child_peak_memory(*a.child_memory)
@@ -117,15 +117,16 @@ def main() -> None:
 
     mn, mm, md = (4000, 2000, 3072) if a.quick else (100_000, 50_000, 3072) if a.large else (20_000, 10_000, 3072)
     out = subprocess.run(
-        [sys.executable, __file__, "--child-memory", str(mn), str(mm), str(md)],
+        [sys.executable, __file__, "--child-memory", str(mn), str(mm), str(md), str(a.threads)],
         capture_output=True, text=True, check=True,
     )
     mem = json.loads(out.stdout.strip().splitlines()[-1])
     dense = mn * mm * 4
     print(
-        f"peak memory N={mn} M={mm} D={md} k=1 (1 thread, child RSS): +{mem['extra_bytes'] / 2**20:.0f} MiB "
-        f"over the inputs ({mn * md * 4 / 2**20 + mm * md * 4 / 2**20:.0f} MiB); a dense N x M float32 "
-        f"matrix would be {dense / 2**20:.0f} MiB; search took {mem['seconds']:.1f} s"
+        f"peak memory N={mn} M={mm} D={md} k=1 ({a.threads} thread(s), child RSS): +{mem['extra_bytes'] / 2**20:.0f} MiB "
+        f"over the float32 inputs ({mn * md * 4 / 2**20 + mm * md * 4 / 2**20:.0f} MiB), process peak "
+        f"{mem['peak_bytes'] / 2**20:.0f} MiB; a dense N x M float32 matrix would be {dense / 2**20:.0f} MiB; "
+        f"search took {mem['seconds']:.1f} s"
     )
 
 

@@ -2,8 +2,8 @@
 
 Prints, for DDPM-1000, DDIM-50 and DPM-Solver++-20, the images/s of
 ``privdiff.eval.sampling.generate`` and of ``DDPMPipeline``/``DDIMPipeline`` (diffusers' own loop) on
-the quickstart UNet, and their ratio, measured in the same run (median of repeats; the machine is
-shared and noisy). Usage: ``python scripts/bench_sampling.py [--quick] [--threads N]``.
+the quickstart UNet, and their ratio, measured in the same run (median of interleaved repeats; the
+machine is shared and noisy). Usage: ``python scripts/bench_sampling.py [--quick] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -11,54 +11,67 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
+import yaml
 from diffusers import DDIMPipeline, DDPMPipeline, DPMSolverMultistepScheduler
 
 from privdiff.eval.sampling import generate
 from privdiff.train.denoiser import Denoiser, build_scheduler, build_unet
 
+REPO = Path(__file__).resolve().parents[1]
+MODEL_KEYS = ("block_out_channels", "layers_per_block", "attention_levels")
 
-def _time(fn, repeats: int) -> float:
-    times = []
+
+def _interleaved(fns: dict[str, object], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, alternating them so that the machine's drifts hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer images and no DDPM-1000")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="no DDPM-1000")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of the 20- and 50-step cases (DDPM-1000: 2)")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--model", type=Path, default=REPO / "configs/model/small.yaml", help="a configs/model/*.yaml (the quickstart's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    model_args = {k: v for k, v in yaml.safe_load(args.model.read_text())["model"].items() if k in MODEL_KEYS}
     torch.manual_seed(0)
-    model = Denoiser(build_unet(16, 1), build_scheduler()).eval()
+    model = Denoiser(build_unet(16, 1, **model_args), build_scheduler()).eval()
     unet, sched = model.unet, model.scheduler
     cases = [("dpmsolver++", 20), ("ddim", 50)] + ([] if args.quick else [("ddpm", 1000)])
     n = args.batch
-    print(f"threads={args.threads} batch={n} model=1.1M-param UNet 16x16 (median of {args.repeats})")
-    print(f"{'solver':<14}{'privdiff img/s':>16}{'diffusers img/s':>17}{'ratio':>8}")
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    print(f"threads={args.threads} batch={n} model={args.model.name} ({params:.2f}M-param UNet, 16x16); "
+          f"images/s, median [range] of interleaved repeats")
+    print(f"{'solver':<16}{'privdiff img/s':>22}{'diffusers img/s':>22}{'ratio':>8}")
     for solver, steps in cases:
-        repeats = 1 if steps >= 1000 else args.repeats
-        ours = _time(lambda: generate(model, n, solver=solver, steps=steps, batch_size=n, progress=False), repeats)
         if solver == "ddpm":
             pipe = DDPMPipeline(unet=unet, scheduler=sched)
-            call = lambda: pipe(batch_size=n, num_inference_steps=steps, output_type="np")  # noqa: E731
         elif solver == "ddim":
             pipe = DDIMPipeline(unet=unet, scheduler=sched)
-            call = lambda: pipe(batch_size=n, num_inference_steps=steps, output_type="np")  # noqa: E731
         else:
             # diffusers has no DPM-Solver pipeline class for UNet2DModel: DDPMPipeline with the scheduler swapped.
             pipe = DDPMPipeline(unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(sched.config, algorithm_type="dpmsolver++"))
-            call = lambda: pipe(batch_size=n, num_inference_steps=steps, output_type="np")  # noqa: E731
         pipe.set_progress_bar_config(disable=True)
-        theirs = _time(call, repeats)
-        print(f"{solver + '-' + str(steps):<14}{n / ours:>16.1f}{n / theirs:>17.1f}{theirs / ours:>8.2f}")
+        fns = {
+            "privdiff": lambda: generate(model, n, solver=solver, steps=steps, batch_size=n, progress=False),
+            "diffusers": lambda: pipe(batch_size=n, num_inference_steps=steps, output_type="np"),
+        }
+        times = _interleaved(fns, 2 if steps >= 1000 else args.repeats)
+        rate = {k: sorted(n / t for t in v) for k, v in times.items()}
+        cell = {k: f"{statistics.median(v):.1f} [{v[0]:.1f}-{v[-1]:.1f}]" for k, v in rate.items()}
+        ratio = statistics.median(rate["privdiff"]) / statistics.median(rate["diffusers"])
+        print(f"{solver + '-' + str(steps):<16}{cell['privdiff']:>22}{cell['diffusers']:>22}{ratio:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -156,11 +156,13 @@ def compare(
     if audits:
         from ..eval.report import markdown_table, summarize, write_report
 
+        report_start = time.perf_counter()
         paths = write_report(out, audits, {n: out / n for n in audits}, title=title)
         table = markdown_table([summarize(n, a) for n, a in audits.items()])
+        report_time = time.perf_counter() - report_start
         print(f"\n{table}\n")
         print(f"privdiff compare: {len(audits)} setting(s) in {time.perf_counter() - started:.0f} s; report: {paths['html']}")
-        print(_breakdown(audits))
+        print(_breakdown(audits, report_time))
         if wandb:
             _log_wandb_table(out, group, audits)
     if failed:
@@ -168,8 +170,8 @@ def compare(
     return audits
 
 
-def _breakdown(audits: dict[str, Any]) -> str:
-    """Seconds per stage and setting, so that the slowest stage is visible."""
+def _breakdown(audits: dict[str, Any], report_time: float) -> str:
+    """Seconds per stage and setting, so that the slowest stage is visible (settings run in parallel)."""
     lines = ["time per stage (s): setting | train | sample | attacks | FID"]
     for name, a in audits.items():
         t = a.get("timings_s", {})
@@ -178,6 +180,7 @@ def _breakdown(audits: dict[str, Any]) -> str:
         lines.append(
             f"  {name} | {'-' if train is None else f'{train:.0f}'} | {t.get('sample', 0):.0f} | {attacks:.0f} | {t.get('quality', 0):.0f}"
         )
+    lines.append(f"  report (all settings): {report_time:.1f}")
     return "\n".join(lines)
 
 

@@ -40,7 +40,11 @@ def test_shrunk_compare_writes_every_column_and_reuses_finished_runs(tmp_path, m
     assert audits["output_filter"]["sampling"]["num_drawn"] >= 16
     assert "defense/output_filter/reject_rate" in audits["output_filter"]["defense_metrics"]
     stamp = (tmp_path / "none" / "audit.json").stat().st_mtime
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    breakdown = printed[printed.index("time per stage (s)"):].splitlines()
+    assert breakdown[0].endswith("setting | train | sample | attacks | FID")
+    assert breakdown[1].startswith("  none | ") and breakdown[2].startswith("  output_filter | ")
+    assert breakdown[3].startswith("  report (all settings): ")
     compare(settings, configs, SHRUNK, out_dir=str(tmp_path), parallel=1)
     assert "reusing finished run" in capsys.readouterr().out
     assert (tmp_path / "none" / "audit.json").stat().st_mtime == stamp

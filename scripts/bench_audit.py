@@ -1,0 +1,157 @@
+"""How the audit's time grows with the samples drawn and the training-set size, and what the paper's scale would cost.
+
+    python scripts/bench_audit.py            # ~5 minutes on 2 cores
+    python scripts/bench_audit.py --quick    # one small point per axis
+
+Part 1 runs ``privdiff.eval.audit.run_audit`` (the quickstart's audit settings: DPM-Solver++ 20
+steps, generate-and-filter and calibrated-l2 extraction, memorization ratio, loss/PIA/SecMI, FID
+with the small classifier) on the quickstart UNet (untrained: the work done does not depend on
+the weights) against synthetic 16x16 members, and prints each stage's seconds for 3 sample counts
+at a fixed training set and 3 training-set sizes at a fixed sample count.
+
+Part 2 estimates the audit of Carlini et al. 2023's CIFAR-10 setting (2^20 samples per model
+against 50k training images, 32x32x3) on one GPU. Every stage's floating-point work is counted
+(``torch.utils.flop_counter`` for the CIFAR-10 DDPM-sized UNet; 2*N*M*D for distance products;
+Inception-v3's published 5.7 GFLOPs per image for FID), and divided by the rate that stage reached
+*here*, expressed as a fraction of this machine's fp32 matrix-product rate measured in the same
+run, times the GPU's fp32 peak (``--gpu-tflops``; default 67, an H100 SXM's fp32). It assumes the
+stages keep on a GPU the fraction of peak they reach here; it is an estimate, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from privdiff.eval.audit import AuditConfig, AuditData, run_audit
+from privdiff.eval.distances import nearest_neighbors
+from privdiff.train.data import ImageTable
+from privdiff.train.denoiser import Denoiser, build_scheduler, build_unet
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("sample", "extraction", "memorization", "mia", "quality")
+PAPER_SAMPLES, PAPER_MEMBERS, PAPER_HELDOUT, CIFAR_D = 2**20, 50_000, 10_000, 3 * 32 * 32
+INCEPTION_FLOPS = 2 * 5.7e9  # multiply-adds of Inception-v3 at 299x299 (Szegedy et al. 2016), as flops
+
+
+def synthetic_table(n: int, seed: int, size: int = 16) -> ImageTable:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8)
+    return ImageTable(images, torch.randint(0, 10, (n,), generator=g), [f"synthetic/{seed}/{i}" for i in range(n)])
+
+
+def quickstart_model() -> Denoiser:
+    model = yaml.safe_load((REPO / "configs/model/small.yaml").read_text())["model"]
+    torch.manual_seed(0)
+    unet = build_unet(16, 1, model["block_out_channels"], model["layers_per_block"], model["attention_levels"])
+    return Denoiser(unet, build_scheduler()).eval()
+
+
+def audit_config(num_samples: int, num_members: int) -> AuditConfig:
+    settings = yaml.safe_load((REPO / "configs/audit/quickstart.yaml").read_text())["audit"]
+    settings.update(num_samples=num_samples, mia_examples=num_members, progress=False)
+    return AuditConfig(**settings)
+
+
+def timed_audit(model: Denoiser, num_samples: int, num_members: int) -> dict[str, float]:
+    members, heldout = synthetic_table(num_members, 1), synthetic_table(num_members, 2)
+    data = AuditData(members=members, heldout=heldout, copies=torch.ones(num_members, dtype=torch.long))
+    start = time.perf_counter()
+    result = run_audit(model, data, audit_config(num_samples, num_members))
+    return {**result["timings_s"], "total": time.perf_counter() - start}
+
+
+def matmul_rate(d: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.rand(d, d), torch.rand(d, d)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * d**3 / best
+
+
+def unet_flops(unet: torch.nn.Module, image_size: int, channels: int) -> float:
+    """Floating-point operations of one forward pass on one image (convolutions, products, attention)."""
+    x = torch.randn(2, channels, image_size, image_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, torch.tensor([500, 500]))
+    return counter.get_total_flops() / 2
+
+
+def cifar10_ddpm_unet() -> torch.nn.Module:
+    """A UNet the size of Ho et al.'s CIFAR-10 DDPM (google/ddpm-cifar10-32: 128-256-256-256, 2 blocks, attention at 16x16)."""
+    return build_unet(32, 3, (128, 256, 256, 256), 2, (1,), norm_num_groups=32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--gpu-tflops", type=float, default=67.0, help="the GPU's fp32 peak in TFLOP/s (H100 SXM: 67)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    model = quickstart_model()
+    fixed_members, fixed_samples = (256, 256) if args.quick else (1024, 1024)
+    sample_points = (256,) if args.quick else (256, 1024, 4096)
+    member_points = (256,) if args.quick else (256, 1024, 4096)
+    peak = matmul_rate()
+    print(f"this machine: fp32 matmul {peak / 1e9:.0f} GFLOP/s ({args.threads} threads); quickstart UNet, 16x16 synthetic members")
+    print("\naudit seconds per stage (quickstart settings: DPM-Solver++ 20 steps, 3 MIAs on members + as many held-out, FID)")
+    header = f"{'samples':>8} {'members':>8} " + " ".join(f"{s:>12}" for s in STAGES) + f" {'total':>8}"
+    print(header)
+    rows = []
+    timed_audit(model, 64, 64)  # warm-up
+    points = [(s, fixed_members) for s in sample_points] + [(fixed_samples, m) for m in member_points]
+    for samples, members in dict.fromkeys(points):  # in order, each point once
+        t = timed_audit(model, samples, members)
+        rows.append((samples, members, t))
+        print(f"{samples:>8} {members:>8} " + " ".join(f"{t[s]:>12.1f}" for s in STAGES) + f" {t['total']:>8.1f}")
+
+    # -- part 2: the paper's scale on one GPU ----------------------------------------------------
+    small_flops = unet_flops(model.unet, 16, 1)
+    cifar_flops = unet_flops(cifar10_ddpm_unet(), 32, 3)
+    biggest = max(rows, key=lambda r: r[0])
+    samples, members, t = biggest
+    steps = audit_config(samples, members).steps
+    sample_eff = samples * steps * small_flops / t["sample"] / peak
+    g = torch.Generator().manual_seed(0)
+    q, r = torch.rand(2048, CIFAR_D, generator=g), torch.rand(4096, CIFAR_D, generator=g)
+    nearest_neighbors(q[:64], r, k=50)
+    start = time.perf_counter()
+    nearest_neighbors(q, r, k=50)
+    knn_eff = 2 * 2048 * 4096 * CIFAR_D / (time.perf_counter() - start) / peak
+    mia_forwards = len(audit_config(1, 1).loss_timesteps) + 2 + 1 + audit_config(1, 1).secmi_k  # loss, PIA (2), SecMI (1 + k)
+    mia_eff = sample_eff  # the attacks are UNet forward passes like sampling's
+    gpu = args.gpu_tflops * 1e12
+    work = {
+        "sample (DPM-Solver++ 20 steps)": (PAPER_SAMPLES * 20 * cifar_flops, sample_eff),
+        "sample (DDPM 1000 steps, the paper's)": (PAPER_SAMPLES * 1000 * cifar_flops, sample_eff),
+        "calibrated l2 (k=50 vs members)": (2 * PAPER_SAMPLES * PAPER_MEMBERS * CIFAR_D, knn_eff),
+        "generate-and-filter graph (samples x samples)": (2 * PAPER_SAMPLES**2 * CIFAR_D, knn_eff),
+        "membership inference (60k images)": ((PAPER_MEMBERS + PAPER_HELDOUT) * mia_forwards * cifar_flops, mia_eff),
+        "FID (Inception-v3, samples + 50k real)": ((PAPER_SAMPLES + PAPER_MEMBERS) * INCEPTION_FLOPS, sample_eff),
+    }
+    print(f"\nestimate at the paper's scale: 2^20 samples of a CIFAR-10 DDPM-sized UNet ({cifar_flops / 1e9:.1f} GFLOPs per image "
+          f"per step) vs 50k members, on one GPU of {args.gpu_tflops:g} fp32 TFLOP/s")
+    print(f"measured here: UNet sampling at {sample_eff:.2f} of matmul peak, kNN (k=50, D=3072) at {knn_eff:.2f}")
+    print(f"{'stage':<48}{'PFLOP':>10}{'GPU hours':>11}")
+    total = 0.0
+    for name, (flops, eff) in work.items():
+        hours = flops / (eff * gpu) / 3600
+        if "1000 steps" not in name:
+            total += hours
+        print(f"{name:<48}{flops / 1e15:>10.1f}{hours:>11.2f}")
+    print(f"{'total with DPM-Solver++ 20 steps':<48}{'':>10}{total:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()
