@@ -185,3 +185,28 @@ def test_calibrated_l2_uses_all_references_when_fewer_than_n():
     torch.testing.assert_close(cal.score.double(), score, atol=1e-5, rtol=1e-5)
     d = cal.to_dict()
     assert d["n"] == 6 and isinstance(d["score"][0], float) and isinstance(d["nearest_index"][0], int)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("block_size", [None, 1000])
+def test_nearest_neighbors_k50_candidate_selection_matches_naive(ties, block_size, monkeypatch):
+    """k=50 over 2000 references: a per-row bound prunes each distance block before the top-k (one
+    block, or two with the running bound); with most references identical (ties at the bound) the
+    search falls back to the top-k of whole blocks. Both give the naive answer."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.rand(61, 3, 4, 4, generator=g)
+    r = torch.rand(2000, 3, 4, 4, generator=g)
+    if ties:
+        r[20:] = r[0]
+    widths = []
+    topk = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda x, *a, **kw: widths.append(x.shape[-1]) or topk(x, *a, **kw))
+    nb = nearest_neighbors(q, r, k=50, block_size=block_size)
+    monkeypatch.undo()
+    whole_block = max(widths) >= 1000
+    assert whole_block == ties  # pruned unless ties defeat the bound
+    ref = naive_l2_matrix(q, r)
+    ref_d, _ = ref.topk(50, dim=1, largest=False)
+    torch.testing.assert_close(nb.distances.double(), ref_d, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ref.gather(1, nb.indices), ref_d, atol=1e-6, rtol=0)
+    assert all(len(set(row)) == 50 for row in nb.indices.tolist())  # 50 distinct references per query
