@@ -28,13 +28,15 @@ None of this changes what DP-SGD computes; noise, scaling and accounting stay Op
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Sequence
 
 import torch
 from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
-from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_sample, promote_current_grad_sample
+from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.module_utils import trainable_parameters
@@ -119,6 +121,45 @@ class FastGradSampleModule(GradSampleModule):
         self._graph_leaves: list[torch.Tensor] = []
         for layer in self.iterate_submodules(self._module):
             self.autograd_grad_sample_hooks.append(layer.register_forward_pre_hook(self._make_inputs_differentiable))
+
+    def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False) -> None:
+        """Opacus's hooks, with the output gradient taken by a hook on each layer's output tensor.
+
+        Opacus registers a full backward hook per layer, which wraps the layer's inputs and outputs
+        in extra autograd nodes and runs after the input gradients; a gradient hook on the output
+        (registered by the forward hook) receives the same output gradient with less work
+        (measured: ~19 ms of Python and autograd overhead in a ~230 ms DP step of the quickstart UNet).
+        """
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError("Trying to add hooks twice to the same model")
+        self._module.autograd_grad_sample_hooks = []
+        self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
+        for layer in self.iterate_submodules(self._module):
+            if type(layer) in (DPRNN, DPLSTM, DPGRU):  # their RNNLinear layers carry the hooks (as Opacus)
+                continue
+            if force_functorch or self._get_module_type(layer) not in self.GRAD_SAMPLERS:
+                prepare_layer(layer, batch_first=batch_first)
+            hook = partial(self._capture_forward, loss_reduction=loss_reduction, batch_first=batch_first)
+            self.autograd_grad_sample_hooks.append(layer.register_forward_hook(hook))
+        self.enable_hooks()
+
+    def _capture_forward(
+        self, layer: nn.Module, inputs: tuple[Any, ...], output: Any, *, loss_reduction: str, batch_first: bool
+    ) -> None:
+        captured = len(getattr(layer, "activations", []))
+        self.capture_activations_hook(layer, inputs, output)
+        if len(getattr(layer, "activations", [])) == captured:
+            return  # not recorded (evaluation, no grad, hooks disabled)
+        if not (torch.is_tensor(output) and output.requires_grad):
+            raise ValueError(
+                f"dp_sgd: layer {type(layer).__name__} returned {type(output).__name__}; privdiff's per-example "
+                "gradients need layers with trainable parameters to return one tensor that requires grad"
+            )
+
+        def on_output_grad(grad: torch.Tensor) -> None:
+            self.capture_backprops_hook(layer, None, (grad,), loss_reduction, batch_first)
+
+        output.register_hook(on_output_grad)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._graph_leaves = []

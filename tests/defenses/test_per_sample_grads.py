@@ -100,3 +100,35 @@ def test_layout_free_clipping_equals_opacus_clipping(max_grad_norm: float) -> No
             torch.testing.assert_close(total, g.sum(0))
     else:  # every example is clipped: the sum of 6 is within 6 C
         assert torch.cat([t.flatten() for t in sums[1]]).norm() <= 6 * max_grad_norm * (1 + 1e-5)
+
+
+class SharedLayers(nn.Module):
+    """A convolution and a linear layer each applied twice in one forward pass (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.lin = nn.Linear(8 * 5 * 5, 8 * 5 * 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(torch.tanh(self.conv(x)))
+        flat = x.flatten(1)
+        return self.lin(torch.tanh(self.lin(flat)))
+
+
+def test_layers_used_twice_get_the_summed_per_example_gradients_through_the_input_only_backward() -> None:
+    from privdiff.defenses.per_sample_grads import FastGradSampleModule
+
+    torch.manual_seed(0)
+    model, x = SharedLayers(), torch.randn(4, 8, 5, 5)
+    reference = []
+    for n in range(4):
+        model.zero_grad()
+        model(x[n : n + 1]).pow(2).sum().backward()
+        reference.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    model.zero_grad()
+    wrapped = FastGradSampleModule(model, batch_first=True, loss_reduction="sum")
+    wrapped(x).pow(2).sum().backward(inputs=wrapped.backward_inputs())
+    for name, p in model.named_parameters():
+        assert p.grad is None
+        torch.testing.assert_close(p.grad_sample, torch.stack([r[name] for r in reference]), atol=1e-5, rtol=1e-4)
