@@ -13,10 +13,12 @@ gradients cost a further ~60 ms. privdiff's pieces:
   other convolutions (strided, dilated, grouped, or with very few input channels, where im2col is
   cheap) use Opacus's rule on a contiguous input. The gradients it returns are a permuted view of
   the products' output (offset-major): a copy into the weight's layout costs more than the rule saves.
-* ``FastGradSampleModule`` is a ``GradSampleModule`` with that rule; it stores a layer's per-example
-  gradients directly when one backward pass produces them (Opacus first copies them into a
-  zero-filled buffer meant for layers that run several times per pass), and ``backward_inputs``
-  lets the trainer's backward pass skip the summed parameter gradients DP-SGD discards.
+* ``FastGradSampleModule`` is a ``GradSampleModule`` with that rule; it takes each layer's output
+  gradient with a hook on the output tensor (Opacus's full backward hooks add autograd nodes around
+  every layer), stores a layer's per-example gradients directly when one backward pass produces
+  them (Opacus first copies them into a zero-filled buffer meant for layers that run several times
+  per pass), and ``backward_inputs`` lets the trainer's backward pass skip the summed parameter
+  gradients DP-SGD discards.
 * ``LayoutFreeClipping`` replaces ``DPOptimizer.clip_and_accumulate`` by the same computation (per
   example norm over all parameters, factor ``min(1, C / (norm + 1e-6))``, clipped sum) done in
   whatever memory order a per-example gradient lies: Opacus reshapes each one to (N, -1), which
