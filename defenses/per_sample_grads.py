@@ -111,9 +111,11 @@ def conv2d_per_example_grads(
 
 
 class FastGradSampleModule(GradSampleModule):
-    """Opacus's ``GradSampleModule`` with ``conv2d_per_example_grads`` and no zero-filled copy per layer.
+    """Opacus's ``GradSampleModule`` with ``conv2d_per_example_grads``, output-tensor gradient hooks,
+    no zero-filled copy per layer, and ``backward_inputs`` for a backward pass without parameter gradients.
 
-    Same arguments and behaviour as ``GradSampleModule``; ``p.grad_sample`` holds the same values.
+    Same arguments as ``GradSampleModule``; ``p.grad_sample`` holds the same values. Every layer with
+    trainable parameters must return one tensor (all layers of a diffusers ``UNet2DModel`` do).
     """
 
     GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_per_example_grads}
