@@ -32,7 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from privdiff.eval.audit import AuditConfig, AuditData, run_audit
 from privdiff.eval.distances import nearest_neighbors
 from privdiff.train.data import ImageTable
-from privdiff.train.denoiser import Denoiser, build_scheduler, build_unet
+from privdiff.train.denoiser import Denoiser, build_unet
+from privdiff.train.module import DiffusionModule
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("sample", "extraction", "memorization", "mia", "quality")
@@ -47,10 +48,8 @@ def synthetic_table(n: int, seed: int, size: int = 16) -> ImageTable:
 
 
 def quickstart_model() -> Denoiser:
-    model = yaml.safe_load((REPO / "configs/model/small.yaml").read_text())["model"]
     torch.manual_seed(0)
-    unet = build_unet(16, 1, model["block_out_channels"], model["layers_per_block"], model["attention_levels"])
-    return Denoiser(unet, build_scheduler()).eval()
+    return DiffusionModule(**yaml.safe_load((REPO / "configs/model/small.yaml").read_text())["model"]).denoiser.eval()
 
 
 def audit_config(num_samples: int, num_members: int) -> AuditConfig:
@@ -121,23 +120,23 @@ def main() -> None:
     cifar_flops = unet_flops(cifar10_ddpm_unet(), 32, 3)
     biggest = max(rows, key=lambda r: r[0])
     samples, members, t = biggest
-    steps = audit_config(samples, members).steps
-    sample_eff = samples * steps * small_flops / t["sample"] / peak
+    settings = audit_config(samples, members)
+    sample_eff = samples * settings.steps * small_flops / t["sample"] / peak
     g = torch.Generator().manual_seed(0)
     q, r = torch.rand(2048, CIFAR_D, generator=g), torch.rand(4096, CIFAR_D, generator=g)
     nearest_neighbors(q[:64], r, k=50)
     start = time.perf_counter()
     nearest_neighbors(q, r, k=50)
     knn_eff = 2 * 2048 * 4096 * CIFAR_D / (time.perf_counter() - start) / peak
-    mia_forwards = len(audit_config(1, 1).loss_timesteps) + 2 + 1 + audit_config(1, 1).secmi_k  # loss, PIA (2), SecMI (1 + k)
-    mia_eff = sample_eff  # the attacks are UNet forward passes like sampling's
+    mia_forwards = len(settings.loss_timesteps) + 2 + 1 + settings.secmi_k  # loss, PIA (2), SecMI (1 + k)
     gpu = args.gpu_tflops * 1e12
     work = {
         "sample (DPM-Solver++ 20 steps)": (PAPER_SAMPLES * 20 * cifar_flops, sample_eff),
         "sample (DDPM 1000 steps, the paper's)": (PAPER_SAMPLES * 1000 * cifar_flops, sample_eff),
         "calibrated l2 (k=50 vs members)": (2 * PAPER_SAMPLES * PAPER_MEMBERS * CIFAR_D, knn_eff),
         "generate-and-filter graph (samples x samples)": (2 * PAPER_SAMPLES**2 * CIFAR_D, knn_eff),
-        "membership inference (60k images)": ((PAPER_MEMBERS + PAPER_HELDOUT) * mia_forwards * cifar_flops, mia_eff),
+        # the attacks are UNet forward passes like sampling's: the same efficiency
+        "membership inference (60k images)": ((PAPER_MEMBERS + PAPER_HELDOUT) * mia_forwards * cifar_flops, sample_eff),
         "FID (Inception-v3, samples + 50k real)": ((PAPER_SAMPLES + PAPER_MEMBERS) * INCEPTION_FLOPS, sample_eff),
     }
     print(f"\nestimate at the paper's scale: 2^20 samples of a CIFAR-10 DDPM-sized UNet ({cifar_flops / 1e9:.1f} GFLOPs per image "

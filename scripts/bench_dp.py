@@ -31,61 +31,62 @@ import torch
 import yaml
 
 from privdiff.defenses.dp_sgd import DPSGDDefense, _contiguous_inputs
-from privdiff.train.denoiser import Denoiser, build_scheduler, build_unet
+from privdiff.train.denoiser import Denoiser
+from privdiff.train.module import DiffusionModule
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_KEYS = ("block_out_channels", "layers_per_block", "attention_levels")
 
 
 def model_config(path: Path) -> dict:
-    """The UNet size of a ``configs/model/*.yaml`` file."""
-    model = yaml.safe_load(path.read_text())["model"]
-    return {k: model[k] for k in MODEL_KEYS if k in model}
+    """The ``model:`` section of a ``configs/model/*.yaml`` file (``DiffusionModule``'s arguments)."""
+    return yaml.safe_load(path.read_text())["model"]
 
 
 def make(config: dict, seed: int = 0) -> Denoiser:
+    """The denoiser the trainer builds from ``config``, with the seed's initial weights."""
     torch.manual_seed(seed)
-    return Denoiser(build_unet(16, 1, **config), build_scheduler())
+    return DiffusionModule(**config).denoiser
+
+
+def plain_step(den: Denoiser, opt: torch.optim.Optimizer, batch: torch.Tensor):
+    """One step of zero_grad, mean loss, full backward and optimizer step."""
+
+    def step() -> None:
+        opt.zero_grad()
+        den.per_sample_loss(batch).mean().backward()
+        opt.step()
+
+    return step
+
+
+def contiguous_convolutions(unet: torch.nn.Module) -> None:
+    """The contiguity fix stock Opacus needs on a diffusers UNet (see ``_contiguous_inputs``)."""
+    for m in unet.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_pre_hook(_contiguous_inputs)
 
 
 def step_fn(mode: str, batch: torch.Tensor, config: dict, max_grad_norm: float = 1.0, sigma: float = 1.0):
     """Return a function running one training step of ``mode`` and the model it trains."""
     den = make(config)
     if mode == "none":
-        opt = torch.optim.AdamW(den.unet.parameters(), lr=1e-4)
-
-        def step() -> None:
-            opt.zero_grad()
-            den.per_sample_loss(batch).mean().backward()
-            opt.step()
-
-        return step, den
+        return plain_step(den, torch.optim.AdamW(den.unet.parameters(), lr=1e-4), batch), den
     if mode == "opacus":
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
-        for m in den.unet.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.register_forward_pre_hook(_contiguous_inputs)
+        contiguous_convolutions(den.unet)
         den.unet = gsm = GradSampleModule(den.unet, batch_first=True, loss_reduction="mean")
         opt = DPOptimizer(
             torch.optim.AdamW(gsm.parameters(), lr=1e-4), noise_multiplier=sigma,
             max_grad_norm=max_grad_norm, expected_batch_size=len(batch), loss_reduction="mean",
         )
-
-        def step() -> None:
-            opt.zero_grad()
-            den.per_sample_loss(batch).mean().backward()
-            opt.step()
-
-        return step, den
+        return plain_step(den, opt, batch), den
     if mode == "ghost":
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.optimizers import DPOptimizerFastGradientClipping
 
-        for m in den.unet.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.register_forward_pre_hook(_contiguous_inputs)
+        contiguous_convolutions(den.unet)
         den.unet = gsm = GradSampleModuleFastGradientClipping(den.unet, max_grad_norm=max_grad_norm, loss_reduction="mean")
         opt = DPOptimizerFastGradientClipping(
             torch.optim.AdamW(gsm.parameters(), lr=1e-4), noise_multiplier=sigma,

@@ -18,10 +18,9 @@ import yaml
 from diffusers import DDIMPipeline, DDPMPipeline, DPMSolverMultistepScheduler
 
 from privdiff.eval.sampling import generate
-from privdiff.train.denoiser import Denoiser, build_scheduler, build_unet
+from privdiff.train.module import DiffusionModule
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_KEYS = ("block_out_channels", "layers_per_block", "attention_levels")
 
 
 def _interleaved(fns: dict[str, object], repeats: int) -> dict[str, list[float]]:
@@ -44,9 +43,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REPO / "configs/model/small.yaml", help="a configs/model/*.yaml (the quickstart's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model_args = {k: v for k, v in yaml.safe_load(args.model.read_text())["model"].items() if k in MODEL_KEYS}
     torch.manual_seed(0)
-    model = Denoiser(build_unet(16, 1, **model_args), build_scheduler()).eval()
+    model = DiffusionModule(**yaml.safe_load(args.model.read_text())["model"]).denoiser.eval()
     unet, sched = model.unet, model.scheduler
     cases = [("dpmsolver++", 20), ("ddim", 50)] + ([] if args.quick else [("ddpm", 1000)])
     n = args.batch
