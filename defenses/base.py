@@ -7,7 +7,10 @@ to "do nothing". The same instances serve the data module and the model (Lightni
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
@@ -33,15 +36,45 @@ class GenerationContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Guarantee:
+    """A formal privacy guarantee a defense gives: (epsilon, delta)-DP for one privacy unit.
+
+    ``holds`` is False when a setting voids it (e.g. DP noise drawn from a known seed); ``caveats``
+    name what the guarantee does not cover. ``defense`` is filled in by the stack.
+    """
+
+    epsilon: float
+    delta: float
+    accountant: str
+    privacy_unit: str
+    steps: int | None = None
+    budget: float | None = None
+    holds: bool = True
+    caveats: tuple[str, ...] = ()
+    defense: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "caveats": list(self.caveats)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Guarantee":
+        return cls(**{**data, "caveats": tuple(data.get("caveats", ()))})
+
+
 class Defense:
     """Base class: stage hooks that all default to doing nothing.
 
-    Subclasses set ``name`` (used to prefix metrics: ``defense/<name>/<metric>``) and set
-    ``owns_optimizer = True`` when they replace the optimizer, so that the stack can refuse two.
+    Subclasses set ``name`` (used to prefix metrics: ``defense/<name>/<metric>``), set
+    ``owns_optimizer = True`` when they replace the optimizer, so that the stack can refuse two, and
+    set ``order`` to the stage they act on first: the stack runs defenses by it (data 10,
+    training 20, generation 30; ties keep the configured order), so stacking config files in any
+    order gives the same run (dedup before DP-SGD).
     """
 
     name: str = "defense"
     owns_optimizer: bool = False
+    order: int = 20
 
     # -- data ---------------------------------------------------------------------------------
     def transform_dataset(self, dataset: "ImageTable", manifest: "Manifest") -> "ImageTable":
@@ -96,19 +129,26 @@ class Defense:
         """Numbers for the report (epsilon spent, images removed, reject rate, ...)."""
         return {}
 
+    def guarantee(self) -> Guarantee | None:
+        """The formal guarantee this defense gives (e.g. (epsilon, delta)-DP), or None (the default)."""
+        return None
+
     def describe(self) -> str:
         """A short label for report tables."""
         return self.name
 
 
 class DefenseStack:
-    """Applies defenses in order; refuses two defenses that both own the optimizer."""
+    """Applies defenses by stage (``Defense.order``); refuses a defense twice and two that own the optimizer."""
 
     def __init__(self, defenses: Iterable[Defense] | None = None) -> None:
-        self.defenses: list[Defense] = list(defenses or [])
+        self.defenses: list[Defense] = sorted(defenses or [], key=lambda d: d.order)
         names = [d.name for d in self.defenses]
         if len(set(names)) != len(names):
-            raise ValueError(f"each defense may appear once in a run, got {names}")
+            raise ValueError(
+                f"each defense may appear once in a run, got {names}: two stacked config files list the same "
+                "defense (e.g. defense/dedup.yaml with defense/dedup_dp_sgd.yaml); keep one of them"
+            )
         owners = [d.name for d in self.defenses if d.owns_optimizer]
         if len(owners) > 1:
             raise ValueError(
@@ -194,12 +234,64 @@ class DefenseStack:
                 out[f"defense/{d.name}/{key}"] = value
         return out
 
+    def guarantees(self) -> list[Guarantee]:
+        """Every defense's formal guarantee, named by its defense."""
+        out = []
+        for d in self.defenses:
+            g = d.guarantee()
+            if g is not None:
+                out.append(Guarantee(**{**g.to_dict(), "caveats": g.caveats, "defense": d.name}))
+        return out
+
     def describe(self) -> str:
         return " + ".join(d.describe() for d in self.defenses) or "none"
+
+    def record(self) -> DefenseRecord:
+        """The stack's label, metrics and guarantees now (what ``defenses.json`` keeps)."""
+        return DefenseRecord(self.describe(), self.metrics(), self.guarantees())
 
     def find(self, name: str) -> Defense | None:
         """Return the defense called ``name``, or None."""
         return next((d for d in self.defenses if d.name == name), None)
+
+
+DEFENSES_RECORD = "defenses.json"  # a run's DefenseRecord at the end of training, in its run directory
+
+
+@dataclass
+class DefenseRecord:
+    """What a run's defenses did and guarantee, kept with the run (``defenses.json``) for later audits.
+
+    ``describe`` is the stack's label, ``metrics`` its prefixed numbers, ``guarantees`` the formal
+    guarantees. A re-audit of a saved model merges the record of its training with the record of
+    the generation-side defenses it adds.
+    """
+
+    describe: str = "none"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    guarantees: list[Guarantee] = field(default_factory=list)
+
+    def merged(self, other: "DefenseRecord") -> "DefenseRecord":
+        labels = [d for d in (self.describe, other.describe) if d != "none"]
+        return DefenseRecord(" + ".join(labels) or "none", {**self.metrics, **other.metrics}, [*self.guarantees, *other.guarantees])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"describe": self.describe, "metrics": self.metrics, "guarantees": [g.to_dict() for g in self.guarantees]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DefenseRecord":
+        return cls(data.get("describe", "none"), dict(data.get("metrics", {})), [Guarantee.from_dict(g) for g in data.get("guarantees", [])])
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON atomically."""
+        path = Path(path)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, default=float))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DefenseRecord":
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def as_stack(defenses: DefenseStack | Sequence[Defense] | None) -> DefenseStack:

@@ -46,11 +46,15 @@ ahash ~10k, whash ~0.6k img/s on the digits. Hashing (imagededup, one image at a
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
+
+from privdiff.weights import cached_or_downloaded, load_checked_weights
 
 from .base import Defense
 
@@ -62,6 +66,7 @@ METHODS = (*HASH_METHODS, "cnn")
 DEFAULT_THRESHOLD = 8
 DEFAULT_MAX_L2 = 0.045
 DEFAULT_MIN_SIMILARITY = 0.9
+MOST_REMOVED = 0.5  # removing more than this share of the rows is reported: the thresholds may be too loose
 Method = Literal["phash", "dhash", "whash", "ahash", "cnn"]
 
 
@@ -115,42 +120,58 @@ def _hash_codes(images: np.ndarray, method: str) -> np.ndarray:
     return np.array([int(hasher.encode_image(image_array=np.ascontiguousarray(a)), 16) for a in hwc], dtype=np.uint64)
 
 
+CNN_WEIGHTS_URL = "https://download.pytorch.org/models/mobilenet_v3_small-047dcff4.pth"
+CNN_WEIGHTS = "dedup's CNN encoder (torchvision MobileNetV3-Small ImageNet weights)"
+
+
 def _cnn_weights_help() -> str:
-    from pathlib import Path
-
-    from torchvision.models import MobileNet_V3_Small_Weights
-
-    url = MobileNet_V3_Small_Weights.IMAGENET1K_V1.url
-    target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
     return (
-        f"On a machine with internet, run `python -c \"import torchvision; "
-        f"torchvision.models.mobilenet_v3_small(weights='IMAGENET1K_V1')\"`, or download {url}, and copy "
-        f"the file to {target} (the torch hub cache; set TORCH_HOME to use another folder). "
-        "Or choose a hash method such as method: phash, which needs no weights"
+        f"On a machine with internet, download {CNN_WEIGHTS_URL}, bring the file here and set the dedup option "
+        "cnn_weights: PATH (privdiff checks its SHA-256 and loads it weights-only). Or choose a hash method such "
+        "as method: phash, which needs no weights"
     )
 
 
-def load_cnn_encoder():
-    """Return imagededup's CNN encoder (torchvision MobileNetV3-Small cut at global pooling, eval mode).
+class MobilenetEncoder(torch.nn.Module):
+    """imagededup's CNN encoder: torchvision MobileNetV3-Small cut at global average pooling (576-d features).
 
-    Raises ``RuntimeError`` naming the weight file and where to put it when the ImageNet weights are
-    neither in the torch hub cache nor downloadable.
+    The same layers as ``imagededup.utils.models.MobilenetV3``, built here because that class gets
+    its weights through torch's hub loader, which unpickles a cached file without restriction (a
+    file planted in the hub cache ran its code during ``privdiff fit``; see ``privdiff.weights``).
     """
-    try:
-        from imagededup.utils.models import MobilenetV3
 
-        return MobilenetV3().eval()
-    except Exception as err:  # noqa: BLE001 - urllib, http and torch raise many types when offline
-        raise RuntimeError(
-            "dedup method 'cnn' needs the ImageNet weights of torchvision's MobileNetV3-Small (imagededup's "
-            f"CNN encoder) and they could not be downloaded ({type(err).__name__}: {err}). {_cnn_weights_help()}"
-        ) from err
+    def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        from torchvision.models import mobilenet_v3_small
+
+        net = mobilenet_v3_small(weights=None)
+        net.load_state_dict(state_dict)
+        self.body = torch.nn.Sequential(net.features, net.avgpool).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).flatten(1)
+
+
+def load_cnn_encoder(weights: str | Path | None = None) -> MobilenetEncoder:
+    """Return imagededup's CNN encoder (MobileNetV3-Small cut at global pooling, eval mode).
+
+    ``weights``: the ImageNet weight file; default the torch hub cache's copy, downloaded there
+    when missing and the network allows. Either way its SHA-256 is checked against torchvision's
+    and it is loaded weights-only. Raises ``RuntimeError`` (no file to be had) or ``ValueError``
+    (a file that is not torchvision's) naming the ``cnn_weights`` option.
+    """
+    path = Path(weights) if weights is not None else cached_or_downloaded(CNN_WEIGHTS_URL, CNN_WEIGHTS, _cnn_weights_help())
+    try:
+        state = load_checked_weights(path, CNN_WEIGHTS_URL, CNN_WEIGHTS)
+    except ValueError as err:
+        raise ValueError(f"{err}. {_cnn_weights_help()}") from err
+    return MobilenetEncoder(state).eval()
 
 
 def _cnn_codes(images: np.ndarray, encoder=None, batch_size: int = 64) -> np.ndarray:
     from PIL import Image
 
-    from imagededup.utils.models import MobilenetV3
+    from imagededup.utils.models import MobilenetV3  # its preprocessing only (a class attribute: no weights load)
 
     encoder = encoder if encoder is not None else load_cnn_encoder()
     device = next(encoder.parameters()).device
@@ -290,9 +311,12 @@ class DedupDefense(Defense):
         max_l2: also require the pixel l2 on [0, 1] to be at most this (None: hash only).
         min_similarity: for ``cnn``, the cosine similarity at or above which a pair counts
             (imagededup's default 0.9); ignored by the hash methods.
+        cnn_weights: for ``cnn``, the MobileNetV3-Small ImageNet weight file (default: the torch
+            hub cache's, downloaded when missing); its hash is checked and it is loaded weights-only.
     """
 
     name = "dedup"
+    order = 10
 
     def __init__(
         self,
@@ -300,8 +324,10 @@ class DedupDefense(Defense):
         max_distance_threshold: int = DEFAULT_THRESHOLD,
         max_l2: float | None = DEFAULT_MAX_L2,
         min_similarity: float = DEFAULT_MIN_SIMILARITY,
+        cnn_weights: str | None = None,
     ) -> None:
         _check_settings(method, max_distance_threshold, max_l2, min_similarity)
+        self.cnn_weights = cnn_weights
         self.method = method
         self.max_distance_threshold = int(max_distance_threshold)
         self.max_l2 = None if max_l2 is None else float(max_l2)
@@ -313,7 +339,7 @@ class DedupDefense(Defense):
 
     def _encoder_for_cnn(self):
         if self.method == "cnn" and self._encoder is None:
-            self._encoder = load_cnn_encoder()
+            self._encoder = load_cnn_encoder(self.cnn_weights)
         return self._encoder
 
     def transform_dataset(self, dataset: "ImageTable", manifest: "Manifest") -> "ImageTable":
@@ -365,6 +391,14 @@ class DedupDefense(Defense):
         self.images_removed = len(removed)
         self.exact_removed = sum(digests[r] == digests[roots[r]] for r in removed)
         self.clusters = len({roots[r] for r in removed})
+        if n and len(removed) > MOST_REMOVED * n:
+            warnings.warn(
+                f"dedup removed {len(removed)} of {n} training rows ({len(removed) / n:.0%}; {self.exact_removed} of them "
+                f"byte-identical copies) with {self.describe()}. If the data are not mostly copies, the thresholds are "
+                "too loose for these images: lower max_distance_threshold / max_l2 (see near_duplicate_pairs) and check "
+                "manifest.json's removed list",
+                stacklevel=2,
+            )
         return dataset.select(kept)
 
     def metrics(self) -> dict[str, float | int | str]:

@@ -40,7 +40,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from .base import Defense
+from .base import Defense, Guarantee
+from .dp_randomness import DPRandomness
 from .per_sample_grads import ClippingDistributedDPOptimizer, ClippingDPOptimizer, FastGradSampleModule
 
 if TYPE_CHECKING:
@@ -54,6 +55,11 @@ PRIVACY_UNIT = (
     "group-privacy level (about k*epsilon); deduplicate before DP-SGD"
 )
 STATE_VERSION = 1
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def _contiguous_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -197,6 +203,12 @@ class DPSGDDefense(Defense):
         new_budget: accept a checkpoint whose sigma, sample rate, data size, delta or accountant
             differ from this run's. The spent history is kept and composed with the new steps:
             epsilon is never reset, because the weights carry every earlier step.
+        secure_mode: Opacus's noise that resists floating-point attacks, drawn from torchcsprng's
+            /dev/urandom generator where that package is installed (see ``dp_randomness``).
+        debug_noise_seed: for debugging only. By default the Poisson batches and the noise come
+            from fresh OS entropy at every process start (never from the run's seed, never replayed
+            by a resume); with a number they are a function of it, so anyone who knows it can
+            regenerate the noise: epsilon does not hold, and the report says so.
     """
 
     name = "dp_sgd"
@@ -217,6 +229,8 @@ class DPSGDDefense(Defense):
         poisson_sampling: bool = True,
         max_physical_batch_size: int | None = None,
         new_budget: bool = False,
+        secure_mode: bool = False,
+        debug_noise_seed: int | None = None,
     ) -> None:
         if not max_grad_norm > 0:
             raise ValueError(f"dp_sgd max_grad_norm must be > 0, got {max_grad_norm}")
@@ -278,6 +292,7 @@ class DPSGDDefense(Defense):
         self.poisson_sampling = True
         self.max_physical_batch_size = max_physical_batch_size
         self.new_budget = bool(new_budget)
+        self.randomness = DPRandomness(secure_mode=secure_mode, debug_seed=debug_noise_seed)
 
         self.noise_multiplier: float | None = None if noise_multiplier is None else float(noise_multiplier)
         self.num_examples: int | None = None
@@ -435,6 +450,9 @@ class DPSGDDefense(Defense):
             # gradient before clipping, so the expected batch counts images, not B*K rows.
             expected_batch_size=self.expected_batch_size / self._world_size if distributed else self.expected_batch_size,
             loss_reduction="mean",
+            # Never the global generator: Lightning seeds it from the public seed and replays it on a resume.
+            generator=self.randomness.generator("noise", _device_of(model), self.steps),
+            secure_mode=self.randomness.secure_mode,
         )
         dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         self._optimizer = dp_optimizer
@@ -466,7 +484,8 @@ class DPSGDDefense(Defense):
             timeout=loader.timeout,
             worker_init_fn=loader.worker_init_fn,
             multiprocessing_context=loader.multiprocessing_context,
-            generator=loader.generator,
+            # Never the global generator: Lightning seeds it from the public seed and replays it on a resume.
+            generator=self.randomness.generator("poisson", "cpu", self.steps) if self._world_size == 1 else None,
             prefetch_factor=loader.prefetch_factor,
             persistent_workers=loader.persistent_workers,
         )
@@ -486,15 +505,13 @@ class DPSGDDefense(Defense):
     def _distributed_loader(self, dp_loader: DataLoader) -> DataLoader:
         """The DP loader with this process's share of one global Poisson batch per step (DDP).
 
-        The generator of the shared mask is seeded from rank 0's (seeded) global RNG, broadcast to
-        every process, mixed with the steps already taken so that a resumed run draws new batches.
+        The generator of the shared mask is seeded by rank 0 from fresh OS entropy and the seed
+        broadcast to every process (``DPRandomness.shared_generator``): the same mask everywhere,
+        new at every start, never written anywhere.
         """
-        seed = [int(torch.randint(0, 2**62, (1,)).item())]
-        torch.distributed.broadcast_object_list(seed, src=0)
-        state = np.random.SeedSequence([seed[0], self.steps]).generate_state(1, np.uint64)[0]
         sampler = DistributedPoissonBatchSampler(
             num_samples=len(dp_loader.dataset), sample_rate=self.sample_rate, rank=self._rank,
-            world_size=self._world_size, generator=torch.Generator().manual_seed(int(state) & (2**63 - 1)),
+            world_size=self._world_size, generator=self.randomness.shared_generator("poisson", self._rank, self.steps),
         )
         return _with_batch_sampler(dp_loader, sampler)
 
@@ -684,10 +701,23 @@ class DPSGDDefense(Defense):
             "noise_multiplicity": self.noise_multiplicity,
             "accountant": self.accountant_name,
             "privacy_unit": PRIVACY_UNIT,
+            "randomness": self.randomness.describe(),
         }
         if self.budget is not None:
             out["epsilon_budget"] = self.budget
         return out
+
+    def guarantee(self) -> Guarantee:
+        """(epsilon, delta)-DP of the trained weights for one training row, by the configured accountant."""
+        caveats = ["covers the training steps only: not the choice of hyper-parameters on the same data, nor pre-trained weights"]
+        if not self.randomness.holds:
+            caveats.insert(0, f"does NOT hold: {self.randomness.describe()}")
+        if self.budget is not None and self.epsilon() > self.budget:
+            caveats.insert(0, f"over its budget of epsilon={self.budget:g}")
+        return Guarantee(
+            epsilon=self.epsilon(), delta=self.delta, accountant=self.accountant_name, privacy_unit=PRIVACY_UNIT,
+            steps=self.steps, budget=self.budget, holds=self.randomness.holds, caveats=tuple(caveats),
+        )
 
     def describe(self) -> str:
         if self.target_epsilon is not None:

@@ -34,6 +34,7 @@ class OutputFilterDefense(Defense):
     """
 
     name = "output_filter"
+    order = 30
 
     def __init__(self, threshold: float = 1.0, n: int = 50, alpha: float = 0.5) -> None:
         if not threshold > 0:

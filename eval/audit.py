@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..defenses.base import Defense, DefenseStack, GenerationContext, as_stack
+from ..defenses.base import DEFENSES_RECORD, Defense, DefenseRecord, DefenseStack, GenerationContext, Guarantee, as_stack
 from ..train.data import ImageTable, Manifest, copies_per_member, image_fingerprint
 from ..train.denoiser import Denoiser
 from . import extraction, memorization, mia, quality
@@ -44,7 +44,10 @@ class AuditConfig:
         mia_examples: members and as many held-out images scored (None: as many as both sets allow).
         loss_timesteps: timesteps scanned by the loss-threshold attack.
         pia_t, secmi_t, secmi_k: PIA's and SecMI's settings.
-        fid_backbone: ``classifier`` (a small CNN trained on the data's labels, offline), ``inception``, or ``none``.
+        fid_backbone: ``classifier`` (a small CNN trained on the data's labels, or on k-means clusters of
+            unlabeled data; offline), ``inception``, or ``none``.
+        fid_weights: the InceptionV3 weight file for ``inception`` (default: the torch hub cache's,
+            downloaded when missing; hash-checked and loaded weights-only).
         fid_real: real images for FID: ``pool`` (all images of the source) or ``members``.
         max_cases: extracted cases kept (locally) for the report's grid.
     """
@@ -69,6 +72,7 @@ class AuditConfig:
     secmi_t: int = 100
     secmi_k: int = 10
     fid_backbone: Literal["classifier", "inception", "none"] = "classifier"
+    fid_weights: str | None = None
     fid_real: Literal["pool", "members"] = "pool"
     max_cases: int = 16
     progress: bool = True
@@ -147,8 +151,13 @@ def run_audit(
     run_dir: str | Path | None = None,
     feature_classifier: "quality.SmallClassifier | None" = None,
     shard: Shard | None = None,
+    training: DefenseRecord | None = None,
 ) -> dict[str, Any]:
     """Run the whole suite and return the ``audit.json`` dict (also written into ``run_dir``).
+
+    ``defenses`` are the run's defenses (their metrics and guarantees are reported, the
+    generation-side ones act on the sampler); for a saved model, ``training`` is the record its
+    training left (``defenses.json``), merged with the generation-side ``defenses`` given here.
 
     Extraction, memorization and MIA are computed against ``data.members`` (unique images, no
     planted copies) and ``data.heldout``; timings per stage are included so the slowest shows.
@@ -222,29 +231,26 @@ def run_audit(
     if config.fid_backbone != "none" and len(samples) >= 2:
         real = data.pool if (config.fid_real == "pool" and data.pool is not None) else data.members
         if config.fid_backbone == "classifier" and feature_classifier is None:
-            feature_classifier = quality.train_feature_classifier(real.unit(), real.labels, seed=config.seed)
-        q = quality.compute_quality(real.unit(), samples, backbone=config.fid_backbone, classifier=feature_classifier)
+            classes, source = quality.classes_for_features(real.unit(), real.labels, seed=config.seed)
+            feature_classifier = quality.train_feature_classifier(real.unit(), classes, seed=config.seed, label_source=source)
+        q = quality.compute_quality(
+            real.unit(), samples, backbone=config.fid_backbone, classifier=feature_classifier, weights_path=config.fid_weights
+        )
         result["quality"] = q.to_dict()
     timings["quality"] = time.perf_counter() - start
 
-    metrics = stack.metrics()
-    dp = stack.find("dp_sgd")
-    dedup_removed = sum(1 for r in (data.manifest.removed if data.manifest else []) if r.get("defense") == "dedup")
+    record = stack.record() if training is None else training.merged(stack.record())
     result.update(
         schema=AUDIT_SCHEMA,
-        run={"defenses": stack.describe(), "run_dir": str(run_dir) if run_dir else None},
-        defense_metrics={k: v for k, v in metrics.items()},
-        privacy={
-            "epsilon": metrics.get("defense/dp_sgd/epsilon") if dp else None,
-            "delta": metrics.get("defense/dp_sgd/delta") if dp else None,
-            "accountant": metrics.get("defense/dp_sgd/accountant") if dp else None,
-        },
+        run={"defenses": record.describe, "run_dir": str(run_dir) if run_dir else None},
+        defense_metrics=dict(record.metrics),
+        privacy=privacy_summary(record.guarantees, known=record.describe != UNKNOWN),
         data={
             "num_members": len(data.members),
             "num_heldout": len(data.heldout),
             "num_train_rows": int(data.copies.sum()),
             "planted_duplicates": len(data.manifest.planted_duplicates) if data.manifest else 0,
-            "removed_by_dedup": dedup_removed,
+            "removed_by_dedup": len(data.manifest.removed) if data.manifest else 0,
         },
         sampling={
             "num_samples": len(samples),
@@ -262,6 +268,32 @@ def run_audit(
         _save_cases(Path(run_dir), samples, data.members, gf, cal, config.max_cases)
         write_json(Path(run_dir) / "audit.json", result)
     return result
+
+
+UNKNOWN = "unknown"
+
+
+def privacy_summary(guarantees: Sequence[Guarantee], known: bool = True) -> dict[str, Any]:
+    """The report's privacy entry from the defenses' formal guarantees.
+
+    One guarantee is reported as it is; several (two DP mechanisms on the same data) compose by
+    basic sequential composition (Dwork & Roth 2014, Thm. 3.16: epsilons and deltas add).
+    ``known=False`` (a model audited without its training record) reports the guarantee as unknown.
+    """
+    if not known:
+        return {"epsilon": None, "delta": None, "accountant": None, "holds": None, "known": False, "guarantees": []}
+    if not guarantees:
+        return {"epsilon": None, "delta": None, "accountant": None, "holds": None, "known": True, "guarantees": []}
+    first = guarantees[0]
+    several = len(guarantees) > 1
+    return {
+        "epsilon": sum(g.epsilon for g in guarantees),
+        "delta": sum(g.delta for g in guarantees),
+        "accountant": "basic composition of " + ", ".join(f"{g.defense} ({g.accountant})" for g in guarantees) if several else first.accountant,
+        "holds": all(g.holds for g in guarantees),
+        "known": True,
+        "guarantees": [g.to_dict() for g in guarantees],
+    }
 
 
 def threshold_check(data: AuditData, config: AuditConfig, shard: Shard | None = None) -> dict[str, Any]:
@@ -379,6 +411,8 @@ class AuditCallback(pl.Callback):
         dm = trainer.datamodule
         if self.config.mia_attacks and getattr(dm, "heldout", None) is not None and getattr(dm, "members", None) is not None:
             check_mia_sizes(len(dm.members), len(dm.heldout), self.config)
+        if self.config.fid_backbone == "inception":
+            quality.load_feature_extractor("inception", weights_path=self.config.fid_weights)  # its weights: now, not after training
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_start = time.perf_counter()
@@ -469,27 +503,54 @@ def audit_saved(
     out: str | None = None,
     defenses: list[Defense] | None = None,
 ) -> dict[str, Any]:
-    """Audit a saved model: ``run`` (a run directory) or ``model`` (a diffusers folder) + ``manifest``.
+    """Audit a saved model again: ``--run DIR``, or ``--model DIR --manifest FILE``.
 
-    Results go to ``out`` (default: the run directory, or the model folder's parent).
-    ``defenses`` adds generation-side defenses (e.g. an output filter) to the audit's sampler.
+    The defenses the model was trained with, and what they guarantee (epsilon), are read from the
+    ``defenses.json`` that ``privdiff fit`` left beside the manifest; without it they are reported
+    as unknown, never as "none".
+
+    Args:
+        run: a run directory written by ``privdiff fit`` (holds model/, manifest.json, defenses.json).
+        model: a diffusers model folder (instead of ``run``); needs ``manifest``.
+        manifest: the manifest.json of the run that trained ``model`` (members and held-out images).
+        audit: the audit's settings (``-c configs/audit/full.yaml``, ``--audit.num_samples ...``).
+        out: where audit.json and the report go; default a new folder audits/<UTC time> in the
+            run directory (or beside the manifest), so the run's own audit.json is never overwritten.
+        defenses: generation-side defenses to add to the sampler (e.g. an output filter).
     """
     if (run is None) == (model is None):
-        raise ValueError("give exactly one of --run DIR or --model DIR (with --manifest FILE)")
+        raise ValueError("give exactly one of --run DIR or --model DIR (with --manifest FILE); see `privdiff audit --help`")
     if run is not None:
         run_dir = Path(run)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run directory {run_dir} does not exist (written by `privdiff fit --run_dir DIR`)")
         model_dir, manifest_path = run_dir / "model", run_dir / "manifest.json"
+        if not model_dir.is_dir():
+            raise FileNotFoundError(
+                f"{run_dir} holds no model/ folder: its training did not finish (resume it with `privdiff fit ... "
+                "--ckpt_path last`), or it is not a privdiff run directory"
+            )
     else:
         model_dir = Path(model)
         if manifest is None:
             raise ValueError("--model needs --manifest (the manifest.json written by `privdiff fit`)")
-        manifest_path, run_dir = Path(manifest), model_dir.parent
-    out_dir = Path(out) if out else run_dir
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model folder {model_dir} does not exist")
+        manifest_path = Path(manifest)
+        run_dir = manifest_path.parent
+    out_dir = Path(out) if out else run_dir / "audits" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     denoiser = Denoiser.from_pretrained(model_dir)
     loaded = Manifest.load(manifest_path)
     if list(denoiser.image_shape) != list(loaded.image_shape):
         raise ValueError(f"model images are {denoiser.image_shape} but the manifest's data are {tuple(loaded.image_shape)}")
+    record_path = manifest_path.parent / DEFENSES_RECORD
+    if record_path.is_file():
+        training = DefenseRecord.load(record_path)
+    else:
+        rank_zero_warn(f"no {DEFENSES_RECORD} beside {manifest_path}: the model's training defenses and guarantees are reported as unknown")
+        training = DefenseRecord(describe=UNKNOWN)
     data = load_audit_data(loaded)
-    result = run_audit(denoiser, data, audit or AuditConfig(), as_stack(defenses), out_dir)
+    result = run_audit(denoiser, data, audit or AuditConfig(), as_stack(defenses), out_dir, training=training)
     report_single_run(out_dir, result)
+    print(f"privdiff audit: wrote {out_dir / 'audit.json'} and {out_dir / 'report.html'}")
     return result

@@ -165,7 +165,7 @@ def by_copies(extracted_indices: Sequence[int] | Tensor, copies: Tensor | Sequen
     Args:
         extracted_indices: training indices that were extracted or memorized (repeats count once).
         copies: (M,) integer count of copies of each training image in the training set
-            (1 normally, k for an image planted k times).
+            (1 normally, k for an image planted k times, 0 for a member a data defense removed).
 
     Returns:
         ``{copy_count: {"num_images", "num_extracted", "fraction_extracted"}}`` for each distinct
@@ -174,8 +174,8 @@ def by_copies(extracted_indices: Sequence[int] | Tensor, copies: Tensor | Sequen
     copies_t = torch.as_tensor(copies)
     if copies_t.dim() != 1 or copies_t.is_floating_point() or copies_t.dtype == torch.bool:
         raise ValueError(f"copies must be a 1-D integer tensor, got dtype {copies_t.dtype} shape {tuple(copies_t.shape)}")
-    if copies_t.numel() and int(copies_t.min()) < 1:
-        raise ValueError(f"copies must be >= 1, got minimum {int(copies_t.min())}")
+    if copies_t.numel() and int(copies_t.min()) < 0:
+        raise ValueError(f"copies must be >= 0, got minimum {int(copies_t.min())}")
     ext = torch.as_tensor(extracted_indices, dtype=torch.long).reshape(-1).cpu()
     m = copies_t.numel()
     if ext.numel() and (int(ext.min()) < 0 or int(ext.max()) >= m):

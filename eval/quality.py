@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
+from privdiff.weights import cached_or_downloaded, load_checked_weights
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
@@ -63,9 +64,11 @@ class SmallClassifier(nn.Module):
     """
 
     def __init__(
-        self, image_shape: tuple[int, int, int], num_classes: int, width: int = 16, feature_dim: int = 64
+        self, image_shape: tuple[int, int, int], num_classes: int, width: int = 16, feature_dim: int = 64,
+        label_source: str = "labels",
     ) -> None:
         super().__init__()
+        self.label_source = str(label_source)
         image_shape = tuple(int(s) for s in image_shape)
         if len(image_shape) != 3 or min(image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
@@ -93,6 +96,7 @@ class SmallClassifier(nn.Module):
             "num_classes": self.num_classes,
             "width": self.width,
             "feature_dim": self.feature_dim,
+            "label_source": self.label_source,
         }
 
     def features(self, x: Tensor) -> Tensor:
@@ -130,6 +134,7 @@ def train_feature_classifier(
     num_classes: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    label_source: str = "labels",
 ) -> SmallClassifier:
     """Train a ``SmallClassifier`` on ``images`` (N, C, H, W) in [0, 1] with int64 ``labels``; return it in eval mode.
 
@@ -158,7 +163,7 @@ def train_feature_classifier(
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clf = SmallClassifier(tuple(images.shape[1:]), n_cls, width=width, feature_dim=feature_dim).to(device)
+        clf = SmallClassifier(tuple(images.shape[1:]), n_cls, width=width, feature_dim=feature_dim, label_source=label_source).to(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     opt = torch.optim.Adam(clf.parameters(), lr=lr)
     n = images.shape[0]
@@ -173,6 +178,29 @@ def train_feature_classifier(
             loss.backward()
             opt.step()
     return clf.eval()
+
+
+def classes_for_features(images: Tensor, labels: Tensor | None, seed: int = 0, clusters: int = 10) -> tuple[Tensor, str]:
+    """The classes a feature classifier learns: the data's labels, or k-means clusters for unlabeled data.
+
+    Labels count when every image has one (>= 0) and there are at least 2 classes. Otherwise the
+    images (pixels in [0, 1]) are clustered by scikit-learn's k-means (``clusters`` clusters, at
+    most N // 5, seeded), and the classifier learns the clusters: its features then separate what
+    k-means separates, a weaker FID space than real labels, named ``kmeans<k>`` in the backbone.
+    Returns (int64 classes, ``"labels"`` or ``"kmeans<k>"``).
+    """
+    if labels is not None:
+        labels = torch.as_tensor(labels).long()
+        if len(labels) == len(images) and bool((labels >= 0).all()) and len(torch.unique(labels)) >= 2:
+            return labels, "labels"
+    from sklearn.cluster import KMeans
+
+    k = max(2, min(clusters, len(images) // 5))
+    if len(images) < 2 * k:
+        raise ValueError(f"FID's feature classifier needs labels or at least {2 * k} images to cluster, got {len(images)}")
+    flat = images.reshape(len(images), -1).double().numpy()
+    assigned = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(flat)
+    return torch.as_tensor(assigned, dtype=torch.long), f"kmeans{k}"
 
 
 def save_classifier(clf: SmallClassifier, path: str | Path) -> None:
@@ -192,7 +220,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Sma
             raise ValueError(f"{path} holds no privdiff SmallClassifier (metadata key {_METADATA_KEY!r} missing)")
         state = {k: f.get_tensor(k) for k in f.keys()}
     cfg = json.loads(meta[_METADATA_KEY])
-    clf = SmallClassifier(tuple(cfg["image_shape"]), cfg["num_classes"], cfg["width"], cfg["feature_dim"])
+    clf = SmallClassifier(tuple(cfg["image_shape"]), cfg["num_classes"], cfg["width"], cfg["feature_dim"], cfg.get("label_source", "labels"))
     clf.load_state_dict(state)
     return clf.to(device).eval()
 
@@ -209,7 +237,9 @@ class ClassifierFeatures(nn.Module):
             raise TypeError(f"expected a SmallClassifier, got {type(classifier).__name__}")
         self.classifier = classifier
         self.num_features: int = classifier.feature_dim  # spares torchmetrics its 3x299x299 probe
-        self.name = f"small-classifier-{classifier.feature_dim}d"  # safe inside a logger metric name
+        # Safe inside a logger metric name; says when the classes were k-means clusters, not labels.
+        suffix = "" if classifier.label_source == "labels" else f"-{classifier.label_source}"
+        self.name = f"small-classifier-{classifier.feature_dim}d{suffix}"
         self.requires_grad_(False)
         self.eval()
 
@@ -224,17 +254,29 @@ class ClassifierFeatures(nn.Module):
 
 class InceptionFeatures(nn.Module):
     """Feature module for torchmetrics FID/KID: float images in [0, 1] (1 or 3 channels) -> torch-fidelity
-    InceptionV3 2048-d features, converted to uint8 exactly as torchmetrics does with ``normalize=True``."""
+    InceptionV3 2048-d features, converted to uint8 exactly as torchmetrics does with ``normalize=True``.
+
+    The weights come from ``weights_path`` or the torch hub cache (downloaded there when missing);
+    either way the file's SHA-256 is checked and it is read weights-only (``privdiff.weights``).
+    """
 
     def __init__(self, weights_path: str | Path | None = None) -> None:
         super().__init__()
+        import tempfile
+
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        self.inception = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=["2048"],
-            feature_extractor_weights_path=None if weights_path is None else str(weights_path),
-        )
+        path = Path(weights_path) if weights_path is not None else cached_or_downloaded(URL_INCEPTION_V3, INCEPTION, _inception_help())
+        state = load_checked_weights(path, URL_INCEPTION_V3, INCEPTION)
+        # torch-fidelity reads a weight file with torch.load(weights_only=False): hand it a copy of
+        # the checked tensors written here, so nothing it unpickles comes from outside.
+        with tempfile.TemporaryDirectory() as tmp:
+            checked = Path(tmp) / "inception.pth"
+            torch.save(state, checked)
+            self.inception = NoTrainInceptionV3(
+                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(checked)
+            )
         self.num_features: int = 2048
         self.name = "inception-v3"  # torch-fidelity's TF-ported InceptionV3, 2048-d pool3 features
 
@@ -248,17 +290,15 @@ class InceptionFeatures(nn.Module):
         return self.inception(x)
 
 
-def _inception_help(weights_path: str | Path | None) -> str:
+INCEPTION = "FID's InceptionV3 (torch-fidelity weights)"
+
+
+def _inception_help() -> str:
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-    fname = URL_INCEPTION_V3.rsplit("/", 1)[-1]
-    target = Path(torch.hub.get_dir()) / "checkpoints" / fname
-    where = f"from {weights_path}" if weights_path is not None else "(download failed; this machine may be offline)"
     return (
-        f"could not load the InceptionV3 weights for FID/KID {where}. torch-fidelity (via torchmetrics) "
-        f"downloads them from {URL_INCEPTION_V3} into the torch hub checkpoints directory. Offline, download "
-        f"that file elsewhere and copy it to {target} (the directory is $TORCH_HOME/hub/checkpoints, by default "
-        f"~/.cache/torch/hub/checkpoints/), or pass its path as weights_path; or use `backbone: classifier`."
+        f"On a machine with internet, download {URL_INCEPTION_V3}, bring the file here and set audit.fid_weights: PATH "
+        "(privdiff checks its SHA-256 and loads it weights-only); or use audit.fid_backbone: classifier (offline)"
     )
 
 
@@ -281,8 +321,8 @@ def load_feature_extractor(
         return ClassifierFeatures(classifier)
     try:
         return InceptionFeatures(weights_path)
-    except Exception as err:  # urllib/socket/hash/file errors all mean: no usable weights
-        raise RuntimeError(f"{_inception_help(weights_path)} Cause: {type(err).__name__}: {err}") from err
+    except (OSError, ValueError, RuntimeError) as err:
+        raise RuntimeError(f"could not load the InceptionV3 weights for FID/KID: {err}. {_inception_help()}") from err
 
 
 # -- FID and KID --------------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ def summarize(name: str, audit: Mapping[str, Any]) -> dict[str, Any]:
         "epsilon": privacy.get("epsilon"),
         "delta": privacy.get("delta"),
         "accountant": privacy.get("accountant"),
+        "epsilon_holds": privacy.get("holds"),
+        "privacy_known": privacy.get("known", True),
         "fid": quality.get("fid"),
         "kid": quality.get("kid_mean"),
         "kid_std": quality.get("kid_std"),
@@ -73,7 +75,14 @@ def summarize(name: str, audit: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _cells(row: Mapping[str, Any]) -> list[str]:
-    eps = "none" if row["epsilon"] is None else f"{row['epsilon']:.2f} ({row['delta']:.0e}, {row['accountant']})"
+    if not row.get("privacy_known", True):
+        eps = "unknown"
+    elif row["epsilon"] is None:
+        eps = "none"
+    else:
+        eps = f"{row['epsilon']:.2f} ({row['delta']:.0e}, {row['accountant']})"
+        if row.get("epsilon_holds") is False:
+            eps += " — does NOT hold"
     fid = "—" if row["fid"] is None else f"{row['fid']:.3g} ({row['fid_backbone']})"
     kid = "—" if row["kid"] is None else f"{row['kid']:.3g} ± {row['kid_std']:.2g}"
     if row["extracted"] is None:
@@ -244,13 +253,19 @@ def _notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 notes.append(f"{name}: the output filter gives {value}.")
             if key.endswith("/duplicates_note"):
                 notes.append(f"{name}: {value}")
-        dp = {k.rsplit("/", 1)[-1]: v for k, v in (audit.get("defense_metrics") or {}).items() if k.startswith("defense/dp_sgd/")}
-        if "epsilon" in dp:
-            budget = dp.get("epsilon_budget")
-            spent = f"{name}: DP-SGD spent ε={_fmt(dp['epsilon'], 4)} at δ={_fmt(dp.get('delta'))} ({dp.get('accountant')} accountant, {dp.get('steps')} steps)"
-            if budget is not None:
-                spent += f" of a budget of ε={_fmt(budget)}" + (" — OVER BUDGET" if dp["epsilon"] > budget else "")
-            notes.append(spent + f"; privacy unit: {dp.get('privacy_unit', 'one training row')}.")
+        for g in (audit.get("privacy") or {}).get("guarantees", []):
+            spent = (
+                f"{name}: {g['defense']} spent ε={_fmt(g['epsilon'], 4)} at δ={_fmt(g['delta'])} ({g['accountant']} accountant"
+                + (f", {g['steps']} steps)" if g.get("steps") is not None else ")")
+            )
+            if g.get("budget") is not None:
+                spent += f" of a budget of ε={_fmt(g['budget'])}" + (" — OVER BUDGET" if g["epsilon"] > g["budget"] else "")
+            if not g.get("holds", True):
+                spent += " — this guarantee does NOT hold"
+            caveats = "; ".join(g.get("caveats", []))
+            notes.append(spent + f"; privacy unit: {g['privacy_unit']}" + (f"; {caveats}." if caveats else "."))
+        if (audit.get("privacy") or {}).get("known") is False:
+            notes.append(f"{name}: audited without its training record (defenses.json): its defenses and ε are unknown.")
     return notes
 
 

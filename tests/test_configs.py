@@ -89,3 +89,26 @@ def test_unknown_config_key_is_refused(monkeypatch, tmp_path) -> None:
     bad.write_text("data:\n  num_membrs: 10\n")
     with pytest.raises(SystemExit):
         PrivdiffCLI(DiffusionModule, DiffusionDataModule, args=["-c", "configs/base.yaml", "-c", str(bad)], run=False)
+
+
+def _cli(tmp_path: Path, *files: str) -> PrivdiffCLI:
+    args = ["-c", "configs/base.yaml", "-c", "configs/data/digits.yaml"]
+    for f in files:
+        args += ["-c", f]
+    return PrivdiffCLI(DiffusionModule, DiffusionDataModule, args=[*args, "--run_dir", str(tmp_path)], run=False,
+                       auto_configure_optimizers=False)
+
+
+@pytest.mark.parametrize("order", [("dedup", "dp_sgd"), ("dp_sgd", "dedup")])
+def test_stacked_defense_files_add_their_defenses_dedup_first(order, monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(REPO)
+    cli = _cli(tmp_path, *(f"configs/defense/{name}.yaml" for name in order))
+    assert [d.name for d in cli.model.defenses] == ["dedup", "dp_sgd"]  # whatever the order of the files
+    cli = _cli(tmp_path, "configs/defense/output_filter.yaml", "configs/defense/dp_sgd.yaml", "configs/defense/dedup.yaml")
+    assert [d.name for d in cli.model.defenses] == ["dedup", "dp_sgd", "output_filter"]
+
+
+def test_stacking_the_same_defense_twice_is_refused_by_name(monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ValueError, match=r"once in a run.*\['dedup', 'dedup', 'dp_sgd'\].*keep one"):
+        _cli(tmp_path, "configs/defense/dedup.yaml", "configs/defense/dedup_dp_sgd.yaml")

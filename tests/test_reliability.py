@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from privdiff.defenses.base import Guarantee
+from privdiff.eval.audit import privacy_summary
 from privdiff.eval.report import write_report
 from privdiff.train.cli import run_fit_cli
 from privdiff.train.denoiser import Denoiser, build_scheduler, build_unet
@@ -124,9 +126,8 @@ def _cases(run_dir: Path, n: int) -> None:
 
 
 def test_report_warns_exactly_when_it_embeds_training_images_and_names_the_accountant(tmp_path) -> None:
-    audit = {"privacy": {"epsilon": 3.2, "delta": 1e-5, "accountant": "prv"}, "run": {"defenses": "dp_sgd(sigma=1)"},
-             "defense_metrics": {"defense/dp_sgd/epsilon": 3.2, "defense/dp_sgd/delta": 1e-5, "defense/dp_sgd/accountant": "prv",
-                                 "defense/dp_sgd/steps": 40, "defense/dp_sgd/epsilon_budget": 4.0}}
+    guarantee = Guarantee(epsilon=3.2, delta=1e-5, accountant="prv", privacy_unit="one training row", steps=40, budget=4.0, defense="dp_sgd")
+    audit = {"privacy": privacy_summary([guarantee]), "run": {"defenses": "dp_sgd(sigma=1)"}}
     with_cases, without = tmp_path / "with", tmp_path / "without"
     _cases(with_cases, 3)
     _cases(without, 0)
@@ -139,7 +140,7 @@ def test_report_warns_exactly_when_it_embeds_training_images_and_names_the_accou
         assert json.loads(paths["json"].read_text())["training_images_embedded"] is expected
     markdown = (tmp_path / "a" / "report.md").read_text()
     assert "3.20 (1e-05, prv)" in markdown
-    assert "DP-SGD spent ε=3.2 at δ=1e-05 (prv accountant, 40 steps) of a budget of ε=4" in markdown
+    assert "dp_sgd spent ε=3.2 at δ=1e-05 (prv accountant, 40 steps) of a budget of ε=4" in markdown
 
 
 # -- 6. determinism -----------------------------------------------------------------------------------

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import sys
 from typing import Any, Callable, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ..eval.audit import AuditCallback, AuditConfig
+from .callbacks import StepProgressBar, TidyResume
 from .checkpoint_io import SafeCheckpointIO
 from .data import DiffusionDataModule
 from .loggers import LoggingOptions, build_loggers
@@ -21,11 +24,18 @@ from .module import DiffusionModule
 class PrivdiffCLI(LightningCLI):
     """LightningCLI with a run directory, privdiff's loggers and defenses shared by data and model."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # `privdiff fit` only: validate/test/predict have nothing to do for a diffusion model here,
+        # and the top-level usage lists fit, audit and compare.
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_dir", type=str, default="runs/default", help="Directory of this run (config, manifest, checkpoints, model, audit).")
         parser.add_argument("--logging", type=LoggingOptions, default=LoggingOptions())
         parser.add_argument("--audit", type=Optional[AuditConfig], default=AuditConfig(), help="Audit run after fit (null: none).")
         parser.link_arguments("run_dir", "trainer.default_root_dir")
+        parser.link_arguments("run_dir", "data.run_dir")  # one option for the run directory: --run_dir
         parser.link_arguments("data.image_size", "model.image_size")
         parser.link_arguments("data.channels", "model.channels")
         # One set of defense instances for data and model: one accountant, one dedup record.
@@ -41,6 +51,12 @@ class PrivdiffCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())
         kwargs["plugins"] = plugins
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        configured = trainer_config.get("callbacks") or []
+        callbacks = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+        if trainer_config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(StepProgressBar())
+        kwargs["callbacks"] = [*callbacks, TidyResume()]
         trainer = super().instantiate_trainer(**kwargs)
         audit = self._get(self.config_init, "audit")
         if audit is not None:
@@ -73,7 +89,8 @@ def run_fit_cli(args: list[str] | None = None) -> PrivdiffCLI:
 
 def function_parser(fn: Callable[..., Any], prog: str) -> ArgumentParser:
     """A parser for ``fn``'s typed signature plus ``-c/--config`` YAML files (how audit and compare read options)."""
-    parser = ArgumentParser(prog=prog, description=fn.__doc__, default_env=False)
+    description = inspect.cleandoc(fn.__doc__ or "").split("\n\nArgs:")[0]  # the options' help comes from Args
+    parser = ArgumentParser(prog=prog, description=description, default_env=False)
     parser.add_argument("-c", "--config", action=ActionConfigFile)
     parser.add_function_arguments(fn, as_group=False)
     return parser
@@ -87,7 +104,8 @@ def call_from_args(fn: Callable[..., Any], argv: Sequence[str], prog: str) -> An
     return fn(**{k: init[k] for k in names})
 
 
-USAGE = """usage: privdiff {fit,validate,audit,compare} ...
+COMMANDS = ("fit", "audit", "compare")
+USAGE = """usage: privdiff {fit,audit,compare} ...
 
   privdiff fit -c configs/base.yaml -c configs/data/digits.yaml   train (+ audit) one setting
   privdiff audit --run runs/NAME                                   audit a finished run again
@@ -95,30 +113,41 @@ USAGE = """usage: privdiff {fit,validate,audit,compare} ...
 
 Run `privdiff fit --help`, `privdiff audit --help` or `privdiff compare --help` for the options."""
 
+# What bad input raises (validation says what is wrong and how to fix it): printed as one line, no traceback.
+INPUT_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
+
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``privdiff`` console script."""
+    """Entry point of the ``privdiff`` console script and of ``python -m privdiff``."""
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
-    if argv[0] == "audit":
-        from ..eval.audit import audit_saved
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"privdiff: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        if command == "audit":
+            from ..eval.audit import audit_saved
 
-        call_from_args(audit_saved, argv[1:], "privdiff audit")
-        return
-    if argv[0] == "compare":
-        from .compare import compare
+            call_from_args(audit_saved, argv[1:], "privdiff audit")
+        elif command == "compare":
+            from .compare import compare
 
-        try:
             call_from_args(compare, argv[1:], "privdiff compare")
-        except RuntimeError as err:
-            print(f"privdiff compare: {err}", file=sys.stderr)
-            raise SystemExit(1) from err
-        return
-    run_fit_cli(None if from_shell else argv)
+        else:
+            run_fit_cli(None if from_shell else argv)
+    except INPUT_ERRORS as err:
+        print(f"privdiff {command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except RuntimeError as err:
+        if command != "compare":
+            raise
+        print(f"privdiff compare: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def _threads(parallel: int) -> int:
 
 
 def _fit_command(shared: Sequence[str], shared_args: Sequence[str], setting: Setting, run_dir: Path, group: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "privdiff.train.cli", "fit"]
+    cmd = [sys.executable, "-m", "privdiff", "fit"]
     for c in [*shared, *setting.configs]:
         cmd += ["-c", c]
     cmd += ["--run_dir", str(run_dir), *shared_args, *setting.args]
@@ -55,15 +55,23 @@ def _generation_defenses(config_files: Sequence[str]) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     for path in config_files:
         data = yaml.safe_load(Path(path).read_text()) or {}
-        entries += (data.get("data") or {}).get("defenses") or []
+        section = data.get("data") or {}
+        entries += (section.get("defenses") or []) + (section.get("defenses+") or [])
     return entries
 
 
-def _audit_command(shared: Sequence[str], setting: Setting, source_dir: Path, run_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "privdiff.train.cli", "audit", "--run", str(source_dir), "--out", str(run_dir)]
-    audit_files = [c for c in shared if Path(c).parent.name == "audit"]
-    for c in audit_files:
-        cmd += ["-c", c]
+def _audit_command(setting: Setting, source_dir: Path, run_dir: Path) -> list[str]:
+    """``privdiff audit`` of another setting's model, with the very audit settings that run used.
+
+    They come from the source run's resolved ``config.yaml`` (shared config files and ``args``
+    applied), so this row is audited exactly like its neighbours; only the generation-side defenses
+    of this setting's own config files are added.
+    """
+    resolved = yaml.safe_load((source_dir / "config.yaml").read_text()) or {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    audit_file = run_dir / "audit_settings.yaml"
+    audit_file.write_text(yaml.safe_dump({"audit": resolved.get("audit")}))
+    cmd = [sys.executable, "-m", "privdiff", "audit", "--run", str(source_dir), "--out", str(run_dir), "-c", str(audit_file)]
     defenses = _generation_defenses(setting.configs)
     if defenses:
         cmd += ["--defenses", json.dumps(defenses)]
@@ -100,6 +108,11 @@ def compare(
             raise ValueError(f"setting {name!r}: audit_of={s.audit_of!r} is not one of {sorted(settings)}")
         if s.audit_of is not None and settings[s.audit_of].audit_of is not None:
             raise ValueError(f"setting {name!r}: audit_of must name a setting that trains ({s.audit_of!r} does not)")
+        if s.audit_of is not None and s.args:
+            raise ValueError(
+                f"setting {name!r}: audit_of settings are audited with the settings of the run they audit ({s.audit_of!r}); "
+                f"its args {s.args} would not apply. Put them in the shared args or in {s.audit_of!r}'s"
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     group = out.name if wandb else None
@@ -131,7 +144,7 @@ def compare(
             if s.audit_of is None:
                 cmd = _fit_command(configs, shared_args, s, run_dir, group)
             else:
-                cmd = _audit_command(configs, s, out / s.audit_of, run_dir)
+                cmd = _audit_command(s, out / s.audit_of, run_dir)
             log = open(run_dir / "compare.log", "a")
             print(f"privdiff compare: starting {name} (log: {run_dir / 'compare.log'})")
             running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.perf_counter(), log)

@@ -253,6 +253,11 @@ def load_folder(path: str | Path, image_size: int, channels: int, on_bad_file: s
     return _stack(images, labels, ids)
 
 
+def _looks_local(path: str) -> bool:
+    """A path no Hub name can be: absolute, home-relative, explicitly relative, or with a file suffix."""
+    return path.startswith(("/", "~", "./", "../", "\\")) or Path(path).suffix in (".parquet", ".arrow") or len(Path(path).parts) > 2
+
+
 def _open_hf(path: str, split: str):
     import datasets
 
@@ -280,6 +285,25 @@ def _open_hf(path: str, split: str):
         ) from err
 
 
+def class_indices(values: Sequence[Any], column: str, source: str) -> list[int]:
+    """Class labels as integers: integers stay, strings become their index in sorted order.
+
+    Raises ``ValueError`` naming the column for anything else (floats, lists, None).
+    """
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        return [int(v) for v in values]
+    if all(isinstance(v, str) for v in values):
+        names = sorted(set(values))
+        index = {name: i for i, name in enumerate(names)}
+        print(f"privdiff: label column {column!r} of {source} holds names; classes {names[:10]}{' ...' if len(names) > 10 else ''} are 0..{len(names) - 1}")
+        return [index[v] for v in values]
+    bad = next(v for v in values if not (isinstance(v, (int, np.integer, str)) and not isinstance(v, bool)))
+    raise ValueError(
+        f"label column {column!r} of {source} must hold integers or class names (strings), got {type(bad).__name__} "
+        f"{bad!r}; set data.label_column to the class column, or null for unlabeled data"
+    )
+
+
 def load_hf(
     path: str,
     image_size: int,
@@ -301,10 +325,11 @@ def load_hf(
         )
     if max_images is not None:
         ds = ds.select(range(min(max_images, len(ds))))
-    images, labels = [], []
+    images, raw_labels = [], []
     for row in ds:
         images.append(to_uint8_image(row[image_column], image_size, channels))
-        labels.append(int(row[label_column]) if label_column is not None else -1)
+        raw_labels.append(row[label_column] if label_column is not None else -1)
+    labels = class_indices(raw_labels, label_column, path) if label_column is not None else raw_labels
     name = Path(path).name if Path(path).exists() else path
     return _stack(images, labels, [f"{name}/{split}/{i:06d}" for i in range(len(images))])
 
@@ -444,6 +469,13 @@ class DiffusionDataModule(pl.LightningDataModule):
         super().__init__()
         if source in ("hf", "folder") and not path:
             raise ValueError(f"data.source={source!r} needs data.path (a hub name, local dataset or folder)")
+        if source == "folder" and not Path(path).expanduser().is_dir():
+            raise FileNotFoundError(f"data.path={path!r}: image folder {Path(path).expanduser()} does not exist")
+        if source == "hf" and _looks_local(path) and not Path(path).expanduser().exists():
+            raise FileNotFoundError(
+                f"data.path={path!r} does not exist: give a local dataset (a save_to_disk folder or parquet files) or a "
+                "Hugging Face Hub name such as uoft-cs/cifar10"
+            )
         if source not in (*BUILTIN_SOURCES, "hf", "folder"):
             raise ValueError(f"data.source must be one of {(*BUILTIN_SOURCES, 'hf', 'folder')}, got {source!r}")
         if channels not in (1, 3):

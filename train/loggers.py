@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import csv
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
 @dataclass
@@ -31,10 +35,55 @@ class LoggingOptions:
     log_training_images: bool = False
 
 
+class _KeepingExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            with open(path, newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])  # appended rows keep its columns
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``CSVLogger`` that keeps the rows of earlier runs in the same directory (a resume appends).
+
+    Lightning's CSV logger deletes ``metrics.csv`` when its folder is not empty, so a resumed run
+    lost every row logged before the interruption. :meth:`drop_rows_after` removes the rows of
+    steps that a resume redoes (``TidyResume`` calls it).
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    def drop_rows_after(self, step: int) -> int:
+        """Remove rows logged at a step after ``step``; return how many."""
+        path = Path(self.experiment.metrics_file_path)
+        if not path.is_file():
+            return 0
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = reader.fieldnames or [], list(reader)
+        kept = [r for r in rows if not r.get("step") or float(r["step"]) <= step]
+        if len(kept) < len(rows):
+            tmp = path.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(kept)
+            os.replace(tmp, path)
+        return len(rows) - len(kept)
+
+
 def build_loggers(run_dir: str | Path, options: LoggingOptions, run_name: str | None = None) -> list[Logger]:
     """Return the loggers of a run writing into ``run_dir`` (CSV first: it is always there)."""
     run_dir = Path(run_dir)
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers: list[Logger] = [ResumableCSVLogger(save_dir=str(run_dir), name="", version="")]
     if options.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
     if options.wandb:

@@ -11,7 +11,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..defenses.base import Defense, DefenseStack, as_stack
+from ..defenses.base import DEFENSES_RECORD, Defense, DefenseStack, as_stack
 from .denoiser import Denoiser, build_scheduler, build_unet, unwrap
 
 
@@ -128,9 +128,12 @@ class DiffusionModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.ema.to(self.device)
 
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:
+        # Here rather than in on_fit_end, which Lightning calls after the callbacks' (the audit's):
+        # the model and what the defenses spent are on disk before anything can fail in the audit.
         if self.trainer.is_global_zero:
             self.export(self.export_path)
+            self.defenses.record().save(Path(self.trainer.default_root_dir) / DEFENSES_RECORD)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -203,8 +203,7 @@ def test_cnn_offline_error_names_the_weights(monkeypatch, tmp_path) -> None:
     table = ImageTable(torch.zeros(2, 1, 16, 16, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), ["a", "b"])
     with pytest.raises(RuntimeError, match="could not be downloaded") as err:
         defense.transform_dataset(table, empty_manifest())
-    assert "mobilenet_v3_small-047dcff4.pth" in str(err.value)
-    assert str(tmp_path / "hub" / "checkpoints") in str(err.value)
+    assert "mobilenet_v3_small-047dcff4.pth" in str(err.value) and "cnn_weights: PATH" in str(err.value)
 
 
 class UntrainedMobilenet(torch.nn.Module):
@@ -226,7 +225,7 @@ def test_cnn_path_runs_offline_with_a_stand_in_encoder(monkeypatch, digits: Imag
     """The CNN search and the records work (features of an untrained encoder: only exact copies are asserted)."""
     import privdiff.defenses.dedup as dedup
 
-    monkeypatch.setattr(dedup, "load_cnn_encoder", lambda: UntrainedMobilenet().eval())
+    monkeypatch.setattr(dedup, "load_cnn_encoder", lambda weights=None: UntrainedMobilenet().eval())
     base = digits.select(range(0, 80, 10))
     table = ImageTable.concat([base, base.select([2, 7])])
     table.ids[-2:] = ["copy-a", "copy-b"]
@@ -271,3 +270,63 @@ def test_cli_fit_with_dedup_config_removes_the_planted_copies(tmp_path, monkeypa
     assert all(r["exact"] and r["distance"] == 0 for r in manifest.removed)
     assert manifest.train == manifest.members and not any("#copy" in i for i in manifest.train)
     assert cli.datamodule.defenses.metrics()["defense/dedup/images_removed"] == 36
+
+
+class _Planted:
+    """A pickle that runs code when unpickled (writes a marker file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_file_planted_in_the_torch_hub_cache_never_runs(monkeypatch, tmp_path) -> None:
+    import pickle
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    (cache / "mobilenet_v3_small-047dcff4.pth").write_bytes(pickle.dumps({"weights": _Planted(marker)}))
+    table = ImageTable(torch.zeros(2, 1, 16, 16, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), ["a", "b"])
+    with pytest.raises(ValueError, match="SHA-256 starts .* not 047dcff4.*Nothing was loaded.*cnn_weights: PATH"):
+        DedupDefense(method="cnn").transform_dataset(table, empty_manifest())
+    assert not marker.exists()
+
+
+def test_cnn_weights_given_by_path_are_hash_checked_and_loaded_weights_only(monkeypatch, tmp_path, digits: ImageTable) -> None:
+    import hashlib
+    import pickle
+
+    import privdiff.defenses.dedup as dedup
+    from privdiff.weights import load_checked_weights
+    from torchvision.models import mobilenet_v3_small
+
+    torch.manual_seed(0)
+    good = tmp_path / "weights.pth"
+    torch.save(mobilenet_v3_small(weights=None).state_dict(), good)
+    prefix = hashlib.sha256(good.read_bytes()).hexdigest()[:8]
+    monkeypatch.setattr(dedup, "CNN_WEIGHTS_URL", f"https://example.invalid/mobilenet_v3_small-{prefix}.pth")
+    base = digits.select(range(0, 60, 10))
+    table = ImageTable.concat([base, base.select([3])])
+    table.ids[-1] = "copy"
+    manifest = empty_manifest()
+    out = DedupDefense(method="cnn", cnn_weights=str(good), max_l2=0.0).transform_dataset(table, manifest)
+    assert out.ids == base.ids and manifest.removed[0]["kept"] == base.ids[3]
+    # A file with the expected hash that holds code is still refused: it is unpickled weights-only.
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(pickle.dumps({"w": _Planted(marker)}))
+    url = f"https://example.invalid/x-{hashlib.sha256(bad.read_bytes()).hexdigest()[:8]}.pth"
+    with pytest.raises(ValueError, match="refused to load"):
+        load_checked_weights(bad, url, "test weights")
+    assert not marker.exists()
+
+
+def test_removing_most_of_the_data_is_reported(digits: ImageTable) -> None:
+    table = ImageTable.concat([digits.select([0] * 30), digits.select(range(1, 5))])
+    table.ids = [f"row{i}" for i in range(len(table))]
+    with pytest.warns(UserWarning, match=r"dedup removed 29 of 34 training rows \(85%; 29 of them byte-identical"):
+        DedupDefense().transform_dataset(table, empty_manifest())

@@ -83,7 +83,9 @@ def test_validation():
         memorization_ratio(x, x, threshold=0)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         by_copies([3], torch.tensor([1, 2, 1]))
-    with pytest.raises(ValueError, match=">= 1"):
-        by_copies([0], torch.tensor([0, 2, 1]))
+    with pytest.raises(ValueError, match=">= 0"):
+        by_copies([0], torch.tensor([-1, 2, 1]))
+    # 0 copies: a member a data defense removed (merged into its near-duplicate twin) is its own bucket.
+    assert by_copies([1], torch.tensor([0, 2, 1]))[0] == {"num_images": 1, "num_extracted": 0, "fraction_extracted": 0.0}
     with pytest.raises(ValueError, match="integer"):
         by_copies([0], torch.tensor([1.0, 2.0]))

@@ -2,6 +2,7 @@
 random features), determinism, the safetensors round trip, validation, and the offline Inception error."""
 
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,18 +120,36 @@ def test_validation(digits, classifier):
         compute_quality(x, torch.rand(10, 1, 16, 16), classifier=classifier)
 
 
-def test_inception_offline_raises_a_clear_error(monkeypatch):
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
+def test_inception_offline_raises_a_clear_error(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(RuntimeError) as info:
         load_feature_extractor("inception")
     msg = str(info.value)
-    assert "weights-inception-2015-12-05-6726825d.pth" in msg and "checkpoints" in msg
+    assert "weights-inception-2015-12-05-6726825d.pth" in msg and "fid_weights: PATH" in msg
     assert "backbone: classifier" in msg and "URLError" in msg
+
+
+def test_a_file_planted_as_the_inception_weights_never_runs(monkeypatch, tmp_path):
+    import pickle
+
+    class Planted:
+        def __reduce__(self):
+            return (Path.write_text, (tmp_path / "pwned", "code ran"))
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    for target in (cache / "weights-inception-2015-12-05-6726825d.pth", tmp_path / "given.pth"):
+        target.write_bytes(pickle.dumps({"w": Planted()}))
+    with pytest.raises(RuntimeError, match="SHA-256 starts .* not 6726825d"):
+        load_feature_extractor("inception")
+    with pytest.raises(RuntimeError, match="SHA-256 starts .* not 6726825d"):
+        load_feature_extractor("inception", weights_path=tmp_path / "given.pth")
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_inception_missing_weights_file_raises_a_clear_error(tmp_path):

@@ -39,6 +39,8 @@ def test_shrunk_compare_writes_every_column_and_reuses_finished_runs(tmp_path, m
     assert "output filter gives no DP guarantee" in markdown
     assert audits["output_filter"]["sampling"]["num_drawn"] >= 16
     assert "defense/output_filter/reject_rate" in audits["output_filter"]["defense_metrics"]
+    # The audit_of row is audited with its neighbour's settings, shared args included (16 samples, not fast.yaml's 64).
+    assert audits["output_filter"]["config"] == audits["none"]["config"] and audits["none"]["config"]["num_samples"] == 16
     stamp = (tmp_path / "none" / "audit.json").stat().st_mtime
     printed = capsys.readouterr().out
     breakdown = printed[printed.index("time per stage (s)"):].splitlines()

@@ -166,3 +166,15 @@ def test_datamodule_rejects_bad_settings() -> None:
         DiffusionDataModule(source="folder")
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         DiffusionDataModule(channels=2)
+
+
+def test_a_string_label_column_becomes_class_indices_and_a_bad_one_is_named(tmp_path) -> None:
+    import datasets
+
+    images = [np.full((8, 8), 40 * i, dtype=np.uint8) for i in range(6)]
+    names = ["dog", "cat", "cat", "owl", "dog", "cat"]
+    datasets.Dataset.from_dict({"image": images, "kind": names, "score": [0.5] * 6}).save_to_disk(str(tmp_path / "ds"))
+    table = load_hf(str(tmp_path / "ds"), 8, 1, label_column="kind")
+    assert table.labels.tolist() == [1, 0, 0, 2, 1, 0]  # sorted names: cat, dog, owl
+    with pytest.raises(ValueError, match=r"label column 'score' .* integers or class names .*float 0.5.*data.label_column"):
+        load_hf(str(tmp_path / "ds"), 8, 1, label_column="score")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -82,8 +83,22 @@ def test_sigkill_mid_epoch_then_resume_spends_what_an_uninterrupted_run_spends(t
     assert dp_state["steps"] == k and dp_state["accountant"]["history"] == [[1.0, 2 / 32, k]]
     assert saved["ema"]["optimization_step"] == k  # the EMA of every counted step is in the checkpoint
 
+    # What the killed process left: its metrics rows, a save cut short, a checkpoint of a step after last.ckpt's.
+    with open(run / "metrics.csv") as f:
+        rows_before = [r for r in csv.DictReader(f) if float(r["step"]) <= k]
+    assert rows_before
+    (run / "checkpoints" / f".last.ckpt.{proc.pid}.tmp").write_bytes(b"")
+    torch.save({"global_step": k + 50}, run / "checkpoints" / f"step{k + 50:06d}.ckpt")
+
     total = k + 4
     resumed = fit(args, run, total, "--ckpt_path", "last")
+    with open(run / "metrics.csv") as f:
+        rows_after = list(csv.DictReader(f))
+    kept = [{key: r[key] for key in rows_before[0]} for r in rows_after[: len(rows_before)]]
+    assert kept == rows_before  # the rows before the resume are kept (Lightning's CSV logger deleted them)
+    assert max(float(r["step"]) for r in rows_after) <= total
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+    assert (run / "checkpoints" / "abandoned" / f"step{k + 50:06d}.ckpt").is_file()
     assert json.loads((run / "manifest.json").read_text()) == manifest_before  # same split, same dedup result
     d = resumed.model.defenses.find("dp_sgd")
     assert resumed.trainer.global_step == d.steps == total
@@ -184,3 +199,69 @@ def test_a_new_budget_never_lets_a_target_epsilon_be_exceeded(tmp_path, monkeypa
     d = cli.model.defenses.find("dp_sgd")
     assert spent < d.epsilon() <= 4.0 and d.steps == cli.trainer.global_step < 40
     assert "budget" in d.should_stop()
+
+
+# -- DP randomness: fresh at every process start, never replayed by a resume ---------------------------
+STEP_LOG = REPO / "tests" / "train" / "dp_step_log.py"
+
+
+def _start_logged_fit(args: list[str], run: Path, log: Path, max_steps: int, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    out = open(log.with_suffix(f".{max_steps}.out"), "w")
+    cmd = [sys.executable, str(STEP_LOG), str(log), "fit", *args, "--run_dir", str(run), "--trainer.max_steps", str(max_steps), *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _steps(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_resumed_dp_run_never_replays_a_batch_with_its_noise(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    # 32 rows, batch 2: q = 1/16, 16 Poisson batches an epoch; a checkpoint every 3 steps.
+    args = dp_args(tmp_path, defense="configs/defense/dp_sgd.yaml", batch_size="2", duplicate_images="0")
+    run, log = tmp_path / "run", tmp_path / "steps.jsonl"
+    last = run / "checkpoints" / "last.ckpt"
+    proc = _start_logged_fit(args, run, log, 100000)
+    try:
+        deadline = time.monotonic() + 120
+        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+        assert proc.poll() is None, log.with_suffix(".100000.out").read_text()[-3000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed = _steps(log)
+    k = torch.load(last, weights_only=True)["global_step"]
+    assert k >= 3 and len(killed) >= k  # steps after the checkpoint ran and are lost
+    total = k + 20  # more than an epoch: the old bug replayed steps 1, 2, ... from the epoch start
+    resumed = _start_logged_fit(args, run, log, total, "--ckpt_path", "last")
+    assert resumed.wait(240) == 0, log.with_suffix(f".{total}.out").read_text()[-3000:]
+    after = [s for s in _steps(log) if s["pid"] == resumed.pid]
+    assert [s["step"] for s in after] == list(range(k, total))
+    earlier = {(tuple(s["rows"]), s["noise"]) for s in killed}
+    assert not [s for s in after if (tuple(s["rows"]), s["noise"]) in earlier]  # no batch replayed with its noise
+    noises = [s["noise"] for s in killed + after]
+    assert len(set(noises)) == len(noises)  # every step drew fresh noise
+
+
+@pytest.mark.slow
+def test_two_dp_runs_with_the_same_seed_draw_different_batches_and_noise(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    args = dp_args(tmp_path, defense="configs/defense/dp_sgd.yaml", num_members="16", duplicate_images="0")
+    logs = []
+    for name in ("a", "b"):
+        proc = _start_logged_fit(args, tmp_path / name, tmp_path / f"{name}.jsonl", 4)
+        assert proc.wait(240) == 0, (tmp_path / f"{name}.4.out").read_text()[-3000:]
+        logs.append(_steps(tmp_path / f"{name}.jsonl"))
+    a, b = logs
+    assert len(a) == len(b) == 4
+    assert not {s["noise"] for s in a} & {s["noise"] for s in b}
+    assert [s["rows"] for s in a] != [s["rows"] for s in b]  # P(the same 4 Poisson batches) ~ 1e-3 at q = 1/4
+    wa = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    wb = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(wa[key], wb[key]) for key in wa)
