@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # imported for types only: the data module imports this file
+from privdiff.membership import ImageTable, Manifest
+
+if TYPE_CHECKING:  # for types only: Lightning and torch's loader are the trainer's business
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from ..train.data import ImageTable, Manifest
 
 
 @dataclass
@@ -77,7 +78,7 @@ class Defense:
     order: int = 20
 
     # -- data ---------------------------------------------------------------------------------
-    def transform_dataset(self, dataset: "ImageTable", manifest: "Manifest") -> "ImageTable":
+    def transform_dataset(self, dataset: ImageTable, manifest: Manifest) -> ImageTable:
         """Return the training set this defense allows (it may record what it removed in ``manifest``)."""
         return dataset
 
@@ -100,6 +101,10 @@ class Defense:
         """Return the training loader (e.g. Poisson sampling)."""
         return loader
 
+    def draws_per_example(self) -> int:
+        """How many (timestep, noise) draws of each example a training batch holds (DPDM's noise multiplicity)."""
+        return 1
+
     def backward_inputs(self, model: nn.Module) -> list[torch.Tensor] | None:
         """The tensors the training loss's backward pass must reach (``loss.backward(inputs=...)``),
         or None for all leaves (the default: every parameter gets its gradient)."""
@@ -118,6 +123,10 @@ class Defense:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
+
+    def check_resume(self, state: dict[str, Any] | None, steps_done: int) -> None:
+        """Raise ``ValueError`` when a checkpoint of ``steps_done`` steps cannot be resumed with this defense
+        (``state``: what this defense saved in it, None when it was not in that run)."""
 
     # -- generation ---------------------------------------------------------------------------
     def keep_mask(self, images: torch.Tensor, context: GenerationContext) -> torch.Tensor | None:
@@ -161,7 +170,7 @@ class DefenseStack:
     def __len__(self) -> int:
         return len(self.defenses)
 
-    def transform_dataset(self, dataset: "ImageTable", manifest: "Manifest") -> "ImageTable":
+    def transform_dataset(self, dataset: ImageTable, manifest: Manifest) -> ImageTable:
         for d in self.defenses:
             dataset = d.transform_dataset(dataset, manifest)
             if len(dataset) == 0:
@@ -204,6 +213,9 @@ class DefenseStack:
         for d in self.defenses:
             d.on_before_optimizer_step(model)
 
+    def draws_per_example(self) -> int:
+        return max([d.draws_per_example() for d in self.defenses] + [1])
+
     def should_stop(self) -> str | None:
         for d in self.defenses:
             reason = d.should_stop()
@@ -218,6 +230,12 @@ class DefenseStack:
         for d in self.defenses:
             if d.name in state:
                 d.load_state_dict(state[d.name])
+
+    def resume(self, state: dict[str, Any], steps_done: int) -> None:
+        """Check, then restore, what a checkpoint of ``steps_done`` steps saved (``state_dict``'s output)."""
+        for d in self.defenses:
+            d.check_resume(state.get(d.name), steps_done)
+        self.load_state_dict(state)
 
     def keep_mask(self, images: torch.Tensor, context: GenerationContext) -> torch.Tensor:
         keep = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)

@@ -49,17 +49,15 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
+from privdiff.membership import ImageTable, Manifest
 from privdiff.weights import cached_or_downloaded, load_checked_weights
 
 from .base import Defense
-
-if TYPE_CHECKING:  # imported for types only: the data module imports this package
-    from ..train.data import ImageTable, Manifest
 
 HASH_METHODS = ("phash", "dhash", "whash", "ahash")
 METHODS = (*HASH_METHODS, "cnn")
@@ -289,6 +287,21 @@ def near_duplicate_pairs(
     return [(i, j, cast(found[(i, j)])) for i, j in sorted(found)]
 
 
+def _cluster_roots(n: int, edges: list[tuple[int, int]]) -> list[int]:
+    """The lowest row of each row's connected component in the duplicate graph (scipy's connected_components)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if not edges:
+        return list(range(n))
+    i, j = np.array(edges, dtype=np.int64).T
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    lowest = np.full(labels.max() + 1, n, dtype=np.int64)
+    np.minimum.at(lowest, labels, np.arange(n))
+    return lowest[labels].tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # The defense
 # ---------------------------------------------------------------------------------------------
@@ -342,38 +355,25 @@ class DedupDefense(Defense):
             self._encoder = load_cnn_encoder(self.cnn_weights)
         return self._encoder
 
-    def transform_dataset(self, dataset: "ImageTable", manifest: "Manifest") -> "ImageTable":
+    def transform_dataset(self, dataset: ImageTable, manifest: Manifest) -> ImageTable:
         images = _as_uint8_nchw(dataset.images)
         n = len(images)
-        parent = list(range(n))
-
-        def find(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        def union(x: int, y: int) -> None:
-            rx, ry = find(x), find(y)
-            if rx != ry:  # the lower row becomes the root, so a cluster's root is its first row
-                parent[max(rx, ry)] = min(rx, ry)
-
-        # 1. byte-identical images, by a digest of the raw uint8 array
+        # 1. byte-identical images, by a digest of the raw uint8 array: an edge to the first copy
         digests = _digests(images)
         first: dict[bytes, int] = {}
+        edges: list[tuple[int, int]] = []
         for row, key in enumerate(digests):
             if key in first:
-                union(first[key], row)
+                edges.append((first[key], row))
             else:
                 first[key] = row
         unique = np.array(sorted(first.values()), dtype=np.int64)
         # 2. near-duplicates among the distinct images
         encoded = _encode(images, self.method, self._encoder_for_cnn())
         sub = _Encoded(self.method, encoded.codes[unique], encoded.flat[unique])
-        for i, j, _ in _search(sub, None, self.max_distance_threshold, self.min_similarity, self.max_l2):
-            union(int(unique[i]), int(unique[j]))
-        # 3. keep the first row of each cluster; record the rest with their kept twin
-        roots = [find(r) for r in range(n)]
+        edges += [(int(unique[i]), int(unique[j])) for i, j, _ in _search(sub, None, self.max_distance_threshold, self.min_similarity, self.max_l2)]
+        # 3. clusters = connected components; each keeps its lowest row, the rest are recorded with it
+        roots = _cluster_roots(n, edges)
         kept = [r for r in range(n) if roots[r] == r]
         removed = [r for r in range(n) if roots[r] != r]
         for r in removed:

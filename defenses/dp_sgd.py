@@ -54,7 +54,7 @@ PRIVACY_UNIT = (
     "one training row: an image present k times in the training set is protected only at "
     "group-privacy level (about k*epsilon); deduplicate before DP-SGD"
 )
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the accountant's own state_dict (same keys as 1's hand-written one)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -551,6 +551,18 @@ class DPSGDDefense(Defense):
             elif k > 1:
                 p.grad_sample = g.view(rows // k, k, *g.shape[1:]).mean(1)
 
+    def draws_per_example(self) -> int:
+        return self.noise_multiplicity
+
+    def check_resume(self, state: dict[str, Any] | None, steps_done: int) -> None:
+        """A checkpoint whose steps ran without DP-SGD cannot be resumed as if nothing was spent."""
+        if state is None and steps_done > 0 and not self.new_budget:
+            raise ValueError(
+                f"the checkpoint's {steps_done} training steps ran without dp_sgd: epsilon would not cover them. "
+                "Resume it without dp_sgd, or, if those steps saw public data only, set dp_sgd new_budget: true "
+                "to start accounting here"
+            )
+
     # -- the budget -----------------------------------------------------------------------------
     @property
     def steps(self) -> int:
@@ -635,10 +647,7 @@ class DPSGDDefense(Defense):
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
-            "accountant": {
-                "mechanism": self.accountant.mechanism(),
-                "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant.history],
-            },
+            "accountant": dict(self.accountant.state_dict()),  # Opacus's: {"history": [(sigma, q, steps)], "mechanism"}
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "num_examples": self.num_examples,
@@ -659,7 +668,9 @@ class DPSGDDefense(Defense):
         if not state:
             return
         saved = state["accountant"]
-        history = [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
+        spent = create_accountant(saved["mechanism"])
+        spent.load_state_dict(saved)  # Opacus validates the saved accountant state
+        history = [(float(s), float(q), int(n)) for s, q, n in spent.history]
         changes = []
         if self.num_examples is not None and state.get("num_examples") not in (None, self.num_examples):
             changes.append(f"training rows {state['num_examples']} -> {self.num_examples}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..eval.distances import calibrated_l2
+from privdiff.distances import calibrated_l2
 from .base import Defense, GenerationContext
 
 DISCLAIMER = "no DP guarantee; does not stop membership inference"

@@ -1,55 +1,77 @@
-"""The audit suite: sample, attack, measure, write ``audit.json``; as a Lightning callback and as a command.
+"""The audit: sample once, run the configured attacks and metrics, write ``audit.json``; as a Lightning callback and as a command.
 
 After every ``privdiff fit`` the :class:`AuditCallback` audits the EMA weights; ``privdiff audit
 --run DIR`` (or ``--model`` a diffusers folder with ``--manifest``) audits a saved model again.
+What runs is the list ``audit.attacks`` (``eval.plugin.AuditPlugin`` classes by ``class_path``);
+this module knows none of them by name.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..defenses.base import DEFENSES_RECORD, Defense, DefenseRecord, DefenseStack, GenerationContext, Guarantee, as_stack
-from ..train.data import ImageTable, Manifest, copies_per_member, image_fingerprint
-from ..train.denoiser import Denoiser
-from . import extraction, memorization, mia, quality
-from .distances import calibrated_l2, nearest_two
-from .sampling import generate
-from .shard import Shard, check_shard
+from privdiff.membership import Manifest, copies_per_member, image_fingerprint
+from privdiff.model import DiffusionModel
+from privdiff.shard import Shard, check_shard
 
-AUDIT_SCHEMA = "privdiff.audit/1"
+from ..defenses.base import DEFENSES_RECORD, Defense, DefenseRecord, DefenseStack, GenerationContext, Guarantee, as_stack
+from .plugin import AuditContext, AuditData, AuditPlugin, AuditResult, Cases
+from .sampling import generate
+
+AUDIT_SCHEMA = "privdiff.audit/2"
+FLAG_RATE_LIMIT = 0.01  # a criterion that flags more real held-out images than this is too loose for the data
+UNKNOWN = "unknown"
+
+__all__ = ["AuditCallback", "AuditConfig", "AuditData", "audit_saved", "default_attacks", "privacy_summary", "run_audit"]
+
+
+def default_attacks() -> dict[str, dict[str, Any]]:
+    """Today's suite, in report-column order: FID/KID, extraction, NN-ratio memorization, membership inference."""
+    return {
+        "quality": {"class_path": "privdiff.eval.quality.SampleQuality"},
+        "extraction": {"class_path": "privdiff.eval.extraction.ExtractionAttack"},
+        "memorization": {"class_path": "privdiff.eval.memorization.NNRatioMemorization"},
+        "mia": {"class_path": "privdiff.eval.mia.MembershipInference"},
+    }
+
+
+def _instantiate(spec: Any) -> AuditPlugin:
+    """A plugin from itself or from a ``{class_path, init_args}`` dict (a config written by hand in Python)."""
+    if isinstance(spec, AuditPlugin):
+        return spec
+    if isinstance(spec, dict) and "class_path" in spec:
+        module, _, name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        if not (isinstance(cls, type) and issubclass(cls, AuditPlugin)):
+            raise ValueError(f"audit attack {spec['class_path']} is not a privdiff.eval.plugin.AuditPlugin")
+        return cls(**dict(spec.get("init_args") or {}))
+    raise ValueError(f"an audit attack must be a class_path + init_args entry, got {spec!r}")
 
 
 @dataclass
 class AuditConfig:
-    """How big and how strong the audit is (``configs/audit/fast.yaml`` for tests, ``full.yaml`` for real use).
+    """How big the audit is and what it runs (``configs/audit/fast.yaml`` for tests, ``full.yaml`` for real use).
 
     Args:
-        num_samples: images generated for extraction and memorization (Carlini et al. use 2^20 per model).
+        num_samples: images generated once and shared by every attack (Carlini et al. use 2^20 per model).
         solver, steps, batch_size: the sampler (``dpmsolver++`` at 20 steps by default).
         seed: seeds sampling and the attacks' noise.
-        tau, min_clique, delta, tile_size: generate-and-filter extraction (Carlini et al. 2023 §4.2).
-        calibrated_threshold, calibrated_n, calibrated_alpha: white-box calibrated-l2 check (§5.1).
-        memorization_threshold: Gu et al. 2023's nearest/second-nearest ratio.
-        mia_attacks: which membership-inference attacks run (``loss``, ``pia``, ``secmi``).
-        mia_examples: members and as many held-out images scored (None: as many as both sets allow).
-        loss_timesteps: timesteps scanned by the loss-threshold attack.
-        pia_t, secmi_t, secmi_k: PIA's and SecMI's settings.
-        fid_backbone: ``classifier`` (a small CNN trained on the data's labels, or on k-means clusters of
-            unlabeled data; offline), ``inception``, or ``none``.
-        fid_weights: the InceptionV3 weight file for ``inception`` (default: the torch hub cache's,
-            downloaded when missing; hash-checked and loaded weights-only).
-        fid_real: real images for FID: ``pool`` (all images of the source) or ``members``.
-        max_cases: extracted cases kept (locally) for the report's grid.
+        progress: progress bars.
+        attacks: the attacks and metrics, by name: ``class_path`` + ``init_args`` of
+            ``privdiff.eval.plugin.AuditPlugin`` classes, run in this order (default
+            :func:`default_attacks`). A YAML list replaces the whole default; ``--audit.attacks.NAME.ARG``
+            changes one setting.
     """
 
     num_samples: int = 512
@@ -57,191 +79,96 @@ class AuditConfig:
     steps: int = 20
     batch_size: int = 256
     seed: int = 0
-    tau: float = 0.15
-    min_clique: int = 10
-    delta: float = 0.15
-    tile_size: int | None = None
-    calibrated_threshold: float = 1.0
-    calibrated_n: int = 50
-    calibrated_alpha: float = 0.5
-    memorization_threshold: float = 1 / 3
-    mia_attacks: list[str] = field(default_factory=lambda: ["loss", "pia", "secmi"])
-    mia_examples: int | None = None
-    loss_timesteps: list[int] = field(default_factory=lambda: [10, 50, 100, 200, 300, 500])
-    pia_t: int = 200
-    secmi_t: int = 100
-    secmi_k: int = 10
-    fid_backbone: Literal["classifier", "inception", "none"] = "classifier"
-    fid_weights: str | None = None
-    fid_real: Literal["pool", "members"] = "pool"
-    max_cases: int = 16
     progress: bool = True
+    attacks: dict[str, AuditPlugin | None] = field(default_factory=default_attacks)
 
     def __post_init__(self) -> None:
-        unknown = set(self.mia_attacks) - {"loss", "pia", "secmi"}
-        if unknown:
-            raise ValueError(f"unknown mia_attacks {sorted(unknown)}; choose from loss, pia, secmi")
         if self.num_samples < 1:
             raise ValueError(f"audit num_samples must be >= 1, got {self.num_samples}")
 
+    def plugins(self) -> list[tuple[str, AuditPlugin]]:
+        """The configured plugins, instantiated, in order (``None`` entries dropped)."""
+        return [(name, _instantiate(spec)) for name, spec in (self.attacks or {}).items() if spec is not None]
 
-@dataclass
-class AuditData:
-    """What the audit compares the model with: unique members, held-out images, copies, the pool for FID."""
+    def to_dict(self) -> dict[str, Any]:
+        plain = {k: getattr(self, k) for k in ("num_samples", "solver", "steps", "batch_size", "seed", "progress")}
+        return {**plain, "attacks": {name: plugin.config() for name, plugin in self.plugins()}}
 
-    members: ImageTable
-    heldout: ImageTable
-    copies: torch.Tensor
-    pool: ImageTable | None = None
-    manifest: Manifest | None = None
-
-
-def _labels(table: ImageTable, denoiser: Denoiser) -> torch.Tensor | None:
-    return table.labels.clamp(min=0) if denoiser.num_classes else None
+    def check(self, num_members: int, num_heldout: int) -> None:
+        """Raise ``ValueError`` (before training) when a configured plugin cannot run on data of these sizes."""
+        for _, plugin in self.plugins():
+            plugin.check(num_members, num_heldout)
 
 
-def check_mia_sizes(num_members: int, num_heldout: int, config: AuditConfig) -> int:
-    """Return how many members (and as many held-out images) membership inference scores.
-
-    Raises ``ValueError`` naming the setting to change when fewer than 2 of either are available.
-    """
-    n = min(num_members, num_heldout)
-    if config.mia_examples is not None:
-        n = min(n, config.mia_examples)
-    if n < 2:
-        if num_heldout < 2:
-            why = f"at least 2 held-out images, got data.num_heldout={num_heldout}; raise data.num_heldout"
-        elif num_members < 2:
-            why = f"at least 2 members, got {num_members}; raise data.num_members"
-        else:
-            why = f"at least 2 examples, got audit.mia_examples={config.mia_examples}; raise it"
-        raise ValueError(f"membership inference needs {why} (or set audit.mia_attacks: [] to skip it)")
-    return n
-
-
-def run_mia(denoiser: Denoiser, data: AuditData, config: AuditConfig) -> dict[str, Any]:
-    """Score members against an equal number of held-out non-members with each configured attack."""
-    n = check_mia_sizes(len(data.members), len(data.heldout), config)
-    members, heldout = data.members.select(range(n)), data.heldout.select(range(n))
-    both = ImageTable.concat([members, heldout])
-    x, y = both.model_scale().to(denoiser.device), _labels(both, denoiser)
-    is_member = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
-    out: dict[str, Any] = {"num_members": n, "num_nonmembers": n}
-    kw = {"batch_size": config.batch_size, "progress": config.progress}
-    if "loss" in config.mia_attacks:
-        res = mia.loss_threshold_attack(denoiser, x, is_member, y, timesteps=config.loss_timesteps, seed=config.seed, **kw)
-        out["loss"] = {**res.best.to_dict(), "t": res.best_timestep, "per_timestep": {str(t): r.auc for t, r in res.per_timestep.items()}}
-    if "pia" in config.mia_attacks:
-        out["pia"] = {**mia.audit(mia.pia_scores(denoiser, x, y, t=config.pia_t, **kw), is_member).to_dict(), "t": config.pia_t}
-    if "secmi" in config.mia_attacks:
-        scores = mia.secmi_scores(denoiser, x, y, t_sec=config.secmi_t, k=config.secmi_k, **kw)
-        out["secmi"] = {**mia.audit(scores, is_member).to_dict(), "t_sec": config.secmi_t, "k": config.secmi_k}
-    attacks = [a for a in ("loss", "pia", "secmi") if a in out]
-    if attacks:
-        best = max(attacks, key=lambda a: out[a]["auc"])
-        out["best"] = {"attack": best, **{k: out[best][k] for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")}}
-    return out
-
-
+# ---------------------------------------------------------------------------------------------
+# The suite
+# ---------------------------------------------------------------------------------------------
 def run_audit(
-    denoiser: Denoiser,
+    model: DiffusionModel,
     data: AuditData,
     config: AuditConfig,
-    defenses: DefenseStack | None = None,
+    defenses: DefenseStack | Sequence[Defense] | None = None,
     run_dir: str | Path | None = None,
-    feature_classifier: "quality.SmallClassifier | None" = None,
     shard: Shard | None = None,
     training: DefenseRecord | None = None,
 ) -> dict[str, Any]:
-    """Run the whole suite and return the ``audit.json`` dict (also written into ``run_dir``).
+    """Sample once, run every configured plugin, and return the ``audit.json`` dict (also written into ``run_dir``).
 
-    ``defenses`` are the run's defenses (their metrics and guarantees are reported, the
-    generation-side ones act on the sampler); for a saved model, ``training`` is the record its
-    training left (``defenses.json``), merged with the generation-side ``defenses`` given here.
-
-    Extraction, memorization and MIA are computed against ``data.members`` (unique images, no
-    planted copies) and ``data.heldout``; timings per stage are included so the slowest shows.
+    Attacks are computed against ``data.members`` (unique images, no planted copies) and
+    ``data.heldout``. ``defenses`` are the run's defenses: their metrics and guarantees are
+    reported, and the generation-side ones act on the sampler. For a saved model, ``training`` is
+    the record its training left (``defenses.json``), merged with the ``defenses`` given here.
+    Timings per stage are included so the slowest shows.
 
     With ``shard=(rank, world_size)`` every process of a ``torch.distributed`` group calls this
-    with the same inputs: sampling, the extraction graph and the nearest-neighbour searches are
-    split over the processes and gathered (the same numbers as one process for the same seeds);
-    membership inference and FID run whole on every process; only rank 0 writes files.
+    with the same inputs: sampling and the nearest-neighbour searches are split over the
+    processes and gathered (the same numbers as one process for the same seeds); only rank 0
+    writes files.
     """
     shard = check_shard(shard)
     writes = shard is None or shard[0] == 0
     stack = as_stack(defenses)
+    plugins = config.plugins()
+    model = model.eval()
     timings: dict[str, float] = {}
-    members = data.members.unit()  # converted once: every distance below is on [0, 1] pixels
-    reference = members.flatten(1)
-    denoiser = denoiser.eval()
 
     start = time.perf_counter()
-    generated = generate(
-        denoiser,
-        config.num_samples,
-        solver=config.solver,
-        steps=config.steps,
-        batch_size=config.batch_size,
-        defenses=stack,
-        context=GenerationContext(reference=reference),
-        seed=config.seed,
-        progress=config.progress and writes,
-        shard=shard,
-    )
-    samples = generated.images
-    timings["sample"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    result: dict[str, Any] = {"extraction": {}}
-    if len(samples):
-        gf = extraction.generate_and_filter(
-            samples, members, generated.labels, tau=config.tau, min_clique=config.min_clique,
-            delta=config.delta, tile_size=config.tile_size, shard=shard,
+    if any(p.needs_samples for _, p in plugins):
+        generated = generate(
+            model, config.num_samples, solver=config.solver, steps=config.steps, batch_size=config.batch_size,
+            defenses=stack, context=GenerationContext(reference=data.members.unit().flatten(1)), seed=config.seed,
+            progress=config.progress and writes, shard=shard,
         )
-        cal = extraction.calibrated_extraction(
-            samples, members, threshold=config.calibrated_threshold, n=config.calibrated_n,
-            alpha=config.calibrated_alpha, shard=shard,
-        )
+        samples, labels = generated.images, generated.labels
+        sampling = {"num_samples": len(samples), "num_drawn": generated.num_drawn, "num_rejected": generated.num_rejected,
+                    "reject_rate": generated.reject_rate}
     else:
-        gf = cal = None
-    extracted = sorted(set(gf.extracted_indices if gf else []) | set(cal.extracted_indices if cal else []))
-    for name, res in (("generate_and_filter", gf), ("calibrated_l2", cal)):
-        if res is not None:
-            result["extraction"][name] = _extraction_summary(res, data.members)
-    result["extraction"]["union"] = {
-        "extracted": len(extracted),
-        "fraction_of_members": len(extracted) / len(data.members),
-        "ids": [data.members.ids[i] for i in extracted],
-    }
-    timings["extraction"] = time.perf_counter() - start
+        samples, labels = torch.empty(0, *data.members.image_shape), None
+        sampling = {"num_samples": 0, "num_drawn": 0, "num_rejected": 0, "reject_rate": 0.0}
+    timings["sample"] = time.perf_counter() - start
+    context = AuditContext(model, data, samples, labels, seed=config.seed, batch_size=config.batch_size,
+                           progress=config.progress and writes, shard=shard)
 
-    start = time.perf_counter()
-    if len(samples) and len(data.members) >= 2:
-        mem = memorization.memorization_ratio(samples, members, threshold=config.memorization_threshold, shard=shard)
-        result["memorization"] = _memorization_summary(mem)
-    result["by_copies"] = {str(k): v for k, v in memorization.by_copies(extracted, data.copies).items()}
-    result["threshold_check"] = threshold_check(data, config, shard=shard)
-    timings["memorization"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    result["mia"] = run_mia(denoiser, data, config) if config.mia_attacks else {}
-    timings["mia"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    if config.fid_backbone != "none" and len(samples) >= 2:
-        real = data.pool if (config.fid_real == "pool" and data.pool is not None) else data.members
-        if config.fid_backbone == "classifier" and feature_classifier is None:
-            classes, source = quality.classes_for_features(real.unit(), real.labels, seed=config.seed)
-            feature_classifier = quality.train_feature_classifier(real.unit(), classes, seed=config.seed, label_source=source)
-        q = quality.compute_quality(
-            real.unit(), samples, backbone=config.fid_backbone, classifier=feature_classifier, weights_path=config.fid_weights
-        )
-        result["quality"] = q.to_dict()
-    timings["quality"] = time.perf_counter() - start
+    result: dict[str, Any] = {"schema": AUDIT_SCHEMA}
+    results: dict[str, AuditResult] = {}
+    for name, plugin in plugins:
+        start = time.perf_counter()
+        found = plugin.run(context)
+        timings[name] = time.perf_counter() - start
+        if found is None:
+            continue
+        results[name] = found
+        result[name] = found.to_dict()
 
     record = stack.record() if training is None else training.merged(stack.record())
     result.update(
-        schema=AUDIT_SCHEMA,
+        plugins={
+            name: {"class_path": plugin.config()["class_path"], "columns": [c.to_dict() for c in results[name].columns()],
+                   "notes": results[name].notes()}
+            for name, plugin in plugins if name in results
+        },
+        scalars={f"audit/{k}": v for r in results.values() for k, v in r.scalars().items()},
+        threshold_check=threshold_check(results, len(data.heldout)),
         run={"defenses": record.describe, "run_dir": str(run_dir) if run_dir else None},
         defense_metrics=dict(record.metrics),
         privacy=privacy_summary(record.guarantees, known=record.describe != UNKNOWN),
@@ -250,27 +177,35 @@ def run_audit(
             "num_heldout": len(data.heldout),
             "num_train_rows": int(data.copies.sum()),
             "planted_duplicates": len(data.manifest.planted_duplicates) if data.manifest else 0,
-            "removed_by_dedup": len(data.manifest.removed) if data.manifest else 0,
+            "removed_by_defenses": len(data.manifest.removed) if data.manifest else 0,
         },
-        sampling={
-            "num_samples": len(samples),
-            "num_drawn": generated.num_drawn,
-            "num_rejected": generated.num_rejected,
-            "reject_rate": generated.reject_rate,
-            "solver": config.solver,
-            "steps": config.steps,
-        },
-        config=asdict(config),
+        sampling={**sampling, "solver": config.solver, "steps": config.steps},
+        config=config.to_dict(),
         timings_s=timings,
         training_images_embedded=False,
     )
     if run_dir is not None and writes:
-        _save_cases(Path(run_dir), samples, data.members, gf, cal, config.max_cases)
+        _save_cases(Path(run_dir), [c for r in results.values() if (c := r.cases()) is not None], data.members.image_shape)
         write_json(Path(run_dir) / "audit.json", result)
     return result
 
 
-UNKNOWN = "unknown"
+def threshold_check(results: dict[str, AuditResult], num_heldout: int) -> dict[str, Any]:
+    """How often each criterion flags held-out *real* images, which no model copied (a false-positive rate).
+
+    A rate above 1% means the criterion calls honest samples "extracted" on these data (the
+    published thresholds were set for CIFAR-10 and 50k training images): a warning says so.
+    """
+    rates = {k: v for r in results.values() for k, v in r.heldout_flag_rates().items()}
+    if not rates:
+        return {}
+    too_loose = [k for k, v in rates.items() if v > FLAG_RATE_LIMIT]
+    if too_loose:
+        rank_zero_warn(
+            f"audit thresholds flag real held-out images as copies ({', '.join(f'{k}={rates[k]:.1%}' for k in too_loose)}); "
+            "lower the thresholds of audit.attacks for this data"
+        )
+    return {"heldout_flag_rate": rates, "num_heldout": num_heldout, "ok": not too_loose}
 
 
 def privacy_summary(guarantees: Sequence[Guarantee], known: bool = True) -> dict[str, Any]:
@@ -280,84 +215,34 @@ def privacy_summary(guarantees: Sequence[Guarantee], known: bool = True) -> dict
     basic sequential composition (Dwork & Roth 2014, Thm. 3.16: epsilons and deltas add).
     ``known=False`` (a model audited without its training record) reports the guarantee as unknown.
     """
-    if not known:
-        return {"epsilon": None, "delta": None, "accountant": None, "holds": None, "known": False, "guarantees": []}
-    if not guarantees:
-        return {"epsilon": None, "delta": None, "accountant": None, "holds": None, "known": True, "guarantees": []}
-    first = guarantees[0]
+    empty = {"epsilon": None, "delta": None, "accountant": None, "holds": None, "known": known, "guarantees": []}
+    if not known or not guarantees:
+        return empty
     several = len(guarantees) > 1
     return {
         "epsilon": sum(g.epsilon for g in guarantees),
         "delta": sum(g.delta for g in guarantees),
-        "accountant": "basic composition of " + ", ".join(f"{g.defense} ({g.accountant})" for g in guarantees) if several else first.accountant,
+        "accountant": "basic composition of " + ", ".join(f"{g.defense} ({g.accountant})" for g in guarantees)
+        if several else guarantees[0].accountant,
         "holds": all(g.holds for g in guarantees),
         "known": True,
         "guarantees": [g.to_dict() for g in guarantees],
     }
 
 
-def threshold_check(data: AuditData, config: AuditConfig, shard: Shard | None = None) -> dict[str, Any]:
-    """How often each criterion flags held-out *real* images, which no model copied (a false-positive rate).
-
-    The published thresholds were set for CIFAR-10 and 50k training images; on a small member set
-    of simple images a novel image can sit close to a member. A rate above 1% means the criterion
-    would call honest samples "extracted": lower the threshold in the audit config.
-    """
-    if len(data.heldout) == 0 or len(data.members) < 2:
-        return {}
-    held, ref = data.heldout.unit(), data.members.unit()
-    d1, d2, _ = nearest_two(held, ref, shard=shard)
-    rates = {
-        "l2_le_delta": float((d1 <= config.delta).float().mean()),
-        "calibrated_below_threshold": float(
-            (calibrated_l2(held, ref, n=config.calibrated_n, alpha=config.calibrated_alpha, shard=shard).score < config.calibrated_threshold).float().mean()
-        ),
-        "nn_ratio_below_threshold": float(((d1 / d2.clamp(min=1e-12)) < config.memorization_threshold).float().mean()),
-    }
-    too_loose = [k for k, v in rates.items() if v > 0.01]
-    if too_loose:
-        rank_zero_warn(
-            f"audit thresholds flag real held-out images as copies ({', '.join(f'{k}={rates[k]:.1%}' for k in too_loose)}); "
-            "lower delta / calibrated_threshold / memorization_threshold for this data"
-        )
-    return {"heldout_flag_rate": rates, "num_heldout": len(held), "ok": not too_loose}
-
-
-def _extraction_summary(res: "extraction.ExtractionResult", members: ImageTable) -> dict[str, Any]:
-    ids = res.extracted_indices
-    return {
-        "extracted": len(ids),
-        "fraction_of_members": len(ids) / len(members),
-        "num_samples_flagged": res.num_samples_flagged,
-        "records": [
-            {"id": members.ids[r.train_index], "sample": r.sample_index, "distance": r.distance}
-            for r in sorted(res.records, key=lambda r: r.distance)
-        ],
-        "params": res.params,
-    }
-
-
-def _memorization_summary(mem: Any) -> dict[str, Any]:
-    return mem.to_dict()
-
-
-def _save_cases(run_dir: Path, samples, members: ImageTable, gf, cal, max_cases: int) -> None:
-    """Keep the closest extracted pairs on local disk (safetensors) for the report's grid."""
+def _save_cases(run_dir: Path, cases: list[Cases], image_shape: Sequence[int]) -> None:
+    """Keep the plugins' cases (samples next to the member they copy) on local disk, safetensors, for the report."""
     from safetensors.torch import save_file
 
-    records = [r for res in (gf, cal) if res is not None for r in res.records]
-    best: dict[int, Any] = {}
-    for r in sorted(records, key=lambda r: r.distance):
-        best.setdefault(r.train_index, r)
-    chosen = list(best.values())[:max_cases]
-    shape = (0, *members.image_shape)
+    shape = (0, *image_shape)
     tensors = {
-        "samples": torch.stack([samples[r.sample_index] for r in chosen]) if chosen else torch.empty(shape),
-        "nearest": members.unit()[[r.train_index for r in chosen]] if chosen else torch.empty(shape),
-        "distance": torch.tensor([float(r.distance) for r in chosen]),
+        "samples": torch.cat([c.samples for c in cases]) if cases else torch.empty(shape),
+        "nearest": torch.cat([c.nearest for c in cases]) if cases else torch.empty(shape),
+        "distance": torch.cat([c.distance for c in cases]) if cases else torch.empty(0),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(run_dir / "audit_cases.safetensors"))
+    meta = {"member_ids": json.dumps([i for c in cases for i in c.member_ids]), "flagged_by": json.dumps([f for c in cases for f in c.flagged_by])}
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(run_dir / "audit_cases.safetensors"), metadata=meta)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -377,27 +262,18 @@ def report_single_run(run_dir: Path, result: dict[str, Any]) -> None:
 
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The audit's headline numbers as ``audit/...`` scalars for the loggers."""
-    out: dict[str, float] = {}
-    union = result.get("extraction", {}).get("union", {})
-    out["audit/extracted"] = float(union.get("extracted", 0))
-    out["audit/extracted_fraction"] = float(union.get("fraction_of_members", 0.0))
-    if "memorization" in result:
-        out["audit/nn_ratio_memorized"] = float(result["memorization"]["fraction_memorized"])
-    for attack in ("loss", "pia", "secmi"):
-        if attack in result.get("mia", {}):
-            out[f"audit/mia_{attack}_auc"] = float(result["mia"][attack]["auc"])
-            out[f"audit/mia_{attack}_tpr_at_1pct_fpr"] = float(result["mia"][attack]["tpr_at_1pct_fpr"])
-    if "quality" in result:
-        out[f"audit/fid_{result['quality']['backbone']}"] = float(result["quality"]["fid"])
-    out["audit/reject_rate"] = float(result["sampling"]["reject_rate"])
-    return out
+    return {**{k: float(v) for k, v in result.get("scalars", {}).items()}, "audit/reject_rate": float(result["sampling"]["reject_rate"])}
 
 
 # ---------------------------------------------------------------------------------------------
 # After fit: the callback
 # ---------------------------------------------------------------------------------------------
 class AuditCallback(pl.Callback):
-    """Runs the audit on the EMA weights when ``fit`` ends and logs it; writes ``audit.json`` and the report."""
+    """Runs the audit on the EMA weights when ``fit`` ends and logs it; writes ``audit.json`` and the report.
+
+    It reads the data module's ``members``, ``heldout``, ``manifest`` and ``pool`` and the module's
+    ``ema_model()`` and ``defenses``: nothing else of the training stage.
+    """
 
     def __init__(self, config: AuditConfig | None = None, log_training_images: bool = False) -> None:
         self.config = config or AuditConfig()
@@ -409,10 +285,8 @@ class AuditCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # After the data module's setup, before any training step: refuse an audit that cannot run.
         dm = trainer.datamodule
-        if self.config.mia_attacks and getattr(dm, "heldout", None) is not None and getattr(dm, "members", None) is not None:
-            check_mia_sizes(len(dm.members), len(dm.heldout), self.config)
-        if self.config.fid_backbone == "inception":
-            quality.load_feature_extractor("inception", weights_path=self.config.fid_weights)  # its weights: now, not after training
+        if getattr(dm, "heldout", None) is not None and getattr(dm, "members", None) is not None:
+            self.config.check(len(dm.members), len(dm.heldout))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_start = time.perf_counter()
@@ -438,9 +312,10 @@ class AuditCallback(pl.Callback):
             f"privdiff: auditing the EMA model ({self.config.num_samples} samples"
             + (f", sampling and neighbour search over {trainer.world_size} processes" if shard else "") + ") ..."
         )
-        # Lightning's teardown has moved the module to the CPU before on_fit_end: audit on the training device.
-        denoiser = pl_module.ema_denoiser().to(trainer.strategy.root_device)
-        result = run_audit(denoiser, data, self.config, pl_module.defenses, run_dir, shard=shard)
+        with pl_module.ema_model() as model:
+            # Lightning's teardown has moved the module to the CPU before on_fit_end: audit on the training device.
+            model.to(trainer.strategy.root_device)
+            result = run_audit(model, data, self.config, pl_module.defenses, run_dir, shard=shard)
         if not trainer.is_global_zero:
             return
         result["run"]["train_time_s"] = self._train_time
@@ -453,7 +328,6 @@ class AuditCallback(pl.Callback):
             logger.save()
         report_single_run(run_dir, result)
         self.result = result
-
 
     @staticmethod
     def _log_cases(logger: Any, run_dir: Path, step: int) -> None:
@@ -518,6 +392,8 @@ def audit_saved(
             run directory (or beside the manifest), so the run's own audit.json is never overwritten.
         defenses: generation-side defenses to add to the sampler (e.g. an output filter).
     """
+    from ..train.models import load_model
+
     if (run is None) == (model is None):
         raise ValueError("give exactly one of --run DIR or --model DIR (with --manifest FILE); see `privdiff audit --help`")
     if run is not None:
@@ -538,11 +414,18 @@ def audit_saved(
             raise FileNotFoundError(f"model folder {model_dir} does not exist")
         manifest_path = Path(manifest)
         run_dir = manifest_path.parent
+    stack = as_stack(defenses)
+    training_only = [d.name for d in stack if type(d).keep_mask is Defense.keep_mask]
+    if training_only:
+        raise ValueError(
+            f"defenses {training_only} act on training or data, not on generation: an audit of a saved model cannot "
+            "apply them (train with them instead); --defenses takes generation-side defenses such as an output filter"
+        )
     out_dir = Path(out) if out else run_dir / "audits" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    denoiser = Denoiser.from_pretrained(model_dir)
+    loaded_model = load_model(model_dir)
     loaded = Manifest.load(manifest_path)
-    if list(denoiser.image_shape) != list(loaded.image_shape):
-        raise ValueError(f"model images are {denoiser.image_shape} but the manifest's data are {tuple(loaded.image_shape)}")
+    if list(loaded_model.image_shape) != list(loaded.image_shape):
+        raise ValueError(f"model images are {loaded_model.image_shape} but the manifest's data are {tuple(loaded.image_shape)}")
     record_path = manifest_path.parent / DEFENSES_RECORD
     if record_path.is_file():
         training = DefenseRecord.load(record_path)
@@ -550,7 +433,7 @@ def audit_saved(
         rank_zero_warn(f"no {DEFENSES_RECORD} beside {manifest_path}: the model's training defenses and guarantees are reported as unknown")
         training = DefenseRecord(describe=UNKNOWN)
     data = load_audit_data(loaded)
-    result = run_audit(denoiser, data, audit or AuditConfig(), as_stack(defenses), out_dir, training=training)
+    result = run_audit(loaded_model, data, audit or AuditConfig(), stack, out_dir, training=training)
     report_single_run(out_dir, result)
     print(f"privdiff audit: wrote {out_dir / 'audit.json'} and {out_dir / 'report.html'}")
     return result

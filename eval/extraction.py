@@ -16,12 +16,12 @@ with one record per extracted training image.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from .distances import (
+from privdiff.distances import (
     DEFAULT_BLOCK_BYTES,
     _check_images,
     _check_pair,
@@ -31,7 +31,9 @@ from .distances import (
     nearest_neighbors,
     resolve_tile_size,
 )
-from .shard import Shard, check_shard, gather, rows_of
+from privdiff.shard import Shard, check_shard, gather, rows_of
+
+from .plugin import AuditContext, AuditPlugin, AuditResult, Cases, Column, Privacy
 
 __all__ = ["ExtractionRecord", "ExtractionResult", "calibrated_extraction", "generate_and_filter"]
 
@@ -255,7 +257,7 @@ def generate_and_filter(
     l2 on [0, 1] pixels. ``tau = delta = 0.15``: by the triangle inequality, two samples within
     ``delta / 2`` of one training image are within ``delta`` of each other, and unrelated natural
     images are typically 0.2-0.4 apart in this l2, so 0.15 links near-copies but not merely
-    similar images. ``tile_size=None`` picks :func:`~privdiff.eval.distances.resolve_tile_size`:
+    similar images. ``tile_size=None`` picks :func:`~privdiff.distances.resolve_tile_size`:
     the whole image (plain l2) at <= 16 px, where small tiles hold too few pixels, else
     ``min(H, W) // 4`` (the paper's 4x4 grid of 128 px tiles on 512 px images).
 
@@ -268,7 +270,7 @@ def generate_and_filter(
         min_clique: clique size that flags its members, >= 1.
         delta: plain-l2 threshold for matching a flagged sample to a training image, > 0.
         tile_size: tile side in pixels dividing H and W, or None for the default above.
-        block_size: passed to :func:`~privdiff.eval.distances.nearest_neighbors`.
+        block_size: passed to :func:`~privdiff.distances.nearest_neighbors`.
         max_block_bytes: memory cap for one distance block (graph rows and the neighbour search).
         shard: ``(rank, world_size)``: split the graph's rows and the neighbour search over the
             processes of a ``torch.distributed`` group; every process gets the whole result.
@@ -354,7 +356,7 @@ def calibrated_extraction(
         threshold: extracted when the calibrated score is strictly below it, > 0.
         n: calibration neighbourhood size.
         alpha: calibration factor.
-        block_size: passed to :func:`~privdiff.eval.distances.nearest_neighbors`.
+        block_size: passed to :func:`~privdiff.distances.nearest_neighbors`.
         shard: ``(rank, world_size)``: split the neighbour search over processes (every process
             gets the whole result).
 
@@ -375,3 +377,144 @@ def calibrated_extraction(
         num_references=int(references.shape[0]),
         params={"threshold": float(threshold), "n": int(n), "n_used": int(cal.n), "alpha": float(alpha)},
     )
+
+
+# -- the audit plugin ---------------------------------------------------------------------------------
+
+
+def _summary(res: ExtractionResult, ids: list[str]) -> dict[str, Any]:
+    return {
+        "extracted": len(res.extracted_indices),
+        "fraction_of_members": len(res.extracted_indices) / len(ids),
+        "num_samples_flagged": res.num_samples_flagged,
+        "records": [
+            {"id": ids[r.train_index], "sample": r.sample_index, "distance": r.distance}
+            for r in sorted(res.records, key=lambda r: r.distance)
+        ],
+        "params": res.params,
+    }
+
+
+@dataclass
+class ExtractionReport(AuditResult):
+    """Both attacks' records, their union, extraction by copy count, the held-out false-flag rates and the cases."""
+
+    summary: dict[str, Any]
+    flag_rates: dict[str, float]
+    grid: Cases | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.summary
+
+    def columns(self) -> list[Column]:
+        union = self.summary["union"]
+        return [Column("extracted", "extracted", "unique member images extracted (count, % of members)", union["extracted"],
+                       f"{union['extracted']} ({100 * union['fraction_of_members']:.1f}%)", Privacy.PRIVACY)]
+
+    def scalars(self) -> dict[str, float]:
+        union = self.summary["union"]
+        return {"extracted": float(union["extracted"]), "extracted_fraction": float(union["fraction_of_members"])}
+
+    def notes(self) -> list[str]:
+        return ["Extracted: union of Carlini et al. 2023's generate-and-filter attack and the calibrated-l2 white-box check."]
+
+    def heldout_flag_rates(self) -> dict[str, float]:
+        return self.flag_rates
+
+    def cases(self) -> Cases | None:
+        return self.grid
+
+
+class ExtractionAttack(AuditPlugin):
+    """Carlini et al. 2023's generate-and-filter attack and calibrated-l2 check, against the members.
+
+    Args:
+        tau, min_clique, delta, tile_size: generate-and-filter (§4.2); see :func:`generate_and_filter`.
+        calibrated_threshold, calibrated_n, calibrated_alpha: the calibrated-l2 check (§5.1).
+        max_cases: extracted cases kept (on local disk) for the report's grid.
+    """
+
+    name = "extraction"
+
+    def __init__(
+        self,
+        tau: float = 0.15,
+        min_clique: int = 10,
+        delta: float = 0.15,
+        tile_size: int | None = None,
+        calibrated_threshold: float = 1.0,
+        calibrated_n: int = 50,
+        calibrated_alpha: float = 0.5,
+        max_cases: int = 16,
+    ) -> None:
+        self.tau, self.min_clique, self.delta, self.tile_size = tau, min_clique, delta, tile_size
+        self.calibrated_threshold, self.calibrated_n, self.calibrated_alpha = calibrated_threshold, calibrated_n, calibrated_alpha
+        self.max_cases = max_cases
+
+    def run(self, context: AuditContext) -> ExtractionReport:
+        from privdiff.distances import nearest_two
+
+        from .memorization import by_copies
+
+        samples, members, ids, shard = context.samples, context.members, context.data.members.ids, context.shard
+        summary: dict[str, Any] = {}
+        results = []
+        if len(samples):
+            gf = generate_and_filter(samples, members, context.sample_labels, tau=self.tau, min_clique=self.min_clique,
+                                     delta=self.delta, tile_size=self.tile_size, shard=shard)
+            cal = calibrated_extraction(samples, members, threshold=self.calibrated_threshold, n=self.calibrated_n,
+                                        alpha=self.calibrated_alpha, shard=shard)
+            results = [gf, cal]
+            summary.update({r.method: _summary(r, ids) for r in results})
+        extracted = sorted({i for r in results for i in r.extracted_indices})
+        summary["union"] = {"extracted": len(extracted), "fraction_of_members": len(extracted) / len(ids), "ids": [ids[i] for i in extracted]}
+        summary["by_copies"] = {str(k): v for k, v in by_copies(extracted, context.data.copies).items()}
+        rates: dict[str, float] = {}
+        if len(context.data.heldout) and len(members) >= 2:
+            held = context.data.heldout.unit()
+            d1, _, _ = nearest_two(held, members, shard=shard)
+            cal_held = calibrated_l2(held, members, n=self.calibrated_n, alpha=self.calibrated_alpha, shard=shard)
+            rates = {
+                "l2_le_delta": float((d1 <= self.delta).float().mean()),
+                "calibrated_below_threshold": float((cal_held.score < self.calibrated_threshold).float().mean()),
+            }
+        return ExtractionReport(summary, rates, self._cases(samples, members, ids, results))
+
+    def _cases(self, samples: Tensor, members: Tensor, ids: list[str], results: list[ExtractionResult]) -> Cases:
+        """The closest extracted pair of each extracted member, closest first, at most ``max_cases``."""
+        best: dict[int, tuple[ExtractionRecord, str]] = {}
+        for res in results:
+            for r in res.records:
+                if r.train_index not in best or r.distance < best[r.train_index][0].distance:
+                    best[r.train_index] = (r, res.method)
+        chosen = sorted(best.values(), key=lambda rm: rm[0].distance)[: self.max_cases]
+        shape = (0, *members.shape[1:])
+        return Cases(
+            samples=torch.stack([samples[r.sample_index] for r, _ in chosen]) if chosen else torch.empty(shape),
+            nearest=members[[r.train_index for r, _ in chosen]] if chosen else torch.empty(shape),
+            distance=torch.tensor([float(r.distance) for r, _ in chosen]),
+            member_ids=[ids[r.train_index] for r, _ in chosen],
+            flagged_by=[m for _, m in chosen],
+        )
+
+    @classmethod
+    def figures(cls, runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Any]]:
+        """Fraction of member images extracted against how many copies of them were in training."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(4.8, 3.6))
+        for name, audit in runs.items():
+            by = ((audit.get(cls.name) or {}).get("by_copies")) or {}
+            points = sorted((int(k), v["fraction_extracted"]) for k, v in by.items())
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ax.set_xlabel("copies in the training set")
+        ax.set_ylabel("fraction extracted")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("memorization vs duplication")
+        return [("memorization vs copies", fig)]

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .distances import nearest_two
-from .shard import Shard
+from privdiff.distances import nearest_two
+from privdiff.shard import Shard
 
-__all__ = ["MemorizationResult", "by_copies", "memorization_ratio", "nn_ratio"]
+from .plugin import AuditContext, AuditPlugin, AuditResult, Column, Privacy
+
+__all__ = ["MemorizationResult", "NNRatioMemorization", "by_copies", "memorization_ratio", "nn_ratio"]
 
 
 def _ratio(d1: Tensor, d2: Tensor) -> Tensor:
@@ -38,7 +40,7 @@ def nn_ratio(samples: Tensor, references: Tensor, block_size: int | None = None)
     Args:
         samples: generated images (N, C, H, W) or (N, D) in [0, 1].
         references: training images (M, ...) in [0, 1], M >= 2.
-        block_size: passed to :func:`~privdiff.eval.distances.nearest_neighbors`.
+        block_size: passed to :func:`~privdiff.distances.nearest_neighbors`.
 
     Returns:
         Tensor (N,) in [0, 1]; memorized when below 1/3.
@@ -129,9 +131,9 @@ def memorization_ratio(
         samples: generated images (N, C, H, W) or (N, D) in [0, 1].
         references: training images (M, ...) in [0, 1], M >= 2.
         threshold: in (0, 1]; 1/3 in the paper.
-        block_size: passed to :func:`~privdiff.eval.distances.nearest_neighbors`.
+        block_size: passed to :func:`~privdiff.distances.nearest_neighbors`.
         shard: ``(rank, world_size)``: split the neighbour search over processes (see
-            :func:`~privdiff.eval.distances.nearest_neighbors`); every process gets the whole result.
+            :func:`~privdiff.distances.nearest_neighbors`); every process gets the whole result.
 
     Returns:
         :class:`MemorizationResult` with the fraction of memorized samples, the per-sample ratio
@@ -190,3 +192,58 @@ def by_copies(extracted_indices: Sequence[int] | Tensor, copies: Tensor | Sequen
         got = int((hit & mask).sum())
         out[int(c)] = {"num_images": total, "num_extracted": got, "fraction_extracted": got / total}
     return out
+
+
+# -- the audit plugin ---------------------------------------------------------------------------------
+
+
+@dataclass
+class MemorizationReport(AuditResult):
+    """Gu et al. 2023's memorized share of the samples, and how often real held-out images pass the ratio test."""
+
+    summary: dict[str, Any]
+    flag_rates: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.summary
+
+    def columns(self) -> list[Column]:
+        value = self.summary.get("fraction_memorized")
+        return [Column("nn_memorized", "NN-ratio mem.", "fraction of samples with nearest/second-nearest member l2 < 1/3",
+                       value, "—" if value is None else f"{value:.3g}", Privacy.PRIVACY)]
+
+    def scalars(self) -> dict[str, float]:
+        return {} if "fraction_memorized" not in self.summary else {"nn_ratio_memorized": float(self.summary["fraction_memorized"])}
+
+    def notes(self) -> list[str]:
+        return ["NN-ratio: Gu et al. 2023 (a sample whose nearest member is 3x closer than the second nearest)."]
+
+    def heldout_flag_rates(self) -> dict[str, float]:
+        return self.flag_rates
+
+
+class NNRatioMemorization(AuditPlugin):
+    """Share of samples memorized by Gu et al. 2023's nearest / second-nearest member ratio.
+
+    Args:
+        threshold: memorized below this ratio (1/3 in the paper).
+    """
+
+    name = "memorization"
+
+    def __init__(self, threshold: float = 1 / 3) -> None:
+        if not 0 < threshold <= 1:
+            raise ValueError(f"memorization threshold must be in (0, 1], got {threshold!r}")
+        self.threshold = threshold
+
+    def run(self, context: AuditContext) -> MemorizationReport:
+        members = context.members
+        summary: dict[str, Any] = {}
+        rates: dict[str, float] = {}
+        if len(members) >= 2:
+            if len(context.samples):
+                summary = memorization_ratio(context.samples, members, threshold=self.threshold, shard=context.shard).to_dict()
+            if len(context.data.heldout):
+                d1, d2, _ = nearest_two(context.data.heldout.unit(), members, shard=context.shard)
+                rates["nn_ratio_below_threshold"] = float((_ratio(d1, d2) < self.threshold).float().mean())
+        return MemorizationReport(summary, rates)

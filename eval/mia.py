@@ -25,6 +25,10 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 from tqdm.auto import tqdm
 
+from privdiff.model import DiffusionModel
+
+from .plugin import AuditContext, AuditPlugin, AuditResult, Column, Privacy, table_condition
+
 DEFAULT_TIMESTEPS: tuple[int, ...] = (10, 25, 50, 100, 200, 300, 500)
 
 
@@ -121,13 +125,13 @@ class _EvalMode:
         self.module.train(self.was_training)
 
 
-def _check_inputs(denoiser: nn.Module, images: Tensor, class_labels: Tensor | None, batch_size: int) -> None:
+def _check_inputs(model: DiffusionModel, images: Tensor, cond: Tensor | Sequence[str] | None, batch_size: int) -> None:
     if images.ndim != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ValueError("images is empty")
-    if class_labels is not None and class_labels.shape[0] != images.shape[0]:
-        raise ValueError(f"class_labels has {class_labels.shape[0]} entries for {images.shape[0]} images")
+    if cond is not None and len(cond) != images.shape[0]:
+        raise ValueError(f"cond (the conditioning) has {len(cond)} entries for {images.shape[0]} images")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
@@ -142,9 +146,18 @@ def _batches(n: int, batch_size: int, progress: bool, desc: str):
     return tqdm(starts, desc=desc, disable=not progress, total=len(starts))
 
 
-def _eps(denoiser: nn.Module, x: Tensor, t: int, y: Tensor | None) -> Tensor:
+def _eps(model: DiffusionModel, x: Tensor, t: int, c: object) -> Tensor:
+    """eps_theta(x, t, c) with ``c`` already embedded (``model.embed_condition``)."""
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    return denoiser(x, tt, y).float()
+    return model.predict_noise(x, tt, c).float()
+
+
+def _embedded(model: DiffusionModel, cond: Tensor | Sequence[str] | None, start: int, batch_size: int, device) -> object:
+    """The conditioning of examples ``start:start+batch_size``, embedded once for every query of the batch."""
+    if cond is None:
+        return model.embed_condition(None)
+    part = cond[start : start + batch_size]
+    return model.embed_condition(part.to(device) if isinstance(part, Tensor) else list(part))
 
 
 def _sq_norm(v: Tensor) -> Tensor:
@@ -163,9 +176,9 @@ def attack_noise(images: Tensor, seed: int = 0) -> Tensor:
 
 @torch.no_grad()
 def loss_scores(
-    denoiser: nn.Module,
+    model: DiffusionModel,
     images: Tensor,
-    class_labels: Tensor | None = None,
+    cond: Tensor | Sequence[str] | None = None,
     timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
     seed: int = 0,
     noise: Tensor | None = None,
@@ -181,27 +194,26 @@ def loss_scores(
     example gets ONE fixed noise ``eps`` (``attack_noise(images, seed)`` unless ``noise`` is given), reused for
     every t, so scores are reproducible and the columns differ only in t.
     """
-    _check_inputs(denoiser, images, class_labels, batch_size)
+    _check_inputs(model, images, cond, batch_size)
     timesteps = [int(t) for t in timesteps]
     if not timesteps:
         raise ValueError("timesteps is empty")
     for t in timesteps:
-        _check_t("every timestep", t, denoiser.num_train_timesteps)
+        _check_t("every timestep", t, model.num_train_timesteps)
     if noise is None:
         noise = attack_noise(images, seed)
     elif noise.shape != images.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from images shape {tuple(images.shape)}")
-    device = denoiser.alphas_cumprod.device
-    abar = denoiser.alphas_cumprod.float()
+    device = model.device
     out = torch.empty(images.shape[0], len(timesteps), dtype=torch.float32)
-    with _EvalMode(denoiser):
+    with _EvalMode(model):
         for i in _batches(images.shape[0], batch_size, progress, "loss attack"):
             x0 = images[i : i + batch_size].to(device, torch.float32)
             eps = noise[i : i + batch_size].to(device, torch.float32)
-            y = None if class_labels is None else class_labels[i : i + batch_size].to(device)
+            y = _embedded(model, cond, i, batch_size, device)
             for j, t in enumerate(timesteps):
-                x_t = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * eps
-                out[i : i + x0.shape[0], j] = -_sq_norm(eps - _eps(denoiser, x_t, t, y)).cpu()
+                x_t = model.add_noise(x0, eps, torch.tensor(t))
+                out[i : i + x0.shape[0], j] = -_sq_norm(eps - _eps(model, x_t, t, y)).cpu()
     return out
 
 
@@ -242,10 +254,10 @@ class LossAttackResult:
 
 
 def loss_threshold_attack(
-    denoiser: nn.Module,
+    model: DiffusionModel,
     images: Tensor,
     is_member: Tensor | Sequence[bool],
-    class_labels: Tensor | None = None,
+    cond: Tensor | Sequence[str] | None = None,
     timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
     seed: int = 0,
     batch_size: int = 256,
@@ -253,7 +265,7 @@ def loss_threshold_attack(
 ) -> LossAttackResult:
     """Run ``loss_scores`` over ``timesteps``, audit every t and report the best one (see ``best_over_timesteps``
     for why that choice is optimistic)."""
-    scores = loss_scores(denoiser, images, class_labels, timesteps, seed=seed, batch_size=batch_size, progress=progress)
+    scores = loss_scores(model, images, cond, timesteps, seed=seed, batch_size=batch_size, progress=progress)
     per_t = {int(t): audit(scores[:, j], is_member) for j, t in enumerate(timesteps)}
     _, best_t = best_over_timesteps(scores, is_member, timesteps)
     return LossAttackResult(per_timestep=per_t, best_timestep=best_t, best=per_t[best_t], scores=scores)
@@ -264,9 +276,9 @@ def loss_threshold_attack(
 
 @torch.no_grad()
 def pia_scores(
-    denoiser: nn.Module,
+    model: DiffusionModel,
     images: Tensor,
-    class_labels: Tensor | None = None,
+    cond: Tensor | Sequence[str] | None = None,
     t: int = 200,
     p: float = 4,
     batch_size: int = 256,
@@ -281,20 +293,19 @@ def pia_scores(
     (DDPM). We return -R^p, the p-th power summed over pixels as in the authors' code (``distance``:
     ``(|x0 - x1| ** lp).sum()``); it orders examples exactly as -R_{t,p}, so the ROC is the same.
     """
-    _check_inputs(denoiser, images, class_labels, batch_size)
-    _check_t("t", int(t), denoiser.num_train_timesteps, low=1)
+    _check_inputs(model, images, cond, batch_size)
+    _check_t("t", int(t), model.num_train_timesteps, low=1)
     if not p > 0:
         raise ValueError(f"p must be > 0, got {p}")
-    device = denoiser.alphas_cumprod.device
-    abar_t = denoiser.alphas_cumprod.float()[int(t)]
+    device = model.device
     out = torch.empty(images.shape[0], dtype=torch.float32)
-    with _EvalMode(denoiser):
+    with _EvalMode(model):
         for i in _batches(images.shape[0], batch_size, progress, "PIA"):
             x0 = images[i : i + batch_size].to(device, torch.float32)
-            y = None if class_labels is None else class_labels[i : i + batch_size].to(device)
-            eps0 = _eps(denoiser, x0, 0, y)
-            x_t = abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * eps0
-            diff = eps0 - _eps(denoiser, x_t, int(t), y)
+            y = _embedded(model, cond, i, batch_size, device)
+            eps0 = _eps(model, x0, 0, y)
+            x_t = model.add_noise(x0, eps0, torch.tensor(int(t)))
+            diff = eps0 - _eps(model, x_t, int(t), y)
             out[i : i + x0.shape[0]] = -diff.abs().pow(p).flatten(1).sum(1).cpu()
     return out
 
@@ -302,23 +313,23 @@ def pia_scores(
 # -- SecMI --------------------------------------------------------------------------------------------
 
 
-def _ddim_move(denoiser: nn.Module, x: Tensor, t_from: int, t_to: int, y: Tensor | None) -> Tensor:
+def _ddim_move(model: DiffusionModel, x: Tensor, t_from: int, t_to: int, y: object) -> Tensor:
     """One deterministic DDIM step from ``t_from`` to ``t_to`` (either direction), with eps_theta(x, t_from).
 
     x0_hat = (x - sqrt(1 - abar_from) eps) / sqrt(abar_from);  x' = sqrt(abar_to) x0_hat + sqrt(1 - abar_to) eps
     (Song et al. 2021, DDIM eq. 12 with sigma = 0; Duan et al. 2023 use it both to denoise and to invert).
     """
-    abar = denoiser.alphas_cumprod.float()
-    eps = _eps(denoiser, x, t_from, y)
+    abar = model.alphas_cumprod()
+    eps = _eps(model, x, t_from, y)
     x0_hat = (x - (1 - abar[t_from]).sqrt() * eps) / abar[t_from].sqrt()
     return abar[t_to].sqrt() * x0_hat + (1 - abar[t_to]).sqrt() * eps
 
 
 @torch.no_grad()
 def secmi_scores(
-    denoiser: nn.Module,
+    model: DiffusionModel,
     images: Tensor,
-    class_labels: Tensor | None = None,
+    cond: Tensor | Sequence[str] | None = None,
     t_sec: int = 100,
     k: int = 10,
     batch_size: int = 256,
@@ -335,22 +346,131 @@ def secmi_scores(
     Note: the authors' ``secmia.py`` stops the inversion one interval earlier (``range(0, t_sec, k)[1:]``, so
     x~ sits at t_sec - k and the round trip probes t_sec); we follow the paper's definition (x~ at t_sec).
     """
-    _check_inputs(denoiser, images, class_labels, batch_size)
+    _check_inputs(model, images, cond, batch_size)
     t_sec, k = int(t_sec), int(k)
     if k < 1:
         raise ValueError(f"k (the DDIM interval) must be >= 1, got {k}")
     if t_sec < k or t_sec % k:
         raise ValueError(f"t_sec must be a positive multiple of k={k}, got {t_sec}")
-    _check_t("t_sec + k", t_sec + k, denoiser.num_train_timesteps)
-    device = denoiser.alphas_cumprod.device
+    _check_t("t_sec + k", t_sec + k, model.num_train_timesteps)
+    device = model.device
     out = torch.empty(images.shape[0], dtype=torch.float32)
-    with _EvalMode(denoiser):
+    with _EvalMode(model):
         for i in _batches(images.shape[0], batch_size, progress, "SecMI"):
             x = images[i : i + batch_size].to(device, torch.float32)
-            y = None if class_labels is None else class_labels[i : i + batch_size].to(device)
+            y = _embedded(model, cond, i, batch_size, device)
             for t in range(0, t_sec, k):  # Phi_theta(x0, t_sec): 0 -> k -> ... -> t_sec
-                x = _ddim_move(denoiser, x, t, t + k, y)
-            x_up = _ddim_move(denoiser, x, t_sec, t_sec + k, y)  # phi: t_sec -> t_sec + k
-            x_back = _ddim_move(denoiser, x_up, t_sec + k, t_sec, y)  # psi: t_sec + k -> t_sec
+                x = _ddim_move(model, x, t, t + k, y)
+            x_up = _ddim_move(model, x, t_sec, t_sec + k, y)  # phi: t_sec -> t_sec + k
+            x_back = _ddim_move(model, x_up, t_sec + k, t_sec, y)  # psi: t_sec + k -> t_sec
             out[i : i + x.shape[0]] = -_sq_norm(x_back - x).cpu()
     return out
+
+
+# -- the audit plugin ---------------------------------------------------------------------------------
+
+MIA_ATTACKS = ("loss", "pia", "secmi")
+
+
+def check_mia_sizes(num_members: int, num_heldout: int, examples: int | None) -> int:
+    """Return how many members (and as many held-out images) membership inference scores.
+
+    Raises ``ValueError`` naming the setting to change when fewer than 2 of either are available.
+    """
+    n = min(num_members, num_heldout)
+    if examples is not None:
+        n = min(n, examples)
+    if n < 2:
+        if num_heldout < 2:
+            why = f"at least 2 held-out images, got data.num_heldout={num_heldout}; raise data.num_heldout"
+        elif num_members < 2:
+            why = f"at least 2 members, got {num_members}; raise data.num_members"
+        else:
+            why = f"at least 2 examples, got audit.attacks.mia.examples={examples}; raise it"
+        raise ValueError(f"membership inference needs {why} (or leave mia out of audit.attacks)")
+    return n
+
+
+@dataclass
+class MembershipReport(AuditResult):
+    """Each attack's ROC summary (members vs as many held-out images) and the strongest one."""
+
+    summary: dict
+
+    def to_dict(self) -> dict:
+        return self.summary
+
+    def columns(self) -> list[Column]:
+        best = self.summary.get("best")
+        if not best:
+            return []
+        return [
+            Column("mia", "best MIA AUC", "ROC AUC of the strongest attack, members vs held-out", best["auc"],
+                   f"{best['auc']:.3f} ({best['attack']})", Privacy.PRIVACY),
+            Column("tpr", "TPR@1%FPR", "true-positive rate at 1% false-positive rate of that attack", best["tpr_at_1pct_fpr"],
+                   f"{best['tpr_at_1pct_fpr']:.3g}"),
+        ]
+
+    def scalars(self) -> dict[str, float]:
+        out = {}
+        for attack in MIA_ATTACKS:
+            if attack in self.summary:
+                out[f"mia_{attack}_auc"] = float(self.summary[attack]["auc"])
+                out[f"mia_{attack}_tpr_at_1pct_fpr"] = float(self.summary[attack]["tpr_at_1pct_fpr"])
+        return out
+
+
+class MembershipInference(AuditPlugin):
+    """Loss-threshold, PIA and SecMI membership inference against members and as many held-out images.
+
+    Args:
+        attacks: which of ``loss``, ``pia``, ``secmi`` run.
+        examples: members (and as many held-out images) scored; None: as many as both sets allow.
+        loss_timesteps: timesteps the loss attack scans (the best is reported; see ``best_over_timesteps``).
+        pia_t: PIA's timestep (Kong et al.: 200).
+        secmi_t, secmi_k: SecMI's timestep and DDIM interval (Duan et al.: 100, 10).
+    """
+
+    name = "mia"
+    needs_samples = False
+
+    def __init__(
+        self,
+        attacks: list[str] = list(MIA_ATTACKS),
+        examples: int | None = None,
+        loss_timesteps: list[int] = [10, 50, 100, 200, 300, 500],
+        pia_t: int = 200,
+        secmi_t: int = 100,
+        secmi_k: int = 10,
+    ) -> None:
+        unknown = set(attacks) - set(MIA_ATTACKS)
+        if unknown or not attacks:
+            raise ValueError(f"membership inference attacks must be a non-empty subset of {MIA_ATTACKS}, got {attacks}")
+        self.attacks, self.examples = list(attacks), examples
+        self.loss_timesteps, self.pia_t, self.secmi_t, self.secmi_k = list(loss_timesteps), pia_t, secmi_t, secmi_k
+
+    def check(self, num_members: int, num_heldout: int) -> None:
+        check_mia_sizes(num_members, num_heldout, self.examples)
+
+    def run(self, context: AuditContext) -> MembershipReport:
+        data, model = context.data, context.model
+        n = check_mia_sizes(len(data.members), len(data.heldout), self.examples)
+        both = type(data.members).concat([data.members.select(range(n)), data.heldout.select(range(n))])
+        with torch.no_grad():
+            x = model.encode(both.unit().to(model.device))
+        y = table_condition(both, model)
+        is_member = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
+        out: dict = {"num_members": n, "num_nonmembers": n}
+        kw = {"batch_size": context.batch_size, "progress": context.progress}
+        if "loss" in self.attacks:
+            res = loss_threshold_attack(model, x, is_member, y, timesteps=self.loss_timesteps, seed=context.seed, **kw)
+            out["loss"] = {**res.best.to_dict(), "t": res.best_timestep, "per_timestep": {str(t): r.auc for t, r in res.per_timestep.items()}}
+        if "pia" in self.attacks:
+            out["pia"] = {**audit(pia_scores(model, x, y, t=self.pia_t, **kw), is_member).to_dict(), "t": self.pia_t}
+        if "secmi" in self.attacks:
+            scores = secmi_scores(model, x, y, t_sec=self.secmi_t, k=self.secmi_k, **kw)
+            out["secmi"] = {**audit(scores, is_member).to_dict(), "t_sec": self.secmi_t, "k": self.secmi_k}
+        attacks = [a for a in MIA_ATTACKS if a in out]
+        best = max(attacks, key=lambda a: out[a]["auc"])
+        out["best"] = {"attack": best, **{k: out[best][k] for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")}}
+        return MembershipReport(out)

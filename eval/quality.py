@@ -23,16 +23,20 @@ import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
-from privdiff.weights import cached_or_downloaded, load_checked_weights
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
+
+from privdiff.weights import cached_or_downloaded, load_checked_weights
+
+from .plugin import AuditContext, AuditPlugin, AuditResult, Column, Privacy
 
 BACKBONES: tuple[str, ...] = ("inception", "classifier")
 _METADATA_KEY = "privdiff.small_classifier"
@@ -297,8 +301,8 @@ def _inception_help() -> str:
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
     return (
-        f"On a machine with internet, download {URL_INCEPTION_V3}, bring the file here and set audit.fid_weights: PATH "
-        "(privdiff checks its SHA-256 and loads it weights-only); or use audit.fid_backbone: classifier (offline)"
+        f"On a machine with internet, download {URL_INCEPTION_V3}, bring the file here and set audit.attacks.quality.weights: PATH "
+        "(privdiff checks its SHA-256 and loads it weights-only); or use the classifier backbone: audit.attacks.quality.backbone: classifier (offline)"
     )
 
 
@@ -387,3 +391,64 @@ def compute_quality(
         num_real=int(real.shape[0]),
         num_fake=int(fake.shape[0]),
     )
+
+
+# -- the audit plugin ---------------------------------------------------------------------------------
+
+
+@dataclass
+class QualityReport(AuditResult):
+    """FID and KID of the samples against real images, in the named feature space."""
+
+    result: QualityResult
+
+    def to_dict(self) -> dict:
+        return self.result.to_dict()
+
+    def columns(self) -> list[Column]:
+        r = self.result
+        return [
+            Column("fid", "FID", "Fréchet distance in the named backbone's feature space (lower is better)", r.fid,
+                   f"{r.fid:.3g} ({r.backbone})", Privacy.UTILITY),
+            Column("kid", "KID", "kernel inception distance, mean ± std over subsets", r.kid_mean, f"{r.kid_mean:.3g} ± {r.kid_std:.2g}"),
+        ]
+
+    def scalars(self) -> dict[str, float]:
+        return {f"fid_{self.result.backbone}": float(self.result.fid)}
+
+
+class SampleQuality(AuditPlugin):
+    """FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) of the audit's samples.
+
+    Args:
+        backbone: ``classifier`` (a small CNN trained at audit time on the data's labels, or on
+            k-means clusters of unlabeled data; offline) or ``inception`` (torch-fidelity's InceptionV3).
+        real: the real images: ``pool`` (every image of the source) or ``members``.
+        weights: the InceptionV3 weight file for ``inception`` (default: the torch hub cache's,
+            downloaded when missing; hash-checked and loaded weights-only).
+    """
+
+    name = "quality"
+
+    def __init__(self, backbone: Literal["classifier", "inception"] = "classifier", real: Literal["pool", "members"] = "pool",
+                 weights: str | None = None) -> None:
+        if backbone not in BACKBONES:
+            raise ValueError(f"quality backbone must be one of {BACKBONES}, got {backbone!r}")
+        if real not in ("pool", "members"):
+            raise ValueError(f"quality real must be 'pool' or 'members', got {real!r}")
+        self.backbone, self.real, self.weights = backbone, real, weights
+
+    def check(self, num_members: int, num_heldout: int) -> None:
+        if self.backbone == "inception":
+            load_feature_extractor("inception", weights_path=self.weights)  # its weights: now, not after training
+
+    def run(self, context: AuditContext) -> QualityReport | None:
+        if len(context.samples) < 2:
+            return None
+        data = context.data
+        real = data.pool if (self.real == "pool" and data.pool is not None) else data.members
+        classifier = None
+        if self.backbone == "classifier":
+            classes, source = classes_for_features(real.unit(), real.labels, seed=context.seed)
+            classifier = train_feature_classifier(real.unit(), classes, seed=context.seed, label_source=source)
+        return QualityReport(compute_quality(real.unit(), context.samples, backbone=self.backbone, classifier=classifier, weights_path=self.weights))

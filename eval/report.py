@@ -11,23 +11,19 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-REPORT_SCHEMA = "privdiff.report/1"
+REPORT_SCHEMA = "privdiff.report/2"
 
-# column key -> (header, unit). Units go into report.json so that every number says what it is.
-COLUMNS: dict[str, tuple[str, str]] = {
-    "setting": ("setting", ""),
-    "defense": ("defense", ""),
-    "epsilon": ("ε (δ, accountant)", "epsilon spent, of (epsilon, delta)-DP, by the named Opacus accountant; 'none' without DP-SGD"),
-    "fid": ("FID", "Fréchet distance in the named backbone's feature space (lower is better)"),
-    "kid": ("KID", "kernel inception distance, mean ± std over subsets"),
-    "extracted": ("extracted", "unique member images extracted (count, % of members)"),
-    "nn_memorized": ("NN-ratio mem.", "fraction of samples with nearest/second-nearest member l2 < 1/3"),
-    "mia": ("best MIA AUC", "ROC AUC of the strongest attack, members vs held-out"),
-    "tpr": ("TPR@1%FPR", "true-positive rate at 1% false-positive rate of that attack"),
-    "removed": ("dedup removed", "training rows removed by deduplication"),
-    "reject_rate": ("reject rate", "fraction of drawn samples the output filter refused"),
-    "train_time": ("train time", "seconds"),
-}
+# The columns every run has, around the ones its attacks and metrics report (audit.json "plugins").
+FIXED_BEFORE: list[tuple[str, str, str]] = [
+    ("setting", "setting", ""),
+    ("defense", "defense", ""),
+    ("epsilon", "ε (δ, accountant)", "epsilon spent, of (epsilon, delta)-DP, by the named accountant; 'none' without a DP defense"),
+]
+FIXED_AFTER: list[tuple[str, str, str]] = [
+    ("removed", "rows removed", "training rows a data defense removed (deduplication)"),
+    ("reject_rate", "reject rate", "fraction of drawn samples a generation-side defense refused"),
+    ("train_time", "train time", "seconds"),
+]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -40,78 +36,72 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _epsilon_text(privacy: Mapping[str, Any]) -> str:
+    if privacy.get("known") is False:
+        return "unknown"
+    if privacy.get("epsilon") is None:
+        return "none"
+    text = f"{privacy['epsilon']:.2f} ({privacy['delta']:.0e}, {privacy['accountant']})"
+    return text + (" — does NOT hold" if privacy.get("holds") is False else "")
+
+
 def summarize(name: str, audit: Mapping[str, Any]) -> dict[str, Any]:
-    """Return one report row (plain numbers, units in :data:`COLUMNS`) from an ``audit.json`` dict."""
+    """One report row from an ``audit.json`` dict: each column's value by key, ``text`` as shown, ``columns`` in order.
+
+    The columns are the fixed ones (setting, defense, ε; rows removed, reject rate, train time) around
+    those the run's attacks and metrics reported (``audit["plugins"][name]["columns"]``).
+    """
     privacy = audit.get("privacy") or {}
-    quality = audit.get("quality") or {}
-    union = (audit.get("extraction") or {}).get("union") or {}
-    best = (audit.get("mia") or {}).get("best") or {}
-    data = audit.get("data") or {}
-    sampling = audit.get("sampling") or {}
-    run = audit.get("run") or {}
+    run, data, sampling = audit.get("run") or {}, audit.get("data") or {}, audit.get("sampling") or {}
+    train_time = run.get("train_time_s")
+    before = {
+        "setting": (name, name),
+        "defense": (run.get("defenses", "none"), run.get("defenses", "none")),
+        "epsilon": (privacy.get("epsilon"), _epsilon_text(privacy)),
+    }
+    after = {
+        "removed": (data.get("removed_by_defenses", 0), _fmt(data.get("removed_by_defenses", 0))),
+        "reject_rate": (sampling.get("reject_rate"), _fmt(sampling.get("reject_rate"))),
+        "train_time": (train_time, "—" if train_time is None else f"{train_time:.0f} s"),
+    }
+    columns = [{"key": k, "header": h, "unit": u, "role": ""} for k, h, u in FIXED_BEFORE]
+    values = {k: v for k, (v, _) in before.items()}
+    text = {k: t for k, (_, t) in before.items()}
+    for plugin in (audit.get("plugins") or {}).values():
+        for c in plugin.get("columns", []):
+            columns.append({k: c[k] for k in ("key", "header", "unit", "role")})
+            values[c["key"]], text[c["key"]] = c["value"], c["text"]
+    columns += [{"key": k, "header": h, "unit": u, "role": ""} for k, h, u in FIXED_AFTER]
+    values.update({k: v for k, (v, _) in after.items()})
+    text.update({k: t for k, (_, t) in after.items()})
     return {
-        "setting": name,
-        "defense": run.get("defenses", "none"),
-        "epsilon": privacy.get("epsilon"),
-        "delta": privacy.get("delta"),
-        "accountant": privacy.get("accountant"),
-        "epsilon_holds": privacy.get("holds"),
-        "privacy_known": privacy.get("known", True),
-        "fid": quality.get("fid"),
-        "kid": quality.get("kid_mean"),
-        "kid_std": quality.get("kid_std"),
-        "fid_backbone": quality.get("backbone"),
-        "extracted": union.get("extracted"),
-        "extracted_fraction": union.get("fraction_of_members"),
-        "nn_memorized": (audit.get("memorization") or {}).get("fraction_memorized"),
-        "mia": best.get("auc"),
-        "tpr": best.get("tpr_at_1pct_fpr"),
-        "mia_attack": best.get("attack"),
-        "removed": data.get("removed_by_dedup", 0),
-        "reject_rate": sampling.get("reject_rate"),
-        "train_time": run.get("train_time_s"),
-        "num_members": data.get("num_members"),
+        **values,
+        "delta": privacy.get("delta"), "accountant": privacy.get("accountant"), "epsilon_holds": privacy.get("holds"),
+        "num_members": data.get("num_members"), "text": text, "columns": columns,
     }
 
 
-def _cells(row: Mapping[str, Any]) -> list[str]:
-    if not row.get("privacy_known", True):
-        eps = "unknown"
-    elif row["epsilon"] is None:
-        eps = "none"
-    else:
-        eps = f"{row['epsilon']:.2f} ({row['delta']:.0e}, {row['accountant']})"
-        if row.get("epsilon_holds") is False:
-            eps += " — does NOT hold"
-    fid = "—" if row["fid"] is None else f"{row['fid']:.3g} ({row['fid_backbone']})"
-    kid = "—" if row["kid"] is None else f"{row['kid']:.3g} ± {row['kid_std']:.2g}"
-    if row["extracted"] is None:
-        extracted = "—"
-    else:
-        extracted = f"{row['extracted']} ({100 * (row['extracted_fraction'] or 0):.1f}%)"
-    mia = "—" if row["mia"] is None else f"{row['mia']:.3f} ({row['mia_attack']})"
-    train_time = "—" if row["train_time"] is None else f"{row['train_time']:.0f} s"
-    return [
-        row["setting"],
-        row["defense"],
-        eps,
-        fid,
-        kid,
-        extracted,
-        _fmt(row["nn_memorized"]),
-        mia,
-        _fmt(row["tpr"]),
-        _fmt(row["removed"]),
-        _fmt(row["reject_rate"]),
-        train_time,
-    ]
+def table_columns(rows: list[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Every column of the rows, in order of first appearance (settings may run different attacks)."""
+    seen: dict[str, dict[str, str]] = {}
+    for row in rows:
+        for c in row["columns"]:
+            seen.setdefault(c["key"], c)
+    fixed_after = [k for k, _, _ in FIXED_AFTER]
+    ordered = [c for k, c in seen.items() if k not in fixed_after] + [seen[k] for k in fixed_after if k in seen]
+    return ordered
+
+
+def table_cells(row: Mapping[str, Any], columns: list[dict[str, str]]) -> list[str]:
+    """A row's cells for ``columns`` ("—" where the row has no such column)."""
+    return [row["text"].get(c["key"], "—") for c in columns]
 
 
 def markdown_table(rows: list[Mapping[str, Any]]) -> str:
     """Return the Markdown table, one row per setting."""
-    header = [h for h, _ in COLUMNS.values()]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    columns = table_columns(rows)
+    lines = ["| " + " | ".join(c["header"] for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(table_cells(r, columns)) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -122,46 +112,47 @@ def _png(fig) -> str:
 
 
 def privacy_utility_figure(rows: list[Mapping[str, Any]]):
-    """FID against extracted images and against the best MIA AUC, one point per setting."""
+    """The utility column (e.g. FID) against each privacy column (extracted, memorized, MIA AUC), one point per setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8), layout="constrained")
-    for ax, key, label in ((axes[0], "extracted", "extracted member images"), (axes[1], "mia", "best MIA AUC")):
+    columns = table_columns(rows)
+    utility = next((c for c in columns if c["role"] == "utility"), None)
+    privacy = [c for c in columns if c["role"] == "privacy"]
+    if utility is None or not privacy:
+        return None
+    fig, axes = plt.subplots(1, len(privacy), figsize=(4.2 * len(privacy), 3.8), layout="constrained", squeeze=False)
+    for ax, column in zip(axes[0], privacy):
         for r in rows:
-            if r["fid"] is None or r[key] is None:
+            x, y = r.get(column["key"]), r.get(utility["key"])
+            if not isinstance(x, (int, float)) or not isinstance(y, (int, float)):
                 continue
-            ax.scatter(r[key], r["fid"], s=40)
-            ax.annotate(r["setting"], (r[key], r["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(label + " (lower = more private)")
-        ax.set_ylabel(f"FID ({rows[0].get('fid_backbone') or '?'}; lower = better)")
+            ax.scatter(x, y, s=40)
+            ax.annotate(r["setting"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(column["header"] + " (lower = more private)")
+        ax.set_ylabel(f"{utility['header']} ({rows[0]['text'].get(utility['key'], '').rpartition('(')[2].rstrip(')') or '?'}; lower = better)")
         ax.grid(alpha=0.3)
     fig.suptitle("privacy–utility")
     return fig
 
 
-def copies_figure(runs: Mapping[str, Mapping[str, Any]]):
-    """Fraction of member images extracted against how many copies of them were in training."""
-    import matplotlib
+def plugin_figures(runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Any]]:
+    """The figures each attack or metric draws from the runs' audits (its class's ``figures``)."""
+    import importlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.8, 3.6))
-    for name, audit in runs.items():
-        by = audit.get("by_copies") or {}
-        points = sorted((int(k), v["fraction_extracted"]) for k, v in by.items())
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.set_xlabel("copies in the training set")
-    ax.set_ylabel("fraction extracted")
-    ax.set_ylim(-0.05, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("memorization vs duplication")
-    return fig
+    classes: dict[str, type] = {}
+    for audit in runs.values():
+        for plugin in (audit.get("plugins") or {}).values():
+            path = plugin.get("class_path")
+            if path and path not in classes:
+                module, _, name = path.rpartition(".")
+                try:
+                    classes[path] = getattr(importlib.import_module(module), name)
+                except (ImportError, AttributeError):
+                    continue  # a plugin of another installation: its columns are shown, its figures are not
+    return [fig for cls in classes.values() for fig in cls.figures(runs)]
 
 
 def cases_figure(cases: Mapping[str, Any], max_cases: int = 12):
@@ -216,14 +207,15 @@ def write_report(
     table = markdown_table(rows)
     payload = {
         "schema": REPORT_SCHEMA,
-        "columns": {k: {"header": h, "unit": u} for k, (h, u) in COLUMNS.items()},
+        "columns": {c["key"]: {"header": c["header"], "unit": c["unit"], "role": c["role"]} for c in table_columns(rows)},
         "rows": rows,
         "runs": runs,
         "training_images_embedded": embed_training_images,
     }
     import matplotlib.pyplot as plt
 
-    figures = {"privacy–utility": privacy_utility_figure(rows), "memorization vs copies": copies_figure(runs)}
+    figures = {"privacy–utility": privacy_utility_figure(rows), **dict(plugin_figures(runs))}
+    figures = {k: f for k, f in figures.items() if f is not None}
     embedded = False
     if embed_training_images and run_dirs:
         for name, run_dir in run_dirs.items():
@@ -243,16 +235,15 @@ def write_report(
 
 
 def _notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    notes = [
-        "Extracted: union of Carlini et al. 2023's generate-and-filter attack and the calibrated-l2 "
-        "white-box check; NN-ratio: Gu et al. 2023.",
-    ]
+    notes: list[str] = []
+    for audit in runs.values():
+        for plugin in (audit.get("plugins") or {}).values():
+            notes += [n for n in plugin.get("notes", []) if n not in notes]
     for name, audit in runs.items():
         for key, value in (audit.get("defense_metrics") or {}).items():
+            # A defense without a formal guarantee says what it does give in its "guarantee" metric.
             if key.endswith("/guarantee"):
-                notes.append(f"{name}: the output filter gives {value}.")
-            if key.endswith("/duplicates_note"):
-                notes.append(f"{name}: {value}")
+                notes.append(f"{name}: {key.split('/')[1]} gives {value}.")
         for g in (audit.get("privacy") or {}).get("guarantees", []):
             spent = (
                 f"{name}: {g['defense']} spent ε={_fmt(g['epsilon'], 4)} at δ={_fmt(g['delta'])} ({g['accountant']} accountant"
@@ -270,8 +261,9 @@ def _notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def _html(title: str, rows: list[Mapping[str, Any]], images: Mapping[str, str], notes: list[str], embedded: bool) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in COLUMNS.values())
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r)) + "</tr>" for r in rows)
+    columns = table_columns(rows)
+    head = "".join(f"<th title='{html.escape(c['unit'])}'>{html.escape(c['header'])}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in table_cells(r, columns)) + "</tr>" for r in rows)
     figs = "".join(
         f"<figure><img alt='{html.escape(k)}' src='data:image/png;base64,{v}'/><figcaption>{html.escape(k)}</figcaption></figure>"
         for k, v in images.items()
@@ -286,7 +278,8 @@ def _html(title: str, rows: list[Mapping[str, Any]], images: Mapping[str, str], 
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f4f4f4}}
-td:first-child,td:nth-child(2){{text-align:left}}figure{{display:inline-block;margin:1em}}.warn{{color:#a00}}</style>
+td:first-child,td:nth-child(2){{text-align:left}}figure{{display:inline-block;margin:1em;max-width:100%}}
+figure img{{max-width:100%}}.warn{{color:#a00}}</style>
 </head><body><h1>{html.escape(title)}</h1>{warning}
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <ul>{note_html}</ul>{figs}</body></html>

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from privdiff.model import DiffusionModel
+from privdiff.shard import Shard, check_shard, gather, rows_of
+
 from ..defenses.base import Defense, DefenseStack, GenerationContext, as_stack
-from ..train.denoiser import Denoiser
-from .shard import Shard, check_shard, gather, rows_of
 
 
 @dataclass
@@ -17,7 +18,7 @@ class Generated:
     """Kept samples in [0, 1] and what the generation-side defenses dropped."""
 
     images: torch.Tensor
-    labels: torch.Tensor | None
+    labels: torch.Tensor | None  # the class label each kept sample was drawn for (None: unconditional)
     num_drawn: int
     num_rejected: int
 
@@ -32,7 +33,7 @@ def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
 
 
 def generate(
-    denoiser: Denoiser,
+    model: DiffusionModel,
     num_samples: int,
     *,
     solver: str = "dpmsolver++",
@@ -46,7 +47,7 @@ def generate(
     progress: bool = True,
     shard: Shard | None = None,
 ) -> Generated:
-    """Draw ``num_samples`` images in [0, 1] from ``denoiser``, applying generation-side defenses.
+    """Draw ``num_samples`` images in [0, 1] from ``model``, applying generation-side defenses.
 
     Batch ``b`` uses a generator seeded with ``(seed, b)``, so the same seed gives the same images
     whatever process draws the batch. A sample a defense rejects is redrawn (same label) up to
@@ -63,14 +64,14 @@ def generate(
     shard = check_shard(shard)
     stack = as_stack(defenses)
     context = context or GenerationContext()
-    if denoiser.num_classes and class_labels is None:
-        class_labels = balanced_labels(num_samples, denoiser.num_classes)
+    if model.num_classes and class_labels is None:
+        class_labels = balanced_labels(num_samples, model.num_classes)
     if class_labels is not None and len(class_labels) != num_samples:
         raise ValueError(f"got {len(class_labels)} class labels for {num_samples} samples")
     filtering = any(type(d).keep_mask is not Defense.keep_mask for d in stack)
 
-    was_training = denoiser.training
-    denoiser.eval()
+    was_training = model.training
+    model.eval()
     kept_images: list[torch.Tensor] = []
     kept_labels: list[torch.Tensor] = []
     pending = torch.arange(num_samples)
@@ -83,7 +84,7 @@ def generate(
             rows = pending[starts[j] : starts[j] + batch_size]
             labels = class_labels[rows] if class_labels is not None else None
             gen = torch.Generator().manual_seed(seed * 1_000_003 + batch_index + j)
-            drawn_batches.append((j, denoiser.sample_batch(len(rows), solver, steps, labels, gen).add(1).div(2).cpu()))
+            drawn_batches.append((j, model.sample(len(rows), solver, steps, labels, gen).cpu()))
         if shard is not None:
             drawn_batches = sorted((b for share in gather(drawn_batches, shard) for b in share), key=lambda b: b[0])
         # Every process filters every batch, in batch order: the defenses see what one process would.
@@ -104,9 +105,9 @@ def generate(
         if len(pending) == 0:
             break
     bar.close()
-    denoiser.train(was_training)
+    model.train(was_training)
     return Generated(
-        images=torch.cat(kept_images) if kept_images else torch.empty(0, *denoiser.image_shape),
+        images=torch.cat(kept_images) if kept_images else torch.empty(0, *model.image_shape),
         labels=torch.cat(kept_labels) if kept_labels else None,
         num_drawn=drawn,
         num_rejected=drawn - sum(len(x) for x in kept_images),

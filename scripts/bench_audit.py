@@ -30,10 +30,11 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from privdiff.eval.audit import AuditConfig, AuditData, run_audit
-from privdiff.eval.distances import nearest_neighbors
+from privdiff.distances import nearest_neighbors
 from privdiff.train.data import ImageTable
-from privdiff.train.denoiser import Denoiser, build_unet
-from privdiff.train.module import DiffusionModule
+from privdiff.cli import module_from_config
+from privdiff.model import DiffusionModel
+from privdiff.train.denoiser import build_unet
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("sample", "extraction", "memorization", "mia", "quality")
@@ -47,18 +48,18 @@ def synthetic_table(n: int, seed: int, size: int = 16) -> ImageTable:
     return ImageTable(images, torch.randint(0, 10, (n,), generator=g), [f"synthetic/{seed}/{i}" for i in range(n)])
 
 
-def quickstart_model() -> Denoiser:
+def quickstart_model() -> DiffusionModel:
     torch.manual_seed(0)
-    return DiffusionModule(**yaml.safe_load((REPO / "configs/model/small.yaml").read_text())["model"]).denoiser.eval()
+    return module_from_config(REPO / "configs/model/small.yaml").diffusion.eval()
 
 
 def audit_config(num_samples: int, num_members: int) -> AuditConfig:
     settings = yaml.safe_load((REPO / "configs/audit/quickstart.yaml").read_text())["audit"]
-    settings.update(num_samples=num_samples, mia_examples=num_members, progress=False)
-    return AuditConfig(**settings)
+    settings["attacks"]["mia"]["init_args"]["examples"] = num_members
+    return AuditConfig(**{**settings, "num_samples": num_samples, "progress": False})
 
 
-def timed_audit(model: Denoiser, num_samples: int, num_members: int) -> dict[str, float]:
+def timed_audit(model: DiffusionModel, num_samples: int, num_members: int) -> dict[str, float]:
     members, heldout = synthetic_table(num_members, 1), synthetic_table(num_members, 2)
     data = AuditData(members=members, heldout=heldout, copies=torch.ones(num_members, dtype=torch.long))
     start = time.perf_counter()
@@ -116,7 +117,7 @@ def main() -> None:
         print(f"{samples:>8} {members:>8} " + " ".join(f"{t[s]:>12.1f}" for s in STAGES) + f" {t['total']:>8.1f}")
 
     # -- part 2: the paper's scale on one GPU ----------------------------------------------------
-    small_flops = unet_flops(model.unet, 16, 1)
+    small_flops = unet_flops(model.trainable, 16, 1)
     cifar_flops = unet_flops(cifar10_ddpm_unet(), 32, 3)
     biggest = max(rows, key=lambda r: r[0])
     samples, members, t = biggest
@@ -128,7 +129,8 @@ def main() -> None:
     start = time.perf_counter()
     nearest_neighbors(q, r, k=50)
     knn_eff = 2 * 2048 * 4096 * CIFAR_D / (time.perf_counter() - start) / peak
-    mia_forwards = len(settings.loss_timesteps) + 2 + 1 + settings.secmi_k  # loss, PIA (2), SecMI (1 + k)
+    mia = dict(settings.plugins())["mia"]
+    mia_forwards = len(mia.loss_timesteps) + 2 + 1 + mia.secmi_k  # loss, PIA (2), SecMI (1 + k)
     gpu = args.gpu_tflops * 1e12
     work = {
         "sample (DPM-Solver++ 20 steps)": (PAPER_SAMPLES * 20 * cifar_flops, sample_eff),

@@ -28,32 +28,26 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
+from privdiff.cli import module_from_config
 from privdiff.defenses.dp_sgd import DPSGDDefense, _contiguous_inputs
-from privdiff.train.denoiser import Denoiser
-from privdiff.train.module import DiffusionModule
+from privdiff.model import Batch, DiffusionModel
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def model_config(path: Path) -> dict:
-    """The ``model:`` section of a ``configs/model/*.yaml`` file (``DiffusionModule``'s arguments)."""
-    return yaml.safe_load(path.read_text())["model"]
-
-
-def make(config: dict, seed: int = 0) -> Denoiser:
-    """The denoiser the trainer builds from ``config``, with the seed's initial weights."""
+def make(config: Path, seed: int = 0) -> DiffusionModel:
+    """The model the trainer builds from the ``configs/model/*.yaml`` file ``config``, with the seed's initial weights."""
     torch.manual_seed(seed)
-    return DiffusionModule(**config).denoiser
+    return module_from_config(config).diffusion
 
 
-def plain_step(den: Denoiser, opt: torch.optim.Optimizer, batch: torch.Tensor):
+def plain_step(den: DiffusionModel, opt: torch.optim.Optimizer, batch: Batch):
     """One step of zero_grad, mean loss, full backward and optimizer step."""
 
     def step() -> None:
         opt.zero_grad()
-        den.per_sample_loss(batch).mean().backward()
+        den.per_example_loss(batch).mean().backward()
         opt.step()
 
     return step
@@ -66,17 +60,17 @@ def contiguous_convolutions(unet: torch.nn.Module) -> None:
             m.register_forward_pre_hook(_contiguous_inputs)
 
 
-def step_fn(mode: str, batch: torch.Tensor, config: dict, max_grad_norm: float = 1.0, sigma: float = 1.0):
+def step_fn(mode: str, batch: Batch, config: Path, max_grad_norm: float = 1.0, sigma: float = 1.0):
     """Return a function running one training step of ``mode`` and the model it trains."""
     den = make(config)
     if mode == "none":
-        return plain_step(den, torch.optim.AdamW(den.unet.parameters(), lr=1e-4), batch), den
+        return plain_step(den, torch.optim.AdamW(den.trainable.parameters(), lr=1e-4), batch), den
     if mode == "opacus":
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
-        contiguous_convolutions(den.unet)
-        den.unet = gsm = GradSampleModule(den.unet, batch_first=True, loss_reduction="mean")
+        contiguous_convolutions(den.trainable)
+        den.trainable = gsm = GradSampleModule(den.trainable, batch_first=True, loss_reduction="mean")
         opt = DPOptimizer(
             torch.optim.AdamW(gsm.parameters(), lr=1e-4), noise_multiplier=sigma,
             max_grad_norm=max_grad_norm, expected_batch_size=len(batch), loss_reduction="mean",
@@ -86,8 +80,8 @@ def step_fn(mode: str, batch: torch.Tensor, config: dict, max_grad_norm: float =
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.optimizers import DPOptimizerFastGradientClipping
 
-        contiguous_convolutions(den.unet)
-        den.unet = gsm = GradSampleModuleFastGradientClipping(den.unet, max_grad_norm=max_grad_norm, loss_reduction="mean")
+        contiguous_convolutions(den.trainable)
+        den.trainable = gsm = GradSampleModuleFastGradientClipping(den.trainable, max_grad_norm=max_grad_norm, loss_reduction="mean")
         opt = DPOptimizerFastGradientClipping(
             torch.optim.AdamW(gsm.parameters(), lr=1e-4), noise_multiplier=sigma,
             max_grad_norm=max_grad_norm, expected_batch_size=len(batch), loss_reduction="mean",
@@ -95,7 +89,7 @@ def step_fn(mode: str, batch: torch.Tensor, config: dict, max_grad_norm: float =
 
         def step() -> None:  # what opacus' DPTensorFastGradientClipping.backward does
             opt.zero_grad()
-            per_row = den.per_sample_loss(batch)
+            per_row = den.per_example_loss(batch)
             per_row.mean().backward(retain_graph=True)
             opt.zero_grad()
             coef = gsm.get_clipping_coef()
@@ -107,24 +101,24 @@ def step_fn(mode: str, batch: torch.Tensor, config: dict, max_grad_norm: float =
         return step, den
     defense = DPSGDDefense(noise_multiplier=sigma, max_grad_norm=max_grad_norm, grad_sample_mode=mode, accountant="rdp")
     defense.on_data_ready(10 * len(batch), len(batch))
-    den.unet = defense.wrap_model(den.unet)
-    opt = defense.wrap_optimizer(torch.optim.AdamW(den.unet.parameters(), lr=1e-4), den.unet)
+    den.trainable = defense.wrap_model(den.trainable)
+    opt = defense.wrap_optimizer(torch.optim.AdamW(den.trainable.parameters(), lr=1e-4), den.trainable)
 
     def step() -> None:  # DiffusionModule's training step, backward and on_before_optimizer_step
         opt.zero_grad()
-        den.per_sample_loss(batch).mean().backward(inputs=defense.backward_inputs(den.unet))
-        defense.on_before_optimizer_step(den.unet)
+        den.per_example_loss(batch).mean().backward(inputs=defense.backward_inputs(den.trainable))
+        defense.on_before_optimizer_step(den.trainable)
         opt.step()
 
     return step, den
 
 
-def per_image_norms(mode: str, batch: torch.Tensor, config: dict) -> torch.Tensor:
+def per_image_norms(mode: str, batch: Batch, config: Path) -> torch.Tensor:
     """Per-image gradient norms as ``mode`` computes them (to check that the modes agree)."""
     _, den = step_fn(mode, batch, config)
     torch.manual_seed(1)
-    per_row = den.per_sample_loss(batch)
-    params = [p for p in den.unet.parameters() if p.requires_grad]
+    per_row = den.per_example_loss(batch)
+    params = [p for p in den.trainable.parameters() if p.requires_grad]
     per_row.mean().backward()
     if mode == "ghost":
         return torch.stack([p._norm_sample for p in params], 1).norm(dim=1)
@@ -142,8 +136,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    config = model_config(args.model)
-    batch = torch.rand(args.batch, 1, 16, 16) * 2 - 1
+    config = args.model
+    images = torch.rand(args.batch, 1, 16, 16)
+    batch = Batch(images, None, torch.arange(args.batch))
     rates: dict[str, list[float]] = {}
     steps = {mode: step_fn(mode, batch, config)[0] for mode in args.modes}
     for mode in args.modes:
@@ -154,11 +149,12 @@ def main() -> None:
             for _ in range(args.steps):
                 steps[mode]()
             rates.setdefault(mode, []).append(args.batch * args.steps / (time.perf_counter() - start))
-    ref = per_image_norms("opacus", batch[:8], config)
+    few = Batch(images[:8], None, torch.arange(8))
+    ref = per_image_norms("opacus", few, config)
     for mode in (m for m in args.modes if m not in ("none", "opacus")):
-        err = ((per_image_norms(mode, batch[:8], config) - ref).abs() / ref).max().item()
+        err = ((per_image_norms(mode, few, config) - ref).abs() / ref).max().item()
         print(f"per-image gradient norms, {mode} vs stock opacus: max relative difference {err:.1e}")
-    params = sum(p.numel() for p in make(config).unet.parameters())
+    params = sum(p.numel() for p in make(config).trainable.parameters())
     base = statistics.median(rates["none"]) if "none" in rates else None
     print(f"{args.model.name} UNet ({params / 1e6:.2f}M params), batch {args.batch} at 16x16, {args.threads} thread(s), "
           f"median of {args.repeats} x {args.steps} steps")

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from privdiff.eval.distances import nearest_neighbors
+from privdiff.distances import nearest_neighbors
 
 
 def _sync(device: str) -> None:

@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from diffusers import DDIMPipeline, DDPMPipeline, DPMSolverMultistepScheduler
 
 from privdiff.eval.sampling import generate
-from privdiff.train.module import DiffusionModule
+from privdiff.cli import module_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,8 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = DiffusionModule(**yaml.safe_load(args.model.read_text())["model"]).denoiser.eval()
-    unet, sched = model.unet, model.scheduler
+    model = module_from_config(args.model).diffusion.eval()
+    unet, sched = model.trainable, model.scheduler
     cases = [("dpmsolver++", 20), ("ddim", 50)] + ([] if args.quick else [("ddpm", 1000)])
     n = args.batch
     params = sum(p.numel() for p in unet.parameters()) / 1e6

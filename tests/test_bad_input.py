@@ -13,7 +13,7 @@ from PIL import Image
 
 from privdiff.defenses.dedup import DedupDefense
 from privdiff.eval.audit import load_audit_data
-from privdiff.train.cli import PrivdiffCLI, run_fit_cli
+from privdiff.cli import PrivdiffCLI, run_fit_cli
 from privdiff.train.data import DiffusionDataModule, Manifest, load_folder
 from privdiff.train.module import DiffusionModule
 
@@ -90,12 +90,12 @@ def test_a_held_out_set_too_small_for_mia_fails_before_training(tmp_path, monkey
     monkeypatch.chdir(REPO)
     args = ["fit", "-c", "configs/base.yaml", "-c", "configs/data/digits.yaml", "-c", "configs/audit/fast.yaml",
             "--run_dir", str(tmp_path), "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
-            "--data.num_members", "16", "--data.duplicate_images", "0", "--model.block_out_channels", "[16, 32]"]
+            "--data.num_members", "16", "--data.duplicate_images", "0", "--model.diffusion.block_out_channels", "[16, 32]"]
     with pytest.raises(ValueError, match=r"at least 2 held-out images, got data.num_heldout=1; raise data.num_heldout"):
         run_fit_cli([*args, "--data.num_heldout", "1"])
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "model").exists()  # no step was taken
-    with pytest.raises(ValueError, match=r"at least 2 examples, got audit.mia_examples=1"):
-        run_fit_cli([*args, "--run_dir", str(tmp_path / "b"), "--data.num_heldout", "8", "--audit.mia_examples", "1"])
+    with pytest.raises(ValueError, match=r"at least 2 examples, got audit.attacks.mia.examples=1"):
+        run_fit_cli([*args, "--run_dir", str(tmp_path / "b"), "--data.num_heldout", "8", "--audit.attacks.mia.examples", "1"])
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 

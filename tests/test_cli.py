@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from privdiff.eval.audit import audit_saved
-from privdiff.train.cli import COMMANDS, USAGE, PrivdiffCLI, main, run_fit_cli
+from privdiff.cli import COMMANDS, USAGE, PrivdiffCLI, main, run_fit_cli
 
 REPO = Path(__file__).resolve().parents[1]
-SHRUNK = ["--trainer.enable_progress_bar", "false", "--model.block_out_channels", "[8, 16]",
+SHRUNK = ["--trainer.enable_progress_bar", "false", "--model.diffusion.block_out_channels", "[8, 16]",
           "--data.num_members", "24", "--data.num_heldout", "16", "--data.batch_size", "8"]
-FAST_AUDIT = ["--audit.num_samples", "16", "--audit.steps", "2", "--audit.mia_examples", "8",
-              "--audit.loss_timesteps", "[50]", "--audit.secmi_k", "2", "--audit.progress", "false"]
+FAST_AUDIT = ["--audit.num_samples", "16", "--audit.steps", "2", "--audit.attacks.mia.examples", "8",
+              "--audit.attacks.mia.loss_timesteps", "[50]", "--audit.attacks.mia.secmi_k", "2", "--audit.progress", "false"]
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str]:
@@ -160,7 +160,7 @@ def test_every_shipped_data_config_trains_and_audits_with_the_default_audit(conf
         extra = ["--data.path", str(tmp_path / "cifar"), "--data.num_members", "null", "--data.num_heldout", "16",
                  "--data.num_workers", "0"]
     run_fit_cli(["fit", "-c", "configs/base.yaml", "-c", f"configs/data/{config}", "--trainer.enable_progress_bar", "false",
-                 "--model.block_out_channels", "[8, 16]", "--model.warmup_steps", "1", "--data.batch_size", "8", *extra,
+                 "--model.diffusion.block_out_channels", "[8, 16]", "--model.warmup_steps", "1", "--data.batch_size", "8", *extra,
                  *FAST_AUDIT, "--trainer.max_steps", "2", "--run_dir", str(tmp_path / "run")])
     audit = json.loads((tmp_path / "run" / "audit.json").read_text())
     assert audit["quality"]["fid"] >= 0 and audit["mia"]["best"]["auc"] >= 0
@@ -185,10 +185,10 @@ def test_dedup_merging_members_of_a_folder_with_copies_then_the_audit_runs(tmp_p
         Image.fromarray(digits[i]).save(folder / f"copy{i}.png")
     run_fit_cli(["fit", "-c", "configs/base.yaml", "-c", "configs/defense/dedup.yaml", "--data.source", "folder",
                  "--data.path", str(folder), "--data.image_size", "8", "--data.num_members", "44", "--data.num_heldout", "16",
-                 "--data.batch_size", "8", *FAST_AUDIT, "--trainer.enable_progress_bar", "false", "--model.block_out_channels", "[8, 16]",
+                 "--data.batch_size", "8", *FAST_AUDIT, "--trainer.enable_progress_bar", "false", "--model.diffusion.block_out_channels", "[8, 16]",
                  "--trainer.max_steps", "2", "--run_dir", str(tmp_path / "run")])
     audit = json.loads((tmp_path / "run" / "audit.json").read_text())
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     removed = len(manifest["removed"])
-    assert removed >= 1 and audit["data"]["removed_by_dedup"] == removed
-    assert audit["by_copies"]["0"]["num_images"] == removed  # members merged into their twin: 0 rows of their own
+    assert removed >= 1 and audit["data"]["removed_by_defenses"] == removed
+    assert audit["extraction"]["by_copies"]["0"]["num_images"] == removed  # members merged into their twin: 0 rows of their own

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from privdiff.eval.audit import AuditConfig
-from privdiff.train.cli import PrivdiffCLI
+from privdiff.cli import PrivdiffCLI
 from privdiff.train.data import DiffusionDataModule
 from privdiff.train.module import DiffusionModule
 
@@ -68,19 +68,21 @@ def test_trainer_config_instantiates_ddp_with_every_defense_config(path: Path, m
 
 @pytest.mark.parametrize("path", COMPARE_CONFIGS, ids=lambda p: p.name)
 def test_compare_config_parses_and_names_existing_files(path: Path, monkeypatch) -> None:
-    from privdiff.train.cli import function_parser
-    from privdiff.train.compare import compare
+    from jsonargparse import auto_cli, capture_parser
+
+    from privdiff.compare import compare
 
     monkeypatch.chdir(REPO)
-    parser = function_parser(compare, "privdiff compare")
-    cfg = parser.instantiate_classes(parser.parse_args(["-c", str(path)]))
+    parser = capture_parser(lambda: auto_cli(compare, args=[], as_positional=False))
+    cfg = parser.instantiate_classes(parser.parse_args(["--config", str(path)]))
     files = list(cfg.configs) + [c for s in cfg.settings.values() for c in s.configs]
     assert files and all((REPO / f).is_file() for f in files)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "audit").glob("*.yaml")), ids=lambda p: p.name)
 def test_audit_configs_are_valid_audit_settings(path: Path) -> None:
-    AuditConfig(**yaml.safe_load(path.read_text())["audit"])
+    plugins = AuditConfig(**yaml.safe_load(path.read_text())["audit"]).plugins()
+    assert [name for name, _ in plugins] == ["quality", "extraction", "memorization", "mia"]
 
 
 def test_unknown_config_key_is_refused(monkeypatch, tmp_path) -> None:

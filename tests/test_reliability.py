@@ -13,11 +13,12 @@ import torch
 from privdiff.defenses.base import Guarantee
 from privdiff.eval.audit import privacy_summary
 from privdiff.eval.report import write_report
-from privdiff.train.cli import run_fit_cli
-from privdiff.train.denoiser import Denoiser, build_scheduler, build_unet
+from privdiff.cli import run_fit_cli
+from privdiff.train.denoiser import build_scheduler, build_unet
+from privdiff.train.pixel import PixelDiffusion
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--model.block_out_channels", "[16, 32]", "--trainer.enable_progress_bar", "false",
+SMALL = ["--model.diffusion.block_out_channels", "[16, 32]", "--trainer.enable_progress_bar", "false",
          "--data.num_members", "16", "--data.num_heldout", "8", "--data.duplicate_images", "0", "--data.batch_size", "8"]
 
 
@@ -66,11 +67,11 @@ data:
       init_args: {noise_multiplier: 1.0, accountant: rdp}
     - class_path: privdiff.defenses.output_filter.OutputFilterDefense
 """)
-    args = ["-c", str(tmp_path / "all.yaml"), "--model.num_classes", "10", "--audit", "null"]
+    args = ["-c", str(tmp_path / "all.yaml"), "--model.diffusion.num_classes", "10", "--audit", "null"]
     fit(tmp_path / "run", "--trainer.max_steps", "2", *args)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)  # EMA, defense state, LightningCLI's hyper-parameters: plain types
-    assert ckpt["hyper_parameters"]["num_classes"] == 10 and ckpt["defenses"]["dp_sgd"]["steps"] == 2
+    assert ckpt["state_dict"]["diffusion.trainable.class_embedding.weight"].shape[0] == 10 and ckpt["defenses"]["dp_sgd"]["steps"] == 2
     assert set(ckpt["defenses"]) == {"dedup", "dp_sgd", "output_filter"} and ckpt["ema"]["optimization_step"] == 2
     resumed = fit(tmp_path / "run", "--trainer.max_steps", "3", *args, "--ckpt_path", "last")
     assert resumed.trainer.global_step == 3
@@ -78,13 +79,13 @@ data:
 
 def test_an_export_holding_only_a_pickled_bin_is_refused(tmp_path) -> None:
     model = tmp_path / "model"
-    Denoiser(build_unet(8, 1, (8, 16), attention_levels=()), build_scheduler(10)).save_pretrained(model)
+    PixelDiffusion.from_parts(build_unet(8, 1, (8, 16), attention_levels=()), build_scheduler(10)).save_pretrained(model)
     for f in (model / "unet").glob("*.safetensors"):
         f.unlink()
     marker = tmp_path / "pwned"
     torch.save({"conv_in.weight": MakesAFile(marker)}, model / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(ValueError, match=r"no safetensors weights.*diffusion_pytorch_model.bin.*pickle"):
-        Denoiser.from_pretrained(model)
+        PixelDiffusion.from_pretrained(model)
     assert not marker.exists()
 
 
@@ -97,7 +98,7 @@ def test_default_run_keeps_training_images_in_the_run_directory(tmp_path, monkey
     monkeypatch.chdir(cwd)
     # A loose calibrated threshold makes the untrained model "extract" members: the cases exist (on local disk).
     fit(run, "--trainer.max_steps", "2", "--logging.tensorboard", "true", "--audit.num_samples", "8",
-        "--audit.calibrated_threshold", "100", "--audit.mia_attacks", "[]", "--audit.fid_backbone", "none",
+        "--audit.attacks", json.dumps({"extraction": {"class_path": "privdiff.eval.extraction.ExtractionAttack", "init_args": {"calibrated_threshold": 100}}}),
         "--audit.progress", "false")
     assert (run / "audit_cases.safetensors").is_file()
     assert list(cwd.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "run"]
@@ -136,7 +137,7 @@ def test_report_warns_exactly_when_it_embeds_training_images_and_names_the_accou
         html = paths["html"].read_text()
         assert ("This report embeds images of training data" in html) is expected, out
         assert ("No image of training data is embedded" in html) is not expected, out
-        assert html.count("data:image/png;base64,") == 2 + expected
+        assert html.count("data:image/png;base64,") == expected  # (no attack ran: no other figure)
         assert json.loads(paths["json"].read_text())["training_images_embedded"] is expected
     markdown = (tmp_path / "a" / "report.md").read_text()
     assert "3.20 (1e-05, prv)" in markdown
@@ -167,7 +168,7 @@ def test_same_seed_gives_the_same_split_dedup_result_and_audit_numbers(tmp_path,
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
         fit(run, "--trainer.max_steps", "4", "--data.duplicate_images", "2", "--data.duplicate_copies", "3",
-            "--audit.num_samples", "16", "--audit.mia_examples", "8", "--audit.secmi_k", "2",
+            "--audit.num_samples", "16", "--audit.attacks.mia.examples", "8", "--audit.attacks.mia.secmi_k", "2",
             configs=("configs/defense/dedup.yaml", "configs/audit/fast.yaml"))
     manifests = [json.loads((r / "manifest.json").read_text()) for r in runs]
     assert manifests[0] == manifests[1] and len(manifests[0]["removed"]) == 4

@@ -20,127 +20,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from privdiff.membership import ImageTable, Manifest, copies_per_member, image_fingerprint
+
 from ..defenses.base import Defense, DefenseStack, as_stack
 
 BUILTIN_SOURCES = ("digits", "faces")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-MANIFEST_VERSION = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# In-memory images with stable ids
-# ---------------------------------------------------------------------------------------------
-class ImageTable(Dataset):
-    """Images held in memory as uint8 (N, C, H, W), with int64 labels (-1 = none) and stable string ids.
-
-    Items are ``(image in [-1, 1], label, row)``; ``row`` lets a training step know which example it saw.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, ids: Sequence[str]) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-        if len(labels) != len(images) or len(ids) != len(images):
-            raise ValueError(f"{len(images)} images, {len(labels)} labels and {len(ids)} ids must match")
-        self.images = images
-        self.labels = labels.long()
-        self.ids = list(ids)
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.model_scale(row), self.labels[row], torch.tensor(row)
-
-    def select(self, rows: Sequence[int] | torch.Tensor) -> "ImageTable":
-        """Return the table restricted to ``rows`` (in that order)."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        return ImageTable(self.images[rows], self.labels[rows], [self.ids[i] for i in rows.tolist()])
-
-    def model_scale(self, rows: int | slice = slice(None)) -> torch.Tensor:
-        """Return images (all, or ``rows``) as float in [-1, 1], the scale the diffusion model sees."""
-        return self.images[rows].float().div(127.5).sub(1.0)
-
-    def unit(self) -> torch.Tensor:
-        """Return the images as float in [0, 1] (the scale every distance is defined on)."""
-        return self.images.float().div(255.0)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
-
-    @staticmethod
-    def concat(tables: Sequence["ImageTable"]) -> "ImageTable":
-        return ImageTable(
-            torch.cat([t.images for t in tables]),
-            torch.cat([t.labels for t in tables]),
-            [i for t in tables for i in t.ids],
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# The membership manifest
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Manifest:
-    """Who is a member, who is held out, what was planted and what a defense removed (stable ids)."""
-
-    seed: int
-    source: dict[str, Any]
-    image_shape: list[int]
-    num_classes: int
-    members: list[str]
-    heldout: list[str]
-    train: list[str] = field(default_factory=list)
-    planted_duplicates: dict[str, int] = field(default_factory=dict)
-    removed: list[dict[str, Any]] = field(default_factory=list)
-    fingerprint: str = ""  # image_fingerprint(members, held-out): the pixels the ids stood for ("" in older manifests)
-    version: int = MANIFEST_VERSION
-
-    def record_removed(self, removed_id: str, kept_id: str, defense: str, **extra: Any) -> None:
-        """Note that ``defense`` dropped ``removed_id`` from training, keeping ``kept_id`` instead."""
-        self.removed.append({"id": removed_id, "kept": kept_id, "defense": defense, **extra})
-
-    def membership_key(self) -> dict[str, Any]:
-        """The part that must never change between a run and its resume or audit."""
-        return {k: getattr(self, k) for k in ("seed", "members", "heldout", "train", "planted_duplicates")}
-
-    def check_fingerprint(self, fingerprint: str, where: Any) -> None:
-        """Raise ``ValueError`` when ``fingerprint`` (of the members and held-out images now) is not the recorded one."""
-        if self.fingerprint and fingerprint != self.fingerprint:
-            raise ValueError(
-                f"the images behind the manifest's ids in {where} changed since it was written (same ids, other "
-                "pixels: edited or replaced files, or another image_size/channels). Restore the original data, or "
-                "train into a new run directory"
-            )
-
-    def save(self, path: str | Path) -> None:
-        """Write JSON atomically (a crash mid-write leaves the previous file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Manifest":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no membership manifest at {path}; it is written by `privdiff fit` into the run directory")
-        data = json.loads(path.read_text())
-        if data.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"{path}: manifest version {data.get('version')} is not supported (expected {MANIFEST_VERSION})")
-        return cls(**data)
-
-
-def image_fingerprint(*tables: "ImageTable") -> str:
-    """SHA-256 of the tables' uint8 pixels, shapes and ids, in order (what a manifest's ids stood for)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for table in tables:
-        digest.update(repr((tuple(table.images.shape), table.ids)).encode())
-        digest.update(table.images.contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +223,7 @@ def load_hf(
 # The membership split
 # ---------------------------------------------------------------------------------------------
 def _too_close(candidates: torch.Tensor, members: torch.Tensor, min_l2: float) -> torch.Tensor:
-    from ..eval.distances import nearest_neighbors
+    from privdiff.distances import nearest_neighbors
 
     if min_l2 <= 0 or len(members) == 0 or len(candidates) == 0:
         return torch.zeros(len(candidates), dtype=torch.bool)
@@ -407,15 +292,6 @@ def membership_split(
             copies.append(extra)
     train = ImageTable.concat([members, *copies])
     return Split(train=train, members=members, heldout=heldout, planted=planted)
-
-
-def copies_per_member(manifest: Manifest, members: ImageTable) -> torch.Tensor:
-    """How many copies of each member the final training set holds (0 when a defense removed all)."""
-    counts: dict[str, int] = {}
-    for tid in manifest.train:
-        base = tid.split("#copy")[0]
-        counts[base] = counts.get(base, 0) + 1
-    return torch.tensor([counts.get(i, 0) for i in members.ids], dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -255,7 +255,7 @@ def test_cnn_removes_exact_copies_when_weights_are_present() -> None:
 
 
 def test_cli_fit_with_dedup_config_removes_the_planted_copies(tmp_path, monkeypatch) -> None:
-    from privdiff.train.cli import run_fit_cli
+    from privdiff.cli import run_fit_cli
 
     monkeypatch.chdir(REPO)
     cli = run_fit_cli(

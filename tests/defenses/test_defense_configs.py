@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from privdiff.train.cli import run_fit_cli
+from privdiff.cli import run_fit_cli
 
 REPO = Path(__file__).resolve().parents[2]
 DEFENSE_CONFIGS = sorted((REPO / "configs" / "defense").glob("*.yaml"))

@@ -14,9 +14,11 @@ from opacus.accountants import create_accountant
 from torch.utils.data import DataLoader
 
 from privdiff.defenses.dp_sgd import DPSGDDefense
-from privdiff.train.cli import run_fit_cli
+from privdiff.cli import run_fit_cli
 from privdiff.train.data import DiffusionDataModule, ImageTable
-from privdiff.train.denoiser import Denoiser, build_scheduler, build_unet
+from privdiff.model import Batch
+from privdiff.train.denoiser import build_scheduler, build_unet
+from privdiff.train.pixel import PixelDiffusion
 from privdiff.train.module import DiffusionModule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,15 +39,20 @@ def draws(b: int, k: int, seed: int = 0):
 
 def per_image_loop(b: int, k: int) -> list[dict[str, torch.Tensor]]:
     """Reference: each image's gradient from its own backward, the mean of its K draws."""
-    den = Denoiser(tiny_unet(), build_scheduler())
+    den = PixelDiffusion.from_parts(tiny_unet(), build_scheduler())
     x, t, noise = draws(b, k)
     out = []
     for i in range(b):
         den.zero_grad()
         rows = slice(i * k, (i + 1) * k)
-        den.per_sample_loss(x[rows], timesteps=t[rows], noise=noise[rows]).mean().backward()
-        out.append({n: p.grad.clone() for n, p in den.unet.named_parameters()})
+        loss(den, x[rows], timesteps=t[rows], noise=noise[rows]).mean().backward()
+        out.append({n: p.grad.clone() for n, p in den.trainable.named_parameters()})
     return out
+
+
+def loss(model: PixelDiffusion, x: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """The trainer's per-example loss of images ``x`` in [-1, 1] (the model's space)."""
+    return model.per_example_loss(Batch((x + 1) / 2, labels, torch.arange(len(x))), **kwargs)
 
 
 def dp(n: int = 40, batch_size: int = 8, **kwargs) -> DPSGDDefense:
@@ -60,12 +67,12 @@ def wrapped_step(d: DPSGDDefense, b: int, k: int):
     unet = tiny_unet()
     wrapped = d.wrap_model(unet)
     assert d.wrap_model(unet) is wrapped and d.wrap_model(wrapped) is wrapped  # never wrapped twice
-    den = Denoiser(wrapped, build_scheduler())
+    den = PixelDiffusion.from_parts(wrapped, build_scheduler())
     opt = d.wrap_optimizer(torch.optim.SGD(wrapped.parameters(), lr=0.0), wrapped)
     x, t, noise = draws(b, k)
     opt.zero_grad()
     # The trainer's backward (DiffusionModule.backward): to the layers' inputs only.
-    den.per_sample_loss(x, timesteps=t, noise=noise).mean().backward(inputs=d.backward_inputs(wrapped))
+    loss(den, x, timesteps=t, noise=noise).mean().backward(inputs=d.backward_inputs(wrapped))
     d.on_before_optimizer_step(wrapped)
     return den, opt
 
@@ -76,9 +83,9 @@ def test_per_image_gradients_equal_a_micro_batch_loop_for_every_parameter(mode: 
     b = 3
     reference = per_image_loop(b, k)
     den, _ = wrapped_step(dp(noise_multiplicity=k, grad_sample_mode=mode), b, k)
-    names = [n for n, _ in den.unet._module.named_parameters()]
+    names = [n for n, _ in den.trainable._module.named_parameters()]
     assert any("attentions" in n for n in names)
-    for name, p in den.unet._module.named_parameters():
+    for name, p in den.trainable._module.named_parameters():
         expected = torch.stack([r[name] for r in reference])
         assert p.grad_sample.shape == expected.shape, name
         torch.testing.assert_close(p.grad_sample, expected, atol=1e-5, rtol=1e-4, msg=name)
@@ -87,9 +94,9 @@ def test_per_image_gradients_equal_a_micro_batch_loop_for_every_parameter(mode: 
 def test_the_backward_pass_skips_the_discarded_parameter_gradients() -> None:
     d = dp()
     den, _ = wrapped_step(d, 2, 1)
-    leaves = d.backward_inputs(den.unet)
+    leaves = d.backward_inputs(den.trainable)
     assert leaves and all(not isinstance(t, torch.nn.Parameter) for t in leaves)  # input image, timestep features
-    assert all(p.grad is None and p.grad_sample is not None for p in den.unet.parameters())
+    assert all(p.grad is None and p.grad_sample is not None for p in den.trainable.parameters())
 
 
 def test_per_image_gradients_of_a_class_conditional_model_reach_the_label_embedding() -> None:
@@ -102,15 +109,15 @@ def test_per_image_gradients_of_a_class_conditional_model_reach_the_label_embedd
 
     x, t, noise = draws(b, 1)
     labels = torch.tensor([0, 3, 1])
-    den = Denoiser(unet(), build_scheduler())
+    den = PixelDiffusion.from_parts(unet(), build_scheduler())
     reference = []
     for i in range(b):
         den.zero_grad()
-        den.per_sample_loss(x[i : i + 1], labels[i : i + 1], timesteps=t[i : i + 1], noise=noise[i : i + 1]).mean().backward()
-        reference.append({n: p.grad.clone() for n, p in den.unet.named_parameters()})
+        loss(den, x[i : i + 1], labels[i : i + 1], timesteps=t[i : i + 1], noise=noise[i : i + 1]).mean().backward()
+        reference.append({n: p.grad.clone() for n, p in den.trainable.named_parameters()})
     d = dp()
     wrapped = d.wrap_model(unet())
-    Denoiser(wrapped, build_scheduler()).per_sample_loss(x, labels, timesteps=t, noise=noise).mean().backward(
+    loss(PixelDiffusion.from_parts(wrapped, build_scheduler()), x, labels, timesteps=t, noise=noise).mean().backward(
         inputs=d.backward_inputs(wrapped)
     )
     names = [n for n, _ in wrapped._module.named_parameters()]
@@ -123,9 +130,9 @@ def test_plain_opacus_hooks_are_wrong_after_the_attention_block() -> None:
     """The trap the contiguity hooks fix: zero per-sample gradients, no error (opacus 1.6.0)."""
     reference = per_image_loop(2, 1)
     unet = tiny_unet()
-    den = Denoiser(GradSampleModule(unet), build_scheduler())
+    den = PixelDiffusion.from_parts(GradSampleModule(unet), build_scheduler())
     x, t, noise = draws(2, 1)
-    den.per_sample_loss(x, timesteps=t, noise=noise).mean().backward()
+    loss(den, x, timesteps=t, noise=noise).mean().backward()
     wrong = [
         n for n, p in unet.named_parameters()
         if not torch.allclose(p.grad_sample, torch.stack([r[n] for r in reference]), atol=1e-5)
@@ -140,11 +147,11 @@ def test_one_images_update_never_exceeds_the_clipping_bound(k: int) -> None:
     c = 1e-3
     d = dp(max_grad_norm=c, noise_multiplicity=k)
     den, opt = wrapped_step(d, 1, k)
-    raw = torch.cat([p.grad_sample.flatten() for p in den.unet.parameters()]).norm()
+    raw = torch.cat([p.grad_sample.flatten() for p in den.trainable.parameters()]).norm()
     assert raw > 10 * c  # the bound is active
     opt.step()
     # summed_grad is the clipped sum before noise: one image's whole contribution (its K draws).
-    contribution = torch.cat([p.summed_grad.flatten() for p in den.unet.parameters()]).norm()
+    contribution = torch.cat([p.summed_grad.flatten() for p in den.trainable.parameters()]).norm()
     assert contribution <= c * (1 + 1e-5)
     assert contribution >= c * (1 - 1e-4)  # clipped to the bound, not below it
 
@@ -155,10 +162,10 @@ def test_clipped_sum_is_the_sum_of_clipped_per_image_means() -> None:
     d = dp(max_grad_norm=c, noise_multiplicity=k)
     den, opt = wrapped_step(d, b, k)
     opt.step()
-    names = [n for n, _ in den.unet._module.named_parameters()]
+    names = [n for n, _ in den.trainable._module.named_parameters()]
     norms = torch.stack([torch.cat([r[n].flatten() for n in names]).norm() for r in reference])
     factors = (c / (norms + 1e-6)).clamp(max=1.0)
-    for name, p in den.unet._module.named_parameters():
+    for name, p in den.trainable._module.named_parameters():
         expected = sum(f * r[name] for f, r in zip(factors, reference))
         torch.testing.assert_close(p.summed_grad, expected, atol=1e-6, rtol=1e-4, msg=name)
     assert opt.expected_batch_size == 8  # the update divides by the expected images, not B*K rows
@@ -266,7 +273,7 @@ class BatchSizes(pl.Callback):
 def fit(tmp_path: Path, d: DPSGDDefense, batch_size: int, max_steps: int, ckpt_path: str | None = None, **trainer_kwargs):
     pl.seed_everything(0, verbose=False)
     data = DiffusionDataModule(image_size=8, num_members=16, num_heldout=4, batch_size=batch_size, defenses=[d], run_dir=str(tmp_path))
-    model = DiffusionModule(image_size=8, block_out_channels=(8, 16), attention_levels=(1,), warmup_steps=1, defenses=[d])
+    model = DiffusionModule(PixelDiffusion(image_size=8, block_out_channels=(8, 16), attention_levels=(1,)), warmup_steps=1, defenses=[d])
     sizes = BatchSizes()
     trainer = pl.Trainer(
         max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -132,3 +132,49 @@ def test_layers_used_twice_get_the_summed_per_example_gradients_through_the_inpu
     for name, p in model.named_parameters():
         assert p.grad is None
         torch.testing.assert_close(p.grad_sample, torch.stack([r[name] for r in reference]), atol=1e-5, rtol=1e-4)
+
+
+# -- the Opacus internals per_sample_grads is built on ----------------------------------------------
+# per_sample_grads copies the logic of these Opacus 1.6.0 functions or calls them directly (some are
+# private). If an Opacus upgrade changes any of them, this test fails: re-read the new source, port
+# the change into per_sample_grads, then update the fingerprint here.
+OPACUS_INTERNALS = {
+    "opacus.grad_sample.grad_sample_module.GradSampleHooks.capture_backprops_hook": "b46e25b8319c43ef",
+    "opacus.grad_sample.grad_sample_module.GradSampleHooks.add_hooks": "1b2c65cf443e7758",
+    "opacus.grad_sample.grad_sample_module.GradSampleHooks.capture_activations_hook": "379784e95a086cf2",
+    "opacus.grad_sample.grad_sample_module.GradSampleHooks.rearrange_grad_samples": "4a25a1d894df7d7a",
+    "opacus.grad_sample.grad_sample_module.create_or_accumulate_grad_sample": "473937338191170b",
+    "opacus.grad_sample.grad_sample_module.promote_current_grad_sample": "cfc497273ac218e4",
+    "opacus.optimizers.optimizer._check_processed_flag": "cda9cba61a6691e1",
+    "opacus.optimizers.optimizer._mark_as_processed": "ad66ff8bdcd4e049",
+    "opacus.optimizers.optimizer.DPOptimizer.clip_and_accumulate": "28dc9fe15da665d3",
+    "opacus.grad_sample.functorch.ft_compute_per_sample_gradient": "69813a93e49c24ca",
+    "opacus.grad_sample.functorch.prepare_layer": "cb19353df1ff65b5",
+    "opacus.grad_sample.conv.compute_conv_grad_sample": "6a7e5686281385e4",
+}
+
+
+def _resolve(path: str):
+    import importlib
+
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(path)
+
+
+@pytest.mark.parametrize("path", sorted(OPACUS_INTERNALS))
+def test_the_opacus_internals_we_build_on_are_unchanged(path: str) -> None:
+    import hashlib
+    import inspect
+
+    source = inspect.getsource(_resolve(path))
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == OPACUS_INTERNALS[path], (
+        f"{path} changed in this Opacus version: check defenses/per_sample_grads.py against it"
+    )

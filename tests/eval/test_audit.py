@@ -12,23 +12,26 @@ from privdiff.defenses.output_filter import OutputFilterDefense
 from privdiff.eval.audit import AuditConfig, AuditData, audit_saved, run_audit
 from privdiff.eval.report import summarize
 from privdiff.train.data import ImageTable, load_builtin
-from privdiff.train.denoiser import Denoiser, build_scheduler, build_unet
+from privdiff.eval.extraction import ExtractionAttack
+from privdiff.eval.memorization import NNRatioMemorization
+from privdiff.train.denoiser import build_scheduler, build_unet
+from privdiff.train.pixel import PixelDiffusion
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class FakeSampler(Denoiser):
+class FakeSampler(PixelDiffusion):
     """A denoiser whose samples are given images (in [0, 1]) plus small noise, cycled."""
 
     def __init__(self, images: torch.Tensor, noise: float = 0.02) -> None:
-        super().__init__(build_unet(16, 1, block_out_channels=(8, 16), attention_levels=()), build_scheduler(100))
+        super().__init__(16, 1, block_out_channels=(8, 16), attention_levels=(), num_train_timesteps=100)
         self.images, self.noise, self.cursor = images, noise, 0
 
-    def sample_batch(self, n, solver="ddim", steps=10, class_labels=None, generator=None):
+    def sample(self, n, solver="ddim", steps=10, cond=None, generator=None):
         rows = (torch.arange(n) + self.cursor) % len(self.images)
         self.cursor += n
         x = self.images[rows] + self.noise * torch.randn(n, *self.images.shape[1:], generator=generator)
-        return x.clamp(0, 1) * 2 - 1
+        return x.clamp(0, 1)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,10 @@ def digits() -> tuple[ImageTable, ImageTable]:
 
 # Thresholds for 16x16 digits and a small member set (configs/audit/fast.yaml); the published ones
 # (delta 0.15, calibrated l2 < 1) flag a third of novel digits, which the threshold check reports.
-CONFIG = AuditConfig(num_samples=160, steps=2, batch_size=64, min_clique=3, tau=0.05, delta=0.05, calibrated_threshold=0.35,
-                     mia_attacks=[], fid_backbone="none", progress=False)
+CONFIG = AuditConfig(num_samples=160, steps=2, batch_size=64, progress=False, attacks={
+    "extraction": ExtractionAttack(min_clique=3, tau=0.05, delta=0.05, calibrated_threshold=0.35),
+    "memorization": NNRatioMemorization(),
+})
 
 
 def test_copying_model_is_caught_and_the_copies_breakdown_shows_it(digits, tmp_path) -> None:
@@ -58,7 +63,7 @@ def test_copying_model_is_caught_and_the_copies_breakdown_shows_it(digits, tmp_p
         assert len(found & {members.ids[i] for i in copied}) >= 9, method
         assert found <= {members.ids[i] for i in copied}
     assert result["memorization"]["fraction_memorized"] > 0.9
-    assert result["by_copies"]["5"]["fraction_extracted"] >= 0.9 and result["by_copies"]["1"]["num_extracted"] == 0
+    assert result["extraction"]["by_copies"]["5"]["fraction_extracted"] >= 0.9 and result["extraction"]["by_copies"]["1"]["num_extracted"] == 0
     assert json.loads((tmp_path / "audit.json").read_text())["extraction"]["union"]["extracted"] == len(union)
     assert summarize("x", result)["extracted"] == len(union)
 
@@ -77,7 +82,7 @@ def test_threshold_check_reports_published_thresholds_too_loose_for_tiny_digit_s
     members, heldout = digits
     data = AuditData(members, heldout, torch.ones(len(members), dtype=torch.long))
     with pytest.warns(UserWarning, match="flag real held-out images"):
-        check = run_audit(FakeSampler(heldout.unit()), data, AuditConfig(num_samples=8, mia_attacks=[], fid_backbone="none", progress=False))["threshold_check"]
+        check = run_audit(FakeSampler(heldout.unit()), data, AuditConfig(num_samples=8, progress=False, attacks={"extraction": ExtractionAttack(), "memorization": NNRatioMemorization()}))["threshold_check"]
     assert not check["ok"] and check["heldout_flag_rate"]["calibrated_below_threshold"] > 0.1
 
 
@@ -92,7 +97,7 @@ def test_output_filter_rejects_copies_and_reports_its_rate(digits) -> None:
 
 
 def test_audit_of_a_saved_run_matches_and_errors_are_clear(tmp_path, monkeypatch) -> None:
-    from privdiff.train.cli import run_fit_cli
+    from privdiff.cli import run_fit_cli
 
     monkeypatch.chdir(REPO)
     run_fit_cli(["fit", "-c", "configs/base.yaml", "-c", "configs/data/digits.yaml", "-c", "configs/audit/fast.yaml",

@@ -19,15 +19,15 @@ from privdiff.eval.mia import (
     pia_scores,
     secmi_scores,
 )
-from privdiff.train.denoiser import Denoiser, build_scheduler, build_unet
+from privdiff.model import Batch, DiffusionModel
+from privdiff.train.denoiser import build_scheduler, build_unet
+from privdiff.train.pixel import PixelDiffusion
 
 
-
-
-def tiny_denoiser(num_classes=None, seed=0) -> Denoiser:
+def tiny_denoiser(num_classes=None, seed=0) -> PixelDiffusion:
     torch.manual_seed(seed)
     unet = build_unet(8, 1, block_out_channels=(8, 16), attention_levels=(), norm_num_groups=8, num_classes=num_classes)
-    return Denoiser(unet, build_scheduler()).eval()
+    return PixelDiffusion.from_parts(unet, build_scheduler()).eval()
 
 
 # -- audit --------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def test_best_over_timesteps_picks_the_best_column():
 
 def naive_eps(den, x, t, y):
     labels = None if y is None else y.view(1)
-    return den.unet(x, torch.tensor([t]), class_labels=labels).sample
+    return den.trainable(x, torch.tensor([t]), class_labels=labels).sample
 
 
 @pytest.fixture
@@ -176,26 +176,28 @@ def test_attacks_validate_and_restore_training_mode(setup):
         secmi_scores(den, images, labels, t_sec=25, k=10)
     with pytest.raises(ValueError, match="timestep"):
         loss_scores(den, images, labels, timesteps=(1000,))
-    with pytest.raises(ValueError, match="class_labels"):
+    with pytest.raises(ValueError, match="cond .* 2 entries for 5 images"):
         pia_scores(den, images, labels[:2])
 
 
 # -- planted ground truth -------------------------------------------------------------------------------
 
 
-class MemberOracle(nn.Module):
+class MemberOracle(DiffusionModel):
     """A fake denoiser that knows the members: on a member's noising path (x_t / sqrt(abar_t) within
     ``radius`` of that member) it returns the exact noise, elsewhere a wrong, x- and t-dependent guess."""
 
     def __init__(self, members, scheduler, radius=3.0):
         super().__init__()
         self.register_buffer("members", members.flatten(1))
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.float().clone())
-        self.num_train_timesteps = len(scheduler.alphas_cumprod)
+        self.scheduler, self.trainable = scheduler, nn.Identity()
         self.radius = radius
 
-    def forward(self, x_t, t, class_labels=None):
-        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+    image_shape = property(lambda self: (1, 8, 8))
+    encode = decode = sample = save_pretrained = from_pretrained = None  # not used by the attacks
+
+    def predict_noise(self, x_t, t, cond=None):
+        abar = self.alphas_cumprod()[t].view(-1, 1, 1, 1)
         dist, idx = torch.cdist((x_t / abar.sqrt()).flatten(1), self.members).min(1)
         m = self.members[idx].view_as(x_t)
         exact = (x_t - abar.sqrt() * m) / (1 - abar).sqrt()
@@ -224,7 +226,7 @@ def test_loss_attack_finds_members_of_an_overfit_tiny_model():
     opt = torch.optim.Adam(den.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
-        loss = den.per_sample_loss(members, generator=g).mean()
+        loss = den.per_example_loss(Batch((members + 1) / 2, None, torch.arange(8)), generator=g).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
 
-from privdiff.train.cli import run_fit_cli
+from privdiff.cli import run_fit_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +28,7 @@ def test_wandb_gets_training_images_only_when_asked(tmp_path, monkeypatch, opt_i
     run_fit_cli(["fit", "-c", "configs/base.yaml", "-c", "configs/data/digits.yaml", "-c", "configs/audit/fast.yaml",
                  "--run_dir", str(tmp_path), "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
                  "--data.num_members", "16", "--data.num_heldout", "8", "--audit.num_samples", "8",
-                 "--audit.calibrated_threshold", "100", "--audit.mia_attacks", "[]", "--audit.fid_backbone", "none",
+                 "--audit.attacks", json.dumps({"extraction": {"class_path": "privdiff.eval.extraction.ExtractionAttack", "init_args": {"calibrated_threshold": 100}}}),
                  "--logging.wandb", "true", "--logging.log_training_images", str(opt_in).lower()])
     assert (tmp_path / "audit_cases.safetensors").is_file()  # the cases exist, on local disk
     assert (tmp_path / "wandb").is_dir()

@@ -129,7 +129,7 @@ def test_inception_offline_raises_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError) as info:
         load_feature_extractor("inception")
     msg = str(info.value)
-    assert "weights-inception-2015-12-05-6726825d.pth" in msg and "fid_weights: PATH" in msg
+    assert "weights-inception-2015-12-05-6726825d.pth" in msg and "audit.attacks.quality.weights: PATH" in msg
     assert "backbone: classifier" in msg and "URLError" in msg
 
 

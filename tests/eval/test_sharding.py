@@ -12,28 +12,31 @@ import torch.multiprocessing as mp
 
 from privdiff.defenses.base import Defense
 from privdiff.eval.audit import AuditConfig, AuditData, run_audit
-from privdiff.eval.distances import nearest_neighbors
+from privdiff.distances import nearest_neighbors
 from privdiff.eval.sampling import generate
-from privdiff.eval.shard import check_shard
+from privdiff.shard import check_shard
 from privdiff.train.data import ImageTable, load_builtin
-from privdiff.train.denoiser import Denoiser, build_scheduler, build_unet
+from privdiff.eval.extraction import ExtractionAttack
+from privdiff.eval.memorization import NNRatioMemorization
+from privdiff.train.denoiser import build_scheduler, build_unet
+from privdiff.train.pixel import PixelDiffusion
 
 WORLD = 2
 
 
-class CopyingSampler(Denoiser):
+class CopyingSampler(PixelDiffusion):
     """Samples are noisy copies of given images, chosen by the batch's generator only (no state)."""
 
     def __init__(self, images: torch.Tensor) -> None:
-        super().__init__(build_unet(16, 1, block_out_channels=(8, 16), attention_levels=()), build_scheduler(100))
+        super().__init__(16, 1, block_out_channels=(8, 16), attention_levels=(), num_train_timesteps=100)
         self.images = images
 
-    def sample_batch(self, n, solver="ddim", steps=10, class_labels=None, generator=None):
+    def sample(self, n, solver="ddim", steps=10, cond=None, generator=None):
         rows = torch.randint(0, 6, (n,), generator=generator)  # six images copied again and again
         noise = torch.randn(n, *self.images.shape[1:], generator=generator)
         novel = torch.rand(n, generator=generator) < 0.5  # the other half: pure noise
         x = torch.where(novel.view(-1, 1, 1, 1), torch.rand(n, *self.images.shape[1:], generator=generator), self.images[rows] + 0.01 * noise)
-        return x.clamp(0, 1) * 2 - 1
+        return x.clamp(0, 1)
 
 
 class DarkFilter(Defense):
@@ -49,9 +52,9 @@ class DarkFilter(Defense):
         return images.flatten(1).mean(1) < 0.5
 
 
-def tiny_unet_denoiser() -> Denoiser:
+def tiny_unet_denoiser() -> PixelDiffusion:
     torch.manual_seed(0)
-    return Denoiser(build_unet(8, 1, block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=8), build_scheduler(100))
+    return PixelDiffusion.from_parts(build_unet(8, 1, block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=8), build_scheduler(100))
 
 
 def workload(shard) -> dict:
@@ -73,10 +76,10 @@ def workload(shard) -> dict:
     refs[3] = queries[5]  # an exact copy: recomputed exactly, distance 0
     nb = nearest_neighbors(queries, refs, k=4, block_size=5, shard=shard)
     out["knn"] = (nb.distances, nb.indices)
-    config = AuditConfig(
-        num_samples=48, batch_size=7, steps=2, solver="ddim", min_clique=3, tau=0.05, delta=0.05,
-        calibrated_threshold=0.35, calibrated_n=8, mia_attacks=[], fid_backbone="none", progress=False,
-    )
+    config = AuditConfig(num_samples=48, batch_size=7, steps=2, solver="ddim", progress=False, attacks={
+        "extraction": ExtractionAttack(min_clique=3, tau=0.05, delta=0.05, calibrated_threshold=0.35, calibrated_n=8),
+        "memorization": NNRatioMemorization(),
+    })
     data = AuditData(members, heldout, torch.ones(len(members), dtype=torch.long))
     result = run_audit(CopyingSampler(members.unit()[:6]), data, config, shard=shard)
     result.pop("timings_s")

@@ -16,7 +16,7 @@ import sys
 
 import opacus.optimizers.optimizer as opacus_optimizer
 
-from privdiff.train.cli import main
+from privdiff.cli import main
 from privdiff.train.module import DiffusionModule
 
 _state: dict = {"rows": None, "step": None, "digest": hashlib.sha256()}

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from privdiff.eval.report import COLUMNS
-from privdiff.train.compare import Setting, compare
+from privdiff.compare import Setting, compare
 
 REPO = Path(__file__).resolve().parents[2]
 SHRUNK = ["--trainer.max_steps=3", "--trainer.enable_progress_bar=false", "--data.num_members=24", "--data.num_heldout=8",
-          "--data.duplicate_images=2", "--data.duplicate_copies=3", "--audit.num_samples=16", "--audit.mia_examples=8"]
+          "--data.duplicate_images=2", "--data.duplicate_copies=3", "--audit.num_samples=16", "--audit.attacks.mia.examples=8"]
 
 
 @pytest.mark.slow
@@ -26,17 +25,18 @@ def test_shrunk_compare_writes_every_column_and_reuses_finished_runs(tmp_path, m
     audits = compare(settings, configs, SHRUNK, out_dir=str(tmp_path), parallel=1)
     assert set(audits) == {"none", "output_filter"}
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["schema"] == "privdiff.report/1"
-    assert set(report["columns"]) == set(COLUMNS)
+    assert report["schema"] == "privdiff.report/2"
+    headers = ["setting", "defense", "ε (δ, accountant)", "FID", "KID", "extracted", "NN-ratio mem.", "best MIA AUC",
+               "TPR@1%FPR", "rows removed", "reject rate", "train time"]
+    assert [c["header"] for c in report["columns"].values()] == headers  # the attacks' columns, in config order
     for row in report["rows"]:
-        assert set(COLUMNS) <= set(row)
-        assert "classifier" in row["fid_backbone"]
+        assert set(report["columns"]) <= set(row["text"])
+        assert "classifier" in row["text"]["fid"]
     markdown = (tmp_path / "report.md").read_text()
-    for header, _ in COLUMNS.values():
-        assert header in markdown
+    assert markdown.splitlines()[2] == "| " + " | ".join(headers) + " |"
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2 and "privacy–utility" in html
-    assert "output filter gives no DP guarantee" in markdown
+    assert "output_filter: output_filter gives no DP guarantee" in markdown
     assert audits["output_filter"]["sampling"]["num_drawn"] >= 16
     assert "defense/output_filter/reject_rate" in audits["output_filter"]["defense_metrics"]
     # The audit_of row is audited with its neighbour's settings, shared args included (16 samples, not fast.yaml's 64).
@@ -44,7 +44,7 @@ def test_shrunk_compare_writes_every_column_and_reuses_finished_runs(tmp_path, m
     stamp = (tmp_path / "none" / "audit.json").stat().st_mtime
     printed = capsys.readouterr().out
     breakdown = printed[printed.index("time per stage (s)"):].splitlines()
-    assert breakdown[0].endswith("setting | train | sample | attacks | FID")
+    assert breakdown[0].endswith("setting | train | sample | quality | extraction | memorization | mia")
     assert breakdown[1].startswith("  none | ") and breakdown[2].startswith("  output_filter | ")
     assert breakdown[3].startswith("  report (all settings): ")
     compare(settings, configs, SHRUNK, out_dir=str(tmp_path), parallel=1)

@@ -22,6 +22,7 @@ from privdiff.train import data as data_module
 from privdiff.train.data import DiffusionDataModule
 from privdiff.train.denoiser import unwrap
 from privdiff.train.module import DiffusionModule
+from privdiff.train.pixel import PixelDiffusion
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -58,7 +59,7 @@ class Record(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         dp = pl_module.defenses.find("dp_sgd")
-        unet = unwrap(pl_module.denoiser.unet)
+        unet = unwrap(pl_module.diffusion.trainable)
         torch.save(
             {
                 "rows": self.rows,
@@ -81,7 +82,7 @@ def fit(
         image_size=8, num_members=16, num_heldout=4, duplicate_images=2, duplicate_copies=2,
         batch_size=batch_size, defenses=defenses, run_dir=str(tmp_path),
     )
-    model = DiffusionModule(image_size=8, block_out_channels=(8, 16), attention_levels=(1,), warmup_steps=1, ema_decay=0.9, defenses=defenses)
+    model = DiffusionModule(PixelDiffusion(image_size=8, block_out_channels=(8, 16), attention_levels=(1,)), warmup_steps=1, ema_decay=0.9, defenses=defenses)
     dp = any(isinstance(d, DPSGDDefense) for d in defenses)
     trainer = pl.Trainer(
         max_steps=max_steps, accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
@@ -181,13 +182,16 @@ def test_ddp_without_dp_uses_lightnings_sampler_and_writes_the_manifest_once(tmp
 def test_shipped_ddp_config_trains_dp_sgd_and_audits_on_two_processes(tmp_path) -> None:
     """The user's command, with `trainer.strategy: ddp` (Lightning launches the second process)."""
     args = [
-        sys.executable, "-m", "privdiff.train.cli", "fit", "-c", "configs/base.yaml", "-c", "configs/data/digits.yaml",
+        sys.executable, "-m", "privdiff", "fit", "-c", "configs/base.yaml", "-c", "configs/data/digits.yaml",
         "-c", "configs/defense/dp_sgd.yaml", "-c", "configs/audit/fast.yaml", "-c", "configs/trainer/ddp.yaml",
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "4",
         "--trainer.enable_progress_bar", "false", "--run_dir", str(tmp_path),
-        "--model.block_out_channels", "[8, 16]", "--model.attention_levels", "[1]",
+        "--model.diffusion.block_out_channels", "[8, 16]", "--model.diffusion.attention_levels", "[1]",
         "--data.num_members", "24", "--data.num_heldout", "16", "--data.batch_size", "8",
-        "--audit.num_samples", "16", "--audit.steps", "2", "--audit.mia_attacks", "[loss]", "--audit.fid_backbone", "none",
+        "--audit.num_samples", "16", "--audit.steps", "2", "--audit.attacks", json.dumps({
+            "extraction": {"class_path": "privdiff.eval.extraction.ExtractionAttack", "init_args": {"min_clique": 4}},
+            "mia": {"class_path": "privdiff.eval.mia.MembershipInference", "init_args": {"attacks": ["loss"], "loss_timesteps": [50]}},
+        }),
     ]
     env = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

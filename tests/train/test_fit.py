@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from privdiff.train.cli import run_fit_cli
+from privdiff.cli import run_fit_cli
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ import torch
 from opacus.accountants import create_accountant
 
 from privdiff.train.checkpoint_io import SafeCheckpointIO
-from privdiff.train.cli import run_fit_cli
+from privdiff.cli import run_fit_cli
 
 REPO = Path(__file__).resolve().parents[2]
 CKPT_EVERY_3 = """
@@ -28,7 +28,7 @@ trainer:
 """
 # The shipped DP config with a fixed sigma (the hint of the issue), a small UNet and a tiny member set:
 # 32 members + 2 images planted 3x, which dedup removes again; batch 2 -> q = 2/32, 16 Poisson batches an epoch.
-SMALL = ["--model.block_out_channels", "[16, 32]", "--trainer.enable_progress_bar", "false", "--audit", "null",
+SMALL = ["--model.diffusion.block_out_channels", "[16, 32]", "--trainer.enable_progress_bar", "false", "--audit", "null",
          "--trainer.log_every_n_steps", "1"]
 
 
@@ -59,7 +59,7 @@ def test_sigkill_mid_epoch_then_resume_spends_what_an_uninterrupted_run_spends(t
     last = run / "checkpoints" / "last.ckpt"
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "privdiff.train.cli", "fit", *args, "--run_dir", str(run),
+        proc = subprocess.Popen([sys.executable, "-m", "privdiff", "fit", *args, "--run_dir", str(run),
                                  "--trainer.max_steps", "100000"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 120
@@ -80,7 +80,7 @@ def test_sigkill_mid_epoch_then_resume_spends_what_an_uninterrupted_run_spends(t
     k = saved["global_step"]
     assert k % 3 == 0 and k % 16 != 0  # saved in the middle of an epoch of 16 Poisson batches
     dp_state = saved["defenses"]["dp_sgd"]
-    assert dp_state["steps"] == k and dp_state["accountant"]["history"] == [[1.0, 2 / 32, k]]
+    assert dp_state["steps"] == k and [list(h) for h in dp_state["accountant"]["history"]] == [[1.0, 2 / 32, k]]
     assert saved["ema"]["optimization_step"] == k  # the EMA of every counted step is in the checkpoint
 
     # What the killed process left: its metrics rows, a save cut short, a checkpoint of a step after last.ckpt's.

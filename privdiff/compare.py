@@ -1,7 +1,7 @@
 """``privdiff compare``: train and audit several defense settings on the same data, split and audit, one report.
 
 Each setting runs ``privdiff fit`` in its own process (a crash stays in its run; two 1-thread
-processes also beat one 2-thread process on CPU). A setting whose ``audit.json`` exists is reused
+processes also beat one 2-thread process on CPU), ``parallel`` at a time (a thread pool waits on them). A setting whose ``audit.json`` exists is reused
 when the command is repeated; one with a checkpoint but no audit resumes from it.
 """
 
@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -126,48 +127,46 @@ def compare(
     for n in sorted(done):
         print(f"privdiff compare: reusing finished run {out / n}")
     failed: dict[str, str] = {}
-    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
-    pending = [n for n in settings if n not in done]
     started = time.perf_counter()
-    while pending or running:
-        for name in list(pending):
-            if len(running) >= parallel:
-                break
-            s = settings[name]
-            if s.audit_of is not None and s.audit_of not in done:
-                if s.audit_of in failed:
-                    failed[name] = f"its model ({s.audit_of}) failed"
-                    pending.remove(name)
-                continue
-            run_dir = out / name
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if s.audit_of is None:
-                cmd = _fit_command(configs, shared_args, s, run_dir, group)
-            else:
-                cmd = _audit_command(s, out / s.audit_of, run_dir)
-            log = open(run_dir / "compare.log", "a")
-            print(f"privdiff compare: starting {name} (log: {run_dir / 'compare.log'})")
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.perf_counter(), log)
-            pending.remove(name)
-        time.sleep(0.5)
-        for name, (proc, t0, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[name]
-            if proc.returncode == 0 and (out / name / "audit.json").is_file():
-                done.add(name)
-                print(f"privdiff compare: {name} finished in {time.perf_counter() - t0:.0f} s")
-            else:
-                failed[name] = f"exit code {proc.returncode}; see {out / name / 'compare.log'}"
-                print(f"privdiff compare: {name} FAILED ({failed[name]})")
+
+    def run(name: str) -> tuple[str, int, float]:
+        s, run_dir = settings[name], out / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = _fit_command(configs, shared_args, s, run_dir, group) if s.audit_of is None else _audit_command(s, out / s.audit_of, run_dir)
+        print(f"privdiff compare: starting {name} (log: {run_dir / 'compare.log'})")
+        t0 = time.perf_counter()
+        with open(run_dir / "compare.log", "a") as log:
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        return name, code, time.perf_counter() - t0
+
+    # Settings that train start first; one that audits another's model starts when that one is done.
+    waiting = {n: settings[n].audit_of for n in settings if n not in done}
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        futures = {pool.submit(run, n) for n, src in list(waiting.items()) if src is None or src in done}
+        waiting = {n: src for n, src in waiting.items() if not (src is None or src in done)}
+        while futures:
+            finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name, code, seconds = future.result()
+                if code == 0 and (out / name / "audit.json").is_file():
+                    done.add(name)
+                    print(f"privdiff compare: {name} finished in {seconds:.0f} s")
+                else:
+                    failed[name] = f"exit code {code}; see {out / name / 'compare.log'}"
+                    print(f"privdiff compare: {name} FAILED ({failed[name]})")
+                for dependent in [n for n, src in waiting.items() if src == name]:
+                    del waiting[dependent]
+                    if name in done:
+                        futures.add(pool.submit(run, dependent))
+                    else:
+                        failed[dependent] = f"its model ({name}) failed"
     audits = {n: json.loads((out / n / "audit.json").read_text()) for n in settings if n in done}
     for name in audits:
         src = settings[name].audit_of
         if src is not None and src in audits:
             audits[name]["run"]["train_time_s"] = audits[src]["run"].get("train_time_s")
     if audits:
-        from ..eval.report import markdown_table, summarize, write_report
+        from privdiff.eval.report import markdown_table, summarize, write_report
 
         report_start = time.perf_counter()
         paths = write_report(out, audits, {n: out / n for n in audits}, title=title)
@@ -184,15 +183,15 @@ def compare(
 
 
 def _breakdown(audits: dict[str, Any], report_time: float) -> str:
-    """Seconds per stage and setting, so that the slowest stage is visible (settings run in parallel)."""
-    lines = ["time per stage (s): setting | train | sample | attacks | FID"]
+    """Seconds per stage and setting (training, sampling, each attack or metric), so that the slowest shows."""
+    stages: list[str] = []
+    for a in audits.values():
+        stages += [k for k in a.get("timings_s", {}) if k not in stages]
+    lines = ["time per stage (s): setting | train | " + " | ".join(stages)]
     for name, a in audits.items():
-        t = a.get("timings_s", {})
-        attacks = t.get("extraction", 0) + t.get("memorization", 0) + t.get("mia", 0)
-        train = a["run"].get("train_time_s")
-        lines.append(
-            f"  {name} | {'-' if train is None else f'{train:.0f}'} | {t.get('sample', 0):.0f} | {attacks:.0f} | {t.get('quality', 0):.0f}"
-        )
+        t, train = a.get("timings_s", {}), a["run"].get("train_time_s")
+        cells = ["-" if train is None else f"{train:.0f}", *(f"{t[k]:.0f}" if k in t else "-" for k in stages)]
+        lines.append(f"  {name} | " + " | ".join(cells))
     lines.append(f"  report (all settings): {report_time:.1f}")
     return "\n".join(lines)
 
@@ -200,9 +199,10 @@ def _breakdown(audits: dict[str, Any], report_time: float) -> str:
 def _log_wandb_table(out: Path, group: str | None, audits: dict[str, Any]) -> None:
     import wandb as wb
 
-    from ..eval.report import COLUMNS, _cells, summarize
+    from privdiff.eval.report import summarize, table_cells, table_columns
 
+    rows = [summarize(n, a) for n, a in audits.items()]
+    columns = table_columns(rows)
     run = wb.init(project="privdiff", group=group, name=f"{group}-table", dir=str(out), job_type="compare")
-    table = wb.Table(columns=[h for h, _ in COLUMNS.values()], data=[_cells(summarize(n, a)) for n, a in audits.items()])
-    run.log({"comparison": table})
+    run.log({"comparison": wb.Table(columns=[c["header"] for c in columns], data=[table_cells(r, columns) for r in rows])})
     run.finish()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .shard import Shard, check_shard, gather, rows_of
+from privdiff.shard import Shard, check_shard, gather, rows_of
 
 __all__ = [
     "Calibrated",

@@ -1,24 +1,28 @@
-"""The ``privdiff`` command: ``fit`` (LightningCLI), ``audit`` and ``compare``."""
+"""The ``privdiff`` command: ``fit`` (LightningCLI), ``audit`` and ``compare`` (jsonargparse's ``auto_cli``).
+
+The one place that puts the stages together: the data module and the model of ``privdiff.train``,
+their shared defenses, and the audit of ``privdiff.eval`` as a callback.
+"""
 
 from __future__ import annotations
 
-import inspect
 import os
 import pickle
 import sys
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, auto_cli
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from ..eval.audit import AuditCallback, AuditConfig
-from .callbacks import StepProgressBar, TidyResume
-from .checkpoint_io import SafeCheckpointIO
-from .data import DiffusionDataModule
-from .loggers import LoggingOptions, build_loggers
-from .module import DiffusionModule
+from privdiff.eval.audit import AuditCallback, AuditConfig
+from privdiff.train.callbacks import StepProgressBar, TidyResume
+from privdiff.train.checkpoint_io import SafeCheckpointIO
+from privdiff.train.data import DiffusionDataModule
+from privdiff.train.loggers import LoggingOptions, build_loggers
+from privdiff.train.module import DiffusionModule
 
 
 class PrivdiffCLI(LightningCLI):
@@ -36,8 +40,8 @@ class PrivdiffCLI(LightningCLI):
         parser.add_argument("--audit", type=Optional[AuditConfig], default=AuditConfig(), help="Audit run after fit (null: none).")
         parser.link_arguments("run_dir", "trainer.default_root_dir")
         parser.link_arguments("run_dir", "data.run_dir")  # one option for the run directory: --run_dir
-        parser.link_arguments("data.image_size", "model.image_size")
-        parser.link_arguments("data.channels", "model.channels")
+        parser.link_arguments("data.image_size", "model.diffusion.init_args.image_size")
+        parser.link_arguments("data.channels", "model.diffusion.init_args.channels")
         # One set of defense instances for data and model: one accountant, one dedup record.
         parser.link_arguments("data.defenses", "model.defenses", apply_on="instantiate")
 
@@ -87,21 +91,22 @@ def run_fit_cli(args: list[str] | None = None) -> PrivdiffCLI:
     )
 
 
-def function_parser(fn: Callable[..., Any], prog: str) -> ArgumentParser:
-    """A parser for ``fn``'s typed signature plus ``-c/--config`` YAML files (how audit and compare read options)."""
-    description = inspect.cleandoc(fn.__doc__ or "").split("\n\nArgs:")[0]  # the options' help comes from Args
-    parser = ArgumentParser(prog=prog, description=description, default_env=False)
+def module_from_config(path: str | Path, image_size: int = 16, channels: int = 1) -> DiffusionModule:
+    """The ``DiffusionModule`` a ``configs/model/*.yaml`` file describes, built as ``privdiff fit`` builds it
+    (for benchmarks and notebooks: the same class_path, init_args and defaults)."""
+    parser = ArgumentParser(default_env=False)
     parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_function_arguments(fn, as_group=False)
-    return parser
+    parser.add_class_arguments(DiffusionModule, "model")
+    cfg = parser.parse_args(["-c", str(path), f"--model.diffusion.init_args.image_size={image_size}",
+                             f"--model.diffusion.init_args.channels={channels}"])
+    return parser.instantiate_classes(cfg).model
 
 
-def call_from_args(fn: Callable[..., Any], argv: Sequence[str], prog: str) -> Any:
-    """Parse ``argv`` for ``fn``, instantiate classes (configs, defenses) and call it."""
-    parser = function_parser(fn, prog)
-    init = parser.instantiate_classes(parser.parse_args(list(argv)))
-    names = inspect.signature(fn).parameters
-    return fn(**{k: init[k] for k in names})
+def run_function(fn: Callable[..., Any], argv: Sequence[str], prog: str) -> Any:
+    """Parse ``argv`` for ``fn``'s typed signature with jsonargparse's ``auto_cli`` (configs, defenses and
+    plugins instantiated from ``class_path``) and call it. ``-c`` is LightningCLI's spelling of ``--config``."""
+    argv = ["--config" if a == "-c" else a for a in argv]
+    return auto_cli(fn, args=argv, as_positional=False, prog=prog, default_env=False)
 
 
 COMMANDS = ("fit", "audit", "compare")
@@ -131,13 +136,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     try:
         if command == "audit":
-            from ..eval.audit import audit_saved
+            from privdiff.eval.audit import audit_saved
 
-            call_from_args(audit_saved, argv[1:], "privdiff audit")
+            run_function(audit_saved, argv[1:], "privdiff audit")
         elif command == "compare":
-            from .compare import compare
+            from privdiff.compare import compare
 
-            call_from_args(compare, argv[1:], "privdiff compare")
+            run_function(compare, argv[1:], "privdiff compare")
         else:
             run_fit_cli(None if from_shell else argv)
     except INPUT_ERRORS as err:

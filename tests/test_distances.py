@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from privdiff.eval.distances import (
+from privdiff.distances import (
     calibrated_l2,
     l2,
     nearest_neighbors,

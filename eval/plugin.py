@@ -1,0 +1,160 @@
+"""The audit's plugin contract: every attack and metric the audit config lists by ``class_path``.
+
+A plugin is configured by its ``__init__`` arguments (``audit.attacks.<name>.init_args`` in YAML),
+checks before training that it can run (``check``), and turns an :class:`AuditContext` (the
+model, its samples, the members and held-out images) into an :class:`AuditResult`. The result says
+what goes into ``audit.json``, which columns the report table shows (with header, unit and role),
+which numbers the loggers get, and how often each of its criteria flags real held-out images.
+The audit runs the listed plugins in order; the report and ``privdiff compare`` read only what
+results wrote, so a new attack needs no edit outside its own file and the audit config.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor
+
+from privdiff.membership import ImageTable, Manifest
+from privdiff.model import DiffusionModel
+from privdiff.shard import Shard
+
+__all__ = ["AuditContext", "AuditData", "AuditPlugin", "AuditResult", "Cases", "Column", "Privacy", "table_condition"]
+
+
+@dataclass
+class AuditData:
+    """What the audit compares the model with: unique members, held-out images, copies, the pool for FID."""
+
+    members: ImageTable
+    heldout: ImageTable
+    copies: Tensor  # (M,) training rows of each member (0: a data defense removed it)
+    pool: ImageTable | None = None
+    manifest: Manifest | None = None
+
+
+@dataclass
+class AuditContext:
+    """What a plugin may look at. ``samples`` are the audit's generated images in [0, 1] (after
+    the generation-side defenses), ``sample_labels`` the class each was drawn for (or None)."""
+
+    model: DiffusionModel
+    data: AuditData
+    samples: Tensor
+    sample_labels: Tensor | None = None
+    seed: int = 0
+    batch_size: int = 256
+    progress: bool = False
+    shard: Shard | None = None
+
+    @cached_property
+    def members(self) -> Tensor:
+        """The members in [0, 1], (M, C, H, W): every distance is defined on these pixels (converted once)."""
+        return self.data.members.unit()
+
+
+def table_condition(table: ImageTable, model: DiffusionModel) -> Tensor | None:
+    """The conditioning of a table's images for ``model`` (class labels of a class-conditional one, else None)."""
+    return table.labels.clamp(min=0) if model.conditioning == "class" else None
+
+
+class Privacy:
+    """Column roles: ``PRIVACY`` columns are leakage (lower = more private), ``UTILITY`` ones quality (lower = better)."""
+
+    PRIVACY = "privacy"
+    UTILITY = "utility"
+
+
+@dataclass
+class Column:
+    """One column of the report table: ``value`` for JSON and figures, ``text`` as the table shows it."""
+
+    key: str
+    header: str
+    unit: str
+    value: float | int | str | None
+    text: str
+    role: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Cases:
+    """Generated samples next to the member each copies (shown in the report's grid; training images!)."""
+
+    samples: Tensor
+    nearest: Tensor
+    distance: Tensor
+    member_ids: list[str] = field(default_factory=list)
+    flagged_by: list[str] = field(default_factory=list)
+
+
+class AuditResult(ABC):
+    """What one plugin found."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The plugin's entry in ``audit.json`` (plain JSON types)."""
+
+    def columns(self) -> list[Column]:
+        """Its columns in the report table (none by default)."""
+        return []
+
+    def scalars(self) -> dict[str, float]:
+        """Numbers for the loggers, logged as ``audit/<key>``."""
+        return {}
+
+    def notes(self) -> list[str]:
+        """Sentences for the report (how to read a number, a warning)."""
+        return []
+
+    def heldout_flag_rates(self) -> dict[str, float]:
+        """For each of its criteria, the share of real held-out images (never trained on) it flags."""
+        return {}
+
+    def cases(self) -> Cases | None:
+        """Pairs for the report's grid of extracted cases, or None."""
+        return None
+
+
+class AuditPlugin(ABC):
+    """An attack or metric of the audit. Subclasses set ``name`` (its key in ``audit.json``)."""
+
+    name: ClassVar[str] = "plugin"
+    needs_samples: ClassVar[bool] = True
+
+    def check(self, num_members: int, num_heldout: int) -> None:
+        """Raise ``ValueError`` before training when this plugin cannot run on data of these sizes."""
+
+    @abstractmethod
+    def run(self, context: AuditContext) -> AuditResult | None:
+        """Attack or measure (no I/O); None when there is nothing to measure (e.g. no samples)."""
+
+    @classmethod
+    def figures(cls, runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Any]]:
+        """Report figures (title, matplotlib figure) from the ``audit.json`` of several runs (none by default)."""
+        return []
+
+    def config(self) -> dict[str, Any]:
+        """The plugin's settings as ``class_path`` + ``init_args`` (written into audit.json)."""
+        import inspect
+
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        init = {n: getattr(self, n) for n in names if hasattr(self, n)}
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": _plain(init)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value

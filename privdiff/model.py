@@ -1,0 +1,185 @@
+"""The one interface every stage uses to talk to a diffusion model, and the batch it trains on.
+
+Training (``privdiff.train``), the defenses and the audit (``privdiff.eval``) see a diffusion model
+only through :class:`DiffusionModel`, never through a concrete diffusers class: the trainable
+module (what DP-SGD wraps, EMA tracks and the optimizer steps), the per-example loss of a batch,
+the noise prediction at (x_t, t, conditioning), the noise schedule, encode/decode between pixels
+in [0, 1] and the model's space, sampling, and save/load as a folder diffusers loads. Pixel and
+latent (text-to-image) models are implementations of it in ``privdiff.train``.
+
+Distances and thresholds are always computed on decoded pixels in [0, 1]; the attacks that query
+the noise predictor (membership inference) work in the model's space, reached with :meth:`encode`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Batch", "DiffusionModel"]
+
+
+@dataclass
+class Batch:
+    """What a training step sees: images in [0, 1], an optional conditioning, and the table rows they came from.
+
+    ``cond`` is what the model is conditioned on, in the form the data provide it: class labels
+    (int64, -1 = none), captions (a list of strings), or None for an unconditional model.
+    """
+
+    images: Tensor
+    cond: Tensor | list[str] | None
+    rows: Tensor
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @classmethod
+    def of(cls, loaded: Any) -> "Batch":
+        """A ``Batch`` from what a data loader yields: a ``Batch``, or the ``(images, cond, rows)`` triple
+        that the default collate and Opacus's collate of an empty Poisson batch produce."""
+        if isinstance(loaded, Batch):
+            return loaded
+        images, cond, rows = loaded
+        if isinstance(cond, Tensor) and cond.dtype.is_floating_point:  # Opacus's empty batch: zeros of float type
+            cond = cond.long()
+        return cls(images, cond, rows.long() if isinstance(rows, Tensor) else torch.as_tensor(rows))
+
+    def repeat_interleave(self, k: int) -> "Batch":
+        """Each example ``k`` times in a row (rows ``[i*k:(i+1)*k]`` are example i), for noise multiplicity."""
+        cond = self.cond
+        if isinstance(cond, Tensor):
+            cond = cond.repeat_interleave(k, 0)
+        elif cond is not None:
+            cond = [c for c in cond for _ in range(k)]
+        return Batch(self.images.repeat_interleave(k, 0), cond, self.rows.repeat_interleave(k, 0))
+
+    def to(self, device: torch.device | str) -> "Batch":
+        cond = self.cond.to(device) if isinstance(self.cond, Tensor) else self.cond
+        return Batch(self.images.to(device), cond, self.rows.to(device))
+
+
+class DiffusionModel(nn.Module, ABC):
+    """A diffusion model (epsilon prediction, DDPM training schedule) as every stage of privdiff sees it.
+
+    Subclasses set ``self.trainable`` (the module whose parameters training updates; a defense
+    may replace it by a wrapper, e.g. Opacus's ``GradSampleModule``, and the model must then
+    call that wrapper) and ``self.scheduler`` (a diffusers ``DDPMScheduler`` holding the training
+    noise schedule), and implement the abstract methods.
+    """
+
+    trainable: nn.Module
+    scheduler: Any
+
+    # -- what it is -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the pixel images it is trained on and generates."""
+
+    @property
+    def conditioning(self) -> str | None:
+        """What it is conditioned on: ``None``, ``"class"`` (int64 labels) or ``"text"`` (captions)."""
+        return None
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes of a class-conditional model, else None."""
+        return None
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def device(self) -> torch.device:
+        param = next(self.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def alphas_cumprod(self) -> Tensor:
+        """abar_t of the training schedule (float32, on the model's device), for attacks that invert steps."""
+        return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters training updates (``trainable``'s that require gradients), in a fixed order."""
+        return [p for p in self.trainable.parameters() if p.requires_grad]
+
+    # -- between pixels and the model's space -----------------------------------------------
+    @abstractmethod
+    def encode(self, images: Tensor) -> Tensor:
+        """Pixels in [0, 1] (N, C, H, W) -> the model's x0 (identity up to scale for pixel models, the VAE for latent ones)."""
+
+    @abstractmethod
+    def decode(self, x0: Tensor) -> Tensor:
+        """The model's x0 -> pixels in [0, 1]."""
+
+    def embed_condition(self, cond: Tensor | Sequence[str] | None) -> Any:
+        """The data's conditioning (``Batch.cond``) -> what :meth:`predict_noise` takes (default: unchanged)."""
+        return cond
+
+    # -- the model --------------------------------------------------------------------------
+    @abstractmethod
+    def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """eps_theta(x_t, t, cond); ``cond`` as :meth:`embed_condition` returns it; ``t`` int64 (N,) or scalar."""
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (Ho et al. 2020, eq. 4), by the scheduler itself."""
+        t = t.to(x0.device).long()
+        if t.ndim == 0:
+            t = t.expand(x0.shape[0])
+        return self.scheduler.add_noise(x0, noise, t)
+
+    def per_example_loss(
+        self,
+        batch: Batch,
+        timesteps: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The simple DDPM loss ||eps - eps_theta(x_t, t)||^2 averaged per example, shape (B,) (Ho et al. 2020, eq. 14).
+
+        Random ``timesteps`` and ``noise`` are drawn when not given.
+        """
+        x0 = self.encode(batch.images.to(self.device))
+        b = x0.shape[0]
+        if timesteps is None:
+            timesteps = torch.randint(0, self.num_train_timesteps, (b,), device=x0.device, generator=generator)
+        elif timesteps.ndim == 0:
+            timesteps = timesteps.expand(b)
+        timesteps = timesteps.to(x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+        noise = noise.to(x0.device)
+        pred = self.predict_noise(self.add_noise(x0, noise, timesteps), timesteps, self.embed_condition(batch.cond))
+        return (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+
+    # -- generation ---------------------------------------------------------------------------
+    @abstractmethod
+    def sample(
+        self,
+        n: int,
+        solver: str = "ddim",
+        steps: int = 50,
+        cond: Tensor | Sequence[str] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``n`` samples, decoded to pixels in [0, 1], from one reverse-process run (no batching, no defenses).
+
+        Use ``privdiff.eval.sampling.generate``: the one sampling function, with batching and the
+        generation-side defenses.
+        """
+
+    # -- folders anyone can load --------------------------------------------------------------
+    @abstractmethod
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a folder that the matching diffusers pipeline loads (safetensors weights)."""
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, path: str | Path) -> "DiffusionModel":
+        """Load a folder written by :meth:`save_pretrained` (or by the matching diffusers pipeline)."""

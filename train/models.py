@@ -1,0 +1,21 @@
+"""Which ``DiffusionModel`` implementation reads a saved folder (for audits of a saved model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from privdiff.model import DiffusionModel
+
+from .pixel import PixelDiffusion
+
+# Each implementation recognises its own folders (diffusers' model_index.json names the pipeline).
+IMPLEMENTATIONS: tuple[type[DiffusionModel], ...] = (PixelDiffusion,)
+
+
+def load_model(path: str | Path) -> DiffusionModel:
+    """Load a diffusers folder written by ``privdiff fit`` (``<run>/model``) with the implementation that wrote it."""
+    path = Path(path)
+    for implementation in IMPLEMENTATIONS:
+        if implementation.is_folder(path):
+            return implementation.from_pretrained(path)
+    return PixelDiffusion.from_pretrained(path)  # names what a folder lacks when none recognises it
