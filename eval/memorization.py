@@ -20,6 +20,9 @@ from privdiff.distances import nearest_two
 from privdiff.shard import Shard
 
 from .plugin import AuditContext, AuditPlugin, AuditResult, Column, Privacy
+from .thresholds import calibrate, given
+
+PUBLISHED = 1 / 3  # Gu et al. 2023
 
 __all__ = ["MemorizationResult", "NNRatioMemorization", "by_copies", "memorization_ratio", "nn_ratio"]
 
@@ -209,7 +212,7 @@ class MemorizationReport(AuditResult):
 
     def columns(self) -> list[Column]:
         value = self.summary.get("fraction_memorized")
-        return [Column("nn_memorized", "NN-ratio mem.", "fraction of samples with nearest/second-nearest member l2 < 1/3",
+        return [Column("nn_memorized", "NN-ratio mem.", "fraction of samples whose nearest member is much closer than the second nearest (Gu et al. 2023; threshold from the data)",
                        value, "—" if value is None else f"{value:.3g}", Privacy.PRIVACY)]
 
     def scalars(self) -> dict[str, float]:
@@ -222,28 +225,68 @@ class MemorizationReport(AuditResult):
         return self.flag_rates
 
 
+def grouped_ratio(samples: Tensor, members: Tensor, groups: Tensor, shard: Shard | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gu et al.'s ratio with near-copies as one image: nearest member / nearest member of *another* group.
+
+    Two files of one picture are one training image: the second-nearest image must not be the
+    other copy (its ratio would be ~1 and no copy of it could ever be flagged). Returns (ratio,
+    nearest member index, nearest l2), each (N,).
+    """
+    from privdiff.distances import nearest_neighbors
+
+    sizes = torch.bincount(groups)
+    k = min(len(members), int(sizes.max()) + 1)
+    nb = nearest_neighbors(samples, members, k=k, shard=shard)
+    d, idx = nb.distances, nb.indices
+    other = groups.to(idx.device)[idx] != groups.to(idx.device)[idx[:, :1]]
+    first_other = torch.where(other.any(1), other.float().argmax(1), torch.full_like(idx[:, 0], k - 1))
+    d2 = d.gather(1, first_other[:, None])[:, 0]
+    return _ratio(d[:, 0], d2), idx[:, 0], d[:, 0]
+
+
 class NNRatioMemorization(AuditPlugin):
     """Share of samples memorized by Gu et al. 2023's nearest / second-nearest member ratio.
 
+    Near-copies among the members (``AuditData.groups``) count as one image. The threshold is taken
+    from the data when None: the largest ratio at which at most ``flag_rate`` of the held-out
+    calibration images would pass; the published 1/3 is reported beside.
+
     Args:
-        threshold: memorized below this ratio (1/3 in the paper).
+        threshold: memorized below this ratio (None: calibrated; the paper's is 1/3).
+        flag_rate: share of real held-out images the calibrated threshold may flag (None: the audit's).
     """
 
     name = "memorization"
 
-    def __init__(self, threshold: float = 1 / 3) -> None:
-        if not 0 < threshold <= 1:
+    def __init__(self, threshold: float | None = None, flag_rate: float | None = None) -> None:
+        if threshold is not None and not 0 < threshold <= 1:
             raise ValueError(f"memorization threshold must be in (0, 1], got {threshold!r}")
-        self.threshold = threshold
+        self.threshold, self.flag_rate = threshold, flag_rate
 
     def run(self, context: AuditContext) -> MemorizationReport:
-        members = context.members
+        members, groups = context.members, context.data.group_of()
         summary: dict[str, Any] = {}
-        rates: dict[str, float] = {}
-        if len(members) >= 2:
-            if len(context.samples):
-                summary = memorization_ratio(context.samples, members, threshold=self.threshold, shard=context.shard).to_dict()
-            if len(context.data.heldout):
-                d1, d2, _ = nearest_two(context.data.heldout.unit(), members, shard=context.shard)
-                rates["nn_ratio_below_threshold"] = float((_ratio(d1, d2) < self.threshold).float().mean())
+        if len(members) < 2 or len(set(groups.tolist())) < 2:
+            return MemorizationReport(summary, {})
+        rate = self.flag_rate if self.flag_rate is not None else context.flag_rate
+        criterion = "NN-ratio < threshold (nearest / second-nearest member of another group)"
+        if self.threshold is not None:
+            threshold = given(criterion, self.threshold, inclusive=False, published=PUBLISHED)
+        elif context.calibration is not None and len(context.calibration):
+            calibration = grouped_ratio(context.calibration.unit(), members, groups, context.shard)[0]
+            threshold = calibrate(criterion, calibration, rate, inclusive=False, published=PUBLISHED)
+        else:
+            raise ValueError("the NN-ratio threshold is calibrated on held-out images, and there are none: give data.num_heldout > 0")
+        if context.heldout is not None and len(context.heldout):
+            threshold.evaluate(grouped_ratio(context.heldout.unit(), members, groups, context.shard)[0])
+        if len(context.samples):
+            ratio, nearest, d1 = grouped_ratio(context.samples, members, groups, context.shard)
+            memorized = threshold.flags(ratio)
+            matched = sorted({int(groups[i]) for i in nearest[memorized].tolist()})
+            summary = MemorizationResult(
+                threshold=threshold.value, ratio=ratio, nearest_index=nearest, nearest_l2=d1, memorized=memorized,
+                matched_indices=matched, num_references=len(set(groups.tolist())),
+            ).to_dict()
+        summary["thresholds"] = {"threshold": threshold.to_dict()}
+        rates = {"memorization NN-ratio": threshold.heldout_rate} if threshold.heldout_rate is not None else {}
         return MemorizationReport(summary, rates)

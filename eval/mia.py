@@ -18,8 +18,9 @@ code, which also indexes the DDPM schedule from 0); ``||v||^2`` is the sum of sq
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_auroc, binary_roc
@@ -393,7 +394,7 @@ def check_mia_sizes(num_members: int, num_heldout: int, examples: int | None) ->
 
 @dataclass
 class MembershipReport(AuditResult):
-    """Each attack's ROC summary (members vs as many held-out images) and the strongest one."""
+    """Each attack's cross-fitted ROC figures with bootstrap intervals, the strongest one, and the ROC points."""
 
     summary: dict
 
@@ -404,11 +405,15 @@ class MembershipReport(AuditResult):
         best = self.summary.get("best")
         if not best:
             return []
+        lo, hi = best["auc_interval"]
+        tlo, thi = best["tpr_interval"]
         return [
-            Column("mia", "best MIA AUC", "ROC AUC of the strongest attack, members vs held-out", best["auc"],
-                   f"{best['auc']:.3f} ({best['attack']})", Privacy.PRIVACY),
-            Column("tpr", "TPR@1%FPR", "true-positive rate at 1% false-positive rate of that attack", best["tpr_at_1pct_fpr"],
-                   f"{best['tpr_at_1pct_fpr']:.3g}"),
+            Column("mia", "best MIA AUC", "ROC AUC of the strongest attack, members vs held-out, chosen on one half of the "
+                   "pairs and measured on the other (cross-fitted), with its 95% bootstrap interval", best["auc"],
+                   f"{best['auc']:.3f} [{lo:.2f}, {hi:.2f}] ({best['attack']})", Privacy.PRIVACY),
+            Column("tpr", "TPR@low FPR", "true-positive rate of that attack at the lowest false-positive rate the held-out "
+                   "count resolves (max(1%, 1/n)), with its 95% interval", best["tpr"],
+                   f"{best['tpr']:.3g} [{tlo:.2f}, {thi:.2f}] @{best['fpr']:.1%}"),
         ]
 
     def scalars(self) -> dict[str, float]:
@@ -416,19 +421,48 @@ class MembershipReport(AuditResult):
         for attack in MIA_ATTACKS:
             if attack in self.summary:
                 out[f"mia_{attack}_auc"] = float(self.summary[attack]["auc"])
-                out[f"mia_{attack}_tpr_at_1pct_fpr"] = float(self.summary[attack]["tpr_at_1pct_fpr"])
+                out[f"mia_{attack}_tpr_at_low_fpr"] = float(self.summary[attack]["tpr"])
         return out
+
+    def notes(self) -> list[str]:
+        notes = ["MIA: each attack's timestep (and the strongest attack) is chosen on one half of the member/held-out "
+                 "pairs and its AUC measured on the other half, both ways, and averaged; [intervals] are 95% bootstrap "
+                 "intervals. With n held-out images no FPR below 1/n is resolved: the TPR says at which FPR it is taken."]
+        for attack in MIA_ATTACKS:
+            verdict = (self.summary.get(attack) or {}).get("verdict")
+            if verdict == "below chance":
+                notes.append(
+                    f"MIA {attack}: AUC below chance beyond its interval: members score as *less* member-like than held-out "
+                    "images, i.e. the attack's assumption is inverted for this model (SecMI's round-trip error grows on the "
+                    "images a model has memorized hardest). Its AUC is reported, not read as privacy."
+                )
+        return notes
+
+
+def _verdict(interval: list[float]) -> str:
+    lo, hi = interval
+    if hi < 0.5:
+        return "below chance"
+    if lo <= 0.5 <= hi:
+        return "chance"
+    return "above chance"
 
 
 class MembershipInference(AuditPlugin):
     """Loss-threshold, PIA and SecMI membership inference against members and as many held-out images.
 
+    Figures are honest about selection and sample size (``privdiff.eval.mia_stats``): the loss
+    attack's timestep and the strongest attack are chosen on one half of the pairs and measured on
+    the other; AUC and TPR come with 95% bootstrap intervals; TPR is taken at the lowest FPR the
+    held-out count resolves.
+
     Args:
         attacks: which of ``loss``, ``pia``, ``secmi`` run.
         examples: members (and as many held-out images) scored; None: as many as both sets allow.
-        loss_timesteps: timesteps the loss attack scans (the best is reported; see ``best_over_timesteps``).
+        loss_timesteps: timesteps the loss attack chooses among.
         pia_t: PIA's timestep (Kong et al.: 200).
         secmi_t, secmi_k: SecMI's timestep and DDIM interval (Duan et al.: 100, 10).
+        resamples: bootstrap resamples of the intervals.
     """
 
     name = "mia"
@@ -442,35 +476,78 @@ class MembershipInference(AuditPlugin):
         pia_t: int = 200,
         secmi_t: int = 100,
         secmi_k: int = 10,
+        resamples: int = 300,
     ) -> None:
         unknown = set(attacks) - set(MIA_ATTACKS)
         if unknown or not attacks:
             raise ValueError(f"membership inference attacks must be a non-empty subset of {MIA_ATTACKS}, got {attacks}")
         self.attacks, self.examples = list(attacks), examples
         self.loss_timesteps, self.pia_t, self.secmi_t, self.secmi_k = list(loss_timesteps), pia_t, secmi_t, secmi_k
+        self.resamples = resamples
 
     def check(self, num_members: int, num_heldout: int) -> None:
         check_mia_sizes(num_members, num_heldout, self.examples)
 
     def run(self, context: AuditContext) -> MembershipReport:
+        from . import mia_stats
+
         data, model = context.data, context.model
-        n = check_mia_sizes(len(data.members), len(data.heldout), self.examples)
-        both = type(data.members).concat([data.members.select(range(n)), data.heldout.select(range(n))])
+        heldout = context.heldout if context.heldout is not None else data.heldout
+        n = check_mia_sizes(len(data.members), len(heldout), self.examples)
+        both = type(data.members).concat([data.members.select(range(n)), heldout.select(range(n))])
         with torch.no_grad():
             x = model.encode(both.unit().to(model.device))
         y = table_condition(both, model)
-        is_member = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
-        out: dict = {"num_members": n, "num_nonmembers": n}
         kw = {"batch_size": context.batch_size, "progress": context.progress}
+        stats = {"seed": context.seed, "resamples": self.resamples}
+        out: dict = {"num_members": n, "num_nonmembers": n}
+        candidates: dict[str, np.ndarray] = {}
         if "loss" in self.attacks:
-            res = loss_threshold_attack(model, x, is_member, y, timesteps=self.loss_timesteps, seed=context.seed, **kw)
-            out["loss"] = {**res.best.to_dict(), "t": res.best_timestep, "per_timestep": {str(t): r.auc for t, r in res.per_timestep.items()}}
+            matrix = loss_scores(model, x, y, self.loss_timesteps, seed=context.seed, **kw).double().numpy()
+            by_t = {f"loss@t{t}": matrix[:, j] for j, t in enumerate(self.loss_timesteps)}
+            candidates.update(by_t)
+            fitted = mia_stats.crossfit(by_t, n, **stats)
+            member = np.arange(2 * n) < n
+            out["loss"] = {**fitted, "per_timestep_auc": {str(t): mia_stats.auc(matrix[:, j], member) for j, t in enumerate(self.loss_timesteps)},
+                           "roc": mia_stats.roc_points(by_t[fitted["chosen"][0]], member)}
         if "pia" in self.attacks:
-            out["pia"] = {**audit(pia_scores(model, x, y, t=self.pia_t, **kw), is_member).to_dict(), "t": self.pia_t}
+            candidates["pia"] = pia_scores(model, x, y, t=self.pia_t, **kw).double().numpy()
+            out["pia"] = {**mia_stats.single(candidates["pia"], n, **stats), "t": self.pia_t}
         if "secmi" in self.attacks:
-            scores = secmi_scores(model, x, y, t_sec=self.secmi_t, k=self.secmi_k, **kw)
-            out["secmi"] = {**audit(scores, is_member).to_dict(), "t_sec": self.secmi_t, "k": self.secmi_k}
-        attacks = [a for a in MIA_ATTACKS if a in out]
-        best = max(attacks, key=lambda a: out[a]["auc"])
-        out["best"] = {"attack": best, **{k: out[best][k] for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")}}
+            candidates["secmi"] = secmi_scores(model, x, y, t_sec=self.secmi_t, k=self.secmi_k, **kw).double().numpy()
+            out["secmi"] = {**mia_stats.single(candidates["secmi"], n, **stats), "t_sec": self.secmi_t, "k": self.secmi_k}
+        for attack in MIA_ATTACKS:
+            if attack in out:
+                out[attack]["verdict"] = _verdict(out[attack]["auc_interval"])
+        best = mia_stats.crossfit(candidates, n, **stats)
+        chosen = sorted({c.split("@")[0] for c in best["chosen"]})
+        out["best"] = {**best, "attack": "/".join(chosen), "verdict": _verdict(best["auc_interval"])}
         return MembershipReport(out)
+
+    @classmethod
+    def figures(cls, runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Any]]:
+        """ROC curves (log-scaled FPR, where low-FPR leakage shows) of each attack, one panel per setting."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = [(name, audit[cls.name]) for name, audit in runs.items() if audit.get(cls.name)]
+        if not panels:
+            return []
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.3), squeeze=False, layout="constrained")
+        for ax, (name, mia) in zip(axes[0], panels):
+            n = mia["num_nonmembers"]
+            for attack in MIA_ATTACKS:
+                if attack in mia and "roc" in mia[attack]:
+                    roc = mia[attack]["roc"]
+                    ax.plot(np.maximum(roc["fpr"], 1 / n), roc["tpr"], label=f"{attack} {mia[attack]['auc']:.2f}")
+            ax.plot([1 / n, 1], [1 / n, 1], ls=":", color="grey")
+            ax.set_xscale("log")
+            ax.set_xlim(1 / n, 1)
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel(f"FPR (log; n={n} held-out)")
+            ax.set_ylabel("TPR")
+            ax.set_title(name, fontsize=9)
+            ax.legend(fontsize=7, loc="lower right")
+        return [("membership inference ROC", fig)]

@@ -35,12 +35,29 @@ class AuditData:
     copies: Tensor  # (M,) training rows of each member (0: a data defense removed it)
     pool: ImageTable | None = None
     manifest: Manifest | None = None
+    groups: Tensor | None = None  # (M,) the row of each member's group of near-copies (None: every member alone)
+    calibration: ImageTable | None = None  # held-out images set aside for thresholds (None: the audit splits heldout)
+
+    def group_of(self) -> Tensor:
+        """(M,) group of each member: the row of its group's first member (near-copies are one image)."""
+        return self.groups if self.groups is not None else torch.arange(len(self.members))
+
+    def group_copies(self) -> Tensor:
+        """(M,) training rows of each member's whole group (copies of near-copies add up)."""
+        groups = self.group_of()
+        totals = torch.zeros(len(groups), dtype=torch.long).index_add_(0, groups, self.copies.long())
+        return totals[groups]
 
 
 @dataclass
 class AuditContext:
     """What a plugin may look at. ``samples`` are the audit's generated images in [0, 1] (after
-    the generation-side defenses), ``sample_labels`` the class each was drawn for (or None)."""
+    the generation-side defenses), ``sample_labels`` the class each was drawn for (or None).
+
+    The held-out images come in two parts: ``calibration`` (set aside to take thresholds from) and
+    ``heldout`` (the rest: non-members of membership inference, and where a threshold's false-flag
+    rate is measured). ``flag_rate`` is the share of real held-out images a calibrated criterion may flag.
+    """
 
     model: DiffusionModel
     data: AuditData
@@ -50,6 +67,9 @@ class AuditContext:
     batch_size: int = 256
     progress: bool = False
     shard: Shard | None = None
+    calibration: ImageTable | None = None
+    heldout: ImageTable | None = None
+    flag_rate: float = 0.01
 
     @cached_property
     def members(self) -> Tensor:
@@ -92,7 +112,8 @@ class Cases:
     nearest: Tensor
     distance: Tensor
     member_ids: list[str] = field(default_factory=list)
-    flagged_by: list[str] = field(default_factory=list)
+    flagged_by: list[str] = field(default_factory=list)  # which attack flagged each
+    copies: list[int] = field(default_factory=list)  # training rows of each member's group
 
 
 class AuditResult(ABC):

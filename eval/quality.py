@@ -207,10 +207,11 @@ def classes_for_features(images: Tensor, labels: Tensor | None, seed: int = 0, c
     return torch.as_tensor(assigned, dtype=torch.long), f"kmeans{k}"
 
 
-def save_classifier(clf: SmallClassifier, path: str | Path) -> None:
-    """Write the classifier's weights to a safetensors file; its constructor arguments go in the metadata."""
+def save_classifier(clf: SmallClassifier, path: str | Path, extra: dict | None = None) -> None:
+    """Write the classifier's weights to a safetensors file; its constructor arguments (and ``extra``) go in the metadata."""
     state = {k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", _METADATA_KEY: json.dumps(clf.config)})
+    meta = {"format": "pt", _METADATA_KEY: json.dumps(clf.config), "privdiff.extra": json.dumps(extra or {})}
+    save_file(state, str(path), metadata=meta)
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> SmallClassifier:
@@ -393,50 +394,155 @@ def compute_quality(
     )
 
 
+# -- cached classifiers, precision and recall, sanity references ---------------------------------------
+
+
+def extract_features(extractor: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """The extractor's features (N, F) of images in [0, 1]."""
+    params = list(extractor.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    with torch.no_grad():
+        out = [extractor(images[i : i + batch_size].to(device, torch.float32)).float().cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0, extractor.num_features)
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3, block: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, NeurIPS) of ``fake`` against ``real`` features.
+
+    Each feature set is a union of balls: around every point, the distance to its k-th nearest
+    neighbour in its own set. Precision is the share of fake points inside some real ball (fidelity),
+    recall the share of real points inside some fake ball (coverage). Written here because
+    torchmetrics has no such metric; blocked, so no full N x M matrix is held.
+    """
+    def radii(x: Tensor) -> Tensor:
+        kk = min(k + 1, len(x))
+        return torch.cat([torch.cdist(x[i : i + block], x).topk(kk, largest=False).values[:, -1] for i in range(0, len(x), block)])
+
+    def covered(points: Tensor, centres: Tensor, r: Tensor) -> float:
+        inside = [(torch.cdist(points[i : i + block], centres) <= r[None]).any(1) for i in range(0, len(points), block)]
+        return float(torch.cat(inside).float().mean())
+
+    real, fake = real.double(), fake.double()
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def _cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "privdiff" / "feature_classifiers"
+
+
+def cached_feature_classifier(
+    images: Tensor, labels: Tensor | None, seed: int = 0, cache_dir: str | Path | None = None, test_share: float = 0.2,
+) -> tuple[SmallClassifier, dict]:
+    """The offline FID classifier for these images, trained once and cached by their content; and its record.
+
+    The classes are the labels or k-means clusters (:func:`classes_for_features`). It trains on a
+    seeded ``1 - test_share`` of the images and its accuracy on the rest is reported: a classifier
+    that does not learn the data gives a meaningless feature space. The cache (safetensors, keyed by
+    a hash of the pixels, the classes and the settings) lives in ``$XDG_CACHE_HOME/privdiff``.
+    """
+    import hashlib
+
+    classes, source = classes_for_features(images, labels, seed=seed)
+    digest = hashlib.sha256()
+    digest.update(images.mul(255).round().byte().contiguous().numpy().tobytes())
+    digest.update(classes.numpy().tobytes())
+    digest.update(repr((tuple(images.shape), seed, test_share, source, SmallClassifier.__init__.__defaults__)).encode())
+    folder = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    path = folder / f"{digest.hexdigest()[:32]}.safetensors"
+    if path.is_file():
+        clf = load_classifier(path)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            record = json.loads((f.metadata() or {}).get("privdiff.extra", "{}"))
+        return clf, {**record, "cached": True, "cache": str(path)}
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    cut = max(1, int(round(len(images) * (1 - test_share))))
+    train, test = order[:cut], order[cut:]
+    clf = train_feature_classifier(images[train], classes[train], seed=seed, label_source=source,
+                                   num_classes=int(classes.max()) + 1)
+    with torch.no_grad():
+        accuracy = float((clf(images[test]).argmax(1) == classes[test]).float().mean()) if len(test) else float("nan")
+    record = {"classes": source, "num_classes": int(classes.max()) + 1, "num_train": len(train), "num_test": len(test),
+              "test_accuracy": accuracy, "chance_accuracy": float(torch.bincount(classes).max()) / len(classes)}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_classifier(clf, tmp, extra=record)
+    tmp.replace(path)
+    return clf, {**record, "cached": False, "cache": str(path)}
+
+
 # -- the audit plugin ---------------------------------------------------------------------------------
 
 
 @dataclass
 class QualityReport(AuditResult):
-    """FID and KID of the samples against real images, in the named feature space."""
+    """FID and KID of the samples against real images, in the named feature space, with precision,
+    recall, the classifier's held-out accuracy and the sanity references (real vs real, noise)."""
 
     result: QualityResult
+    extra: dict
 
     def to_dict(self) -> dict:
-        return self.result.to_dict()
+        return {**self.result.to_dict(), **self.extra}
 
     def columns(self) -> list[Column]:
         r = self.result
-        return [
+        cols = [
             Column("fid", "FID", "Fréchet distance in the named backbone's feature space (lower is better)", r.fid,
                    f"{r.fid:.3g} ({r.backbone})", Privacy.UTILITY),
             Column("kid", "KID", "kernel inception distance, mean ± std over subsets", r.kid_mean, f"{r.kid_mean:.3g} ± {r.kid_std:.2g}"),
         ]
+        if "precision" in self.extra:
+            cols.append(Column("precision_recall", "precision / recall", "Kynkaanniemi et al. 2019, k=3, in the same features",
+                               self.extra["precision"], f"{self.extra['precision']:.2f} / {self.extra['recall']:.2f}"))
+        return cols
 
     def scalars(self) -> dict[str, float]:
-        return {f"fid_{self.result.backbone}": float(self.result.fid)}
+        out = {f"fid_{self.result.backbone}": float(self.result.fid)}
+        if "precision" in self.extra:
+            out.update(precision=float(self.extra["precision"]), recall=float(self.extra["recall"]))
+        return out
+
+    def notes(self) -> list[str]:
+        notes = []
+        clf = self.extra.get("classifier")
+        if clf:
+            notes.append(
+                f"FID features: a small classifier trained on the data's {clf['classes']} ({clf['num_classes']} classes); "
+                f"held-out accuracy {clf['test_accuracy']:.0%} (chance {clf['chance_accuracy']:.0%})."
+            )
+        ref = self.extra.get("reference")
+        if ref:
+            notes.append(
+                f"FID references in the same features: real vs real {ref['fid_real_vs_real']:.3g}, uniform noise "
+                f"{ref['fid_noise']:.3g}" + ("" if ref["ok"] else " — the feature space does not tell noise from data: FID is not meaningful here")
+                + "."
+            )
+        return notes
 
 
 class SampleQuality(AuditPlugin):
-    """FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) of the audit's samples.
+    """FID (Heusel et al. 2017), KID (Binkowski et al. 2018) and precision/recall (Kynkaanniemi et al. 2019) of the samples.
 
     Args:
-        backbone: ``classifier`` (a small CNN trained at audit time on the data's labels, or on
-            k-means clusters of unlabeled data; offline) or ``inception`` (torch-fidelity's InceptionV3).
+        backbone: ``classifier`` (a small CNN trained on the data's labels, or on k-means clusters of
+            unlabeled data, cached per data set; offline) or ``inception`` (torch-fidelity's InceptionV3).
         real: the real images: ``pool`` (every image of the source) or ``members``.
         weights: the InceptionV3 weight file for ``inception`` (default: the torch hub cache's,
             downloaded when missing; hash-checked and loaded weights-only).
+        cache_dir: where trained feature classifiers are kept (default ``$XDG_CACHE_HOME/privdiff``).
     """
 
     name = "quality"
 
     def __init__(self, backbone: Literal["classifier", "inception"] = "classifier", real: Literal["pool", "members"] = "pool",
-                 weights: str | None = None) -> None:
+                 weights: str | None = None, cache_dir: str | None = None) -> None:
         if backbone not in BACKBONES:
             raise ValueError(f"quality backbone must be one of {BACKBONES}, got {backbone!r}")
         if real not in ("pool", "members"):
             raise ValueError(f"quality real must be 'pool' or 'members', got {real!r}")
-        self.backbone, self.real, self.weights = backbone, real, weights
+        self.backbone, self.real, self.weights, self.cache_dir = backbone, real, weights, cache_dir
 
     def check(self, num_members: int, num_heldout: int) -> None:
         if self.backbone == "inception":
@@ -446,9 +552,20 @@ class SampleQuality(AuditPlugin):
         if len(context.samples) < 2:
             return None
         data = context.data
-        real = data.pool if (self.real == "pool" and data.pool is not None) else data.members
+        real = (data.pool if (self.real == "pool" and data.pool is not None) else data.members).unit()
+        extra: dict = {}
         classifier = None
         if self.backbone == "classifier":
-            classes, source = classes_for_features(real.unit(), real.labels, seed=context.seed)
-            classifier = train_feature_classifier(real.unit(), classes, seed=context.seed, label_source=source)
-        return QualityReport(compute_quality(real.unit(), context.samples, backbone=self.backbone, classifier=classifier, weights_path=self.weights))
+            labels = (data.pool if (self.real == "pool" and data.pool is not None) else data.members).labels
+            classifier, extra["classifier"] = cached_feature_classifier(real, labels, seed=context.seed, cache_dir=self.cache_dir)
+        extractor = load_feature_extractor(self.backbone, classifier, self.weights)
+        result = compute_quality(real, context.samples, feature_extractor=extractor, seed=context.seed)
+        real_f, fake_f = extract_features(extractor, real), extract_features(extractor, context.samples)
+        extra["precision"], extra["recall"] = precision_recall(real_f, fake_f)
+        half = torch.randperm(len(real), generator=torch.Generator().manual_seed(context.seed))
+        a, b = real[half[: len(real) // 2]], real[half[len(real) // 2 :]]
+        noise = torch.rand((min(len(real), 512), *real.shape[1:]), generator=torch.Generator().manual_seed(context.seed))
+        fid_rr = compute_quality(a, b, feature_extractor=extractor, kid_subsets=10, seed=context.seed).fid
+        fid_noise = compute_quality(real, noise, feature_extractor=extractor, kid_subsets=10, seed=context.seed).fid
+        extra["reference"] = {"fid_real_vs_real": fid_rr, "fid_noise": fid_noise, "ok": fid_noise > 5 * max(fid_rr, 1e-6)}
+        return QualityReport(result, extra)

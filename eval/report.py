@@ -8,6 +8,7 @@ import html
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -112,7 +113,11 @@ def _png(fig) -> str:
 
 
 def privacy_utility_figure(rows: list[Mapping[str, Any]]):
-    """The utility column (e.g. FID) against each privacy column (extracted, memorized, MIA AUC), one point per setting."""
+    """The utility column (e.g. FID) against each privacy column (extracted, memorized, MIA AUC), one point per setting.
+
+    None with fewer than two settings (one point on axes of its own scale says nothing). Settings
+    are told apart by marker and colour in one legend, so labels never overlap.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,20 +126,22 @@ def privacy_utility_figure(rows: list[Mapping[str, Any]]):
     columns = table_columns(rows)
     utility = next((c for c in columns if c["role"] == "utility"), None)
     privacy = [c for c in columns if c["role"] == "privacy"]
-    if utility is None or not privacy:
+    if utility is None or not privacy or len(rows) < 2:
         return None
-    fig, axes = plt.subplots(1, len(privacy), figsize=(4.2 * len(privacy), 3.8), layout="constrained", squeeze=False)
+    markers = "osD^vP*X"
+    fig, axes = plt.subplots(1, len(privacy), figsize=(3.6 * len(privacy) + 1.6, 3.4), layout="constrained", squeeze=False)
     for ax, column in zip(axes[0], privacy):
-        for r in rows:
+        for i, r in enumerate(rows):
             x, y = r.get(column["key"]), r.get(utility["key"])
-            if not isinstance(x, (int, float)) or not isinstance(y, (int, float)):
-                continue
-            ax.scatter(x, y, s=40)
-            ax.annotate(r["setting"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(column["header"] + " (lower = more private)")
-        ax.set_ylabel(f"{utility['header']} ({rows[0]['text'].get(utility['key'], '').rpartition('(')[2].rstrip(')') or '?'}; lower = better)")
+            if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+                ax.scatter(x, y, s=55, marker=markers[i % len(markers)], color=f"C{i}", alpha=0.85, label=r["setting"])
+        ax.set_xlabel(column["header"] + "\n(lower = more private)", fontsize=8)
+        ax.set_ylabel(f"{utility['header']} (lower = better)", fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle("privacy–utility")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    backbone = rows[0]["text"].get(utility["key"], "").rpartition("(")[2].rstrip(")")
+    fig.suptitle(f"privacy–utility ({utility['header']} in {backbone or '?'} features)", fontsize=10)
     return fig
 
 
@@ -156,15 +163,17 @@ def plugin_figures(runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Any
 
 
 def cases_figure(cases: Mapping[str, Any], max_cases: int = 12):
-    """Grid of the most-extracted cases: generated sample | nearest member | distance."""
+    """Grid of the most-extracted cases: generated sample | nearest member, with distance, member id,
+    the group's training rows and the attack that flagged it under each pair."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     samples, nearest, dist = cases["samples"][:max_cases], cases["nearest"][:max_cases], cases["distance"][:max_cases]
+    ids, flagged, copies = (list(cases.get(k, []))[:max_cases] for k in ("member_ids", "flagged_by", "copies"))
     n = len(samples)
-    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.1 * max(n, 1), 2.6), squeeze=False)
+    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.45 * max(n, 1), 3.3), squeeze=False)
     for i in range(n):
         for row, image in ((0, samples[i]), (1, nearest[i])):
             ax = axes[row][i]
@@ -172,20 +181,34 @@ def cases_figure(cases: Mapping[str, Any], max_cases: int = 12):
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[1][i].set_xlabel(f"{float(dist[i]):.3f}", fontsize=8)
+        label = [f"l2 {float(dist[i]):.3f}"]
+        if i < len(ids):
+            label.append(str(ids[i]).rsplit("/", 1)[-1][:14])
+        if i < len(copies):
+            label.append(f"{copies[i]} row(s)")
+        if i < len(flagged):
+            label.append({"generate_and_filter": "clique", "calibrated_l2": "cal. l2"}.get(flagged[i], flagged[i]))
+        axes[1][i].set_xlabel("\n".join(label), fontsize=6.5)
     axes[0][0].set_ylabel("sample", fontsize=8)
     axes[1][0].set_ylabel("nearest\nmember", fontsize=8)
     return fig
 
 
 def load_cases(run_dir: Path) -> dict[str, Any] | None:
-    """Read the extracted cases the audit kept on local disk (safetensors: no pickle)."""
+    """Read the extracted cases the audit kept on local disk (safetensors: no pickle), with their labels."""
     path = Path(run_dir) / "audit_cases.safetensors"
     if not path.is_file():
         return None
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    cases: dict[str, Any] = dict(load_file(str(path)))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    for key in ("member_ids", "flagged_by", "copies"):
+        if key in meta:
+            cases[key] = json.loads(meta[key])
+    return cases
 
 
 def write_report(
@@ -194,22 +217,26 @@ def write_report(
     run_dirs: Mapping[str, str | Path] | None = None,
     embed_training_images: bool = True,
     title: str = "privdiff report",
+    failed: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and ``report.html`` for the audits in ``runs``.
 
     ``runs`` maps a setting name to its ``audit.json`` dict; ``run_dirs`` to its run directory
-    (to find the extracted cases). ``embed_training_images`` puts the cases grid (which shows
-    training images) into the HTML; the report says so when it does.
+    (to find the extracted cases and link each setting's own report). ``embed_training_images``
+    puts the cases grid (which shows training images) into the HTML; the report says so when it
+    does. ``failed`` maps settings that did not finish to their error, reported too.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [summarize(name, audit) for name, audit in runs.items()]
     table = markdown_table(rows)
+    failed = dict(failed or {})
     payload = {
         "schema": REPORT_SCHEMA,
         "columns": {c["key"]: {"header": c["header"], "unit": c["unit"], "role": c["role"]} for c in table_columns(rows)},
         "rows": rows,
         "runs": runs,
+        "failed": failed,
         "training_images_embedded": embed_training_images,
     }
     import matplotlib.pyplot as plt
@@ -227,11 +254,76 @@ def write_report(
     for f in figures.values():
         plt.close(f)
     payload["training_images_embedded"] = embedded
+    links = {}
+    for name, run_dir in (run_dirs or {}).items():
+        target = Path(run_dir) / "report.html"
+        if Path(run_dir).resolve() != out.resolve() and (target.is_file() or len(runs) > 1):
+            links[name] = os.path.relpath(target, out)
     (out / "report.json").write_text(json.dumps(payload, indent=1, default=float))
     notes = _notes(runs)
-    (out / "report.md").write_text(f"# {title}\n\n{table}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-    (out / "report.html").write_text(_html(title, rows, images, notes, embedded))
+    details = {name: details_of(audit) for name, audit in runs.items()}
+    (out / "report.md").write_text(_markdown(title, table, notes, details, failed, links))
+    (out / "report.html").write_text(_html(title, rows, images, notes, embedded, details, failed, links))
     return {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+
+
+def details_of(audit: Mapping[str, Any]) -> dict[str, Any]:
+    """What the report shows of one run beyond its table row: thresholds, MIA per attack, sampling, data, provenance."""
+    thresholds = []
+    for name, plugin in (audit.get("plugins") or {}).items():
+        for key, t in ((audit.get(name) or {}).get("thresholds") or {}).items():
+            lo_hi = t.get("heldout_interval") or [None, None]
+            thresholds.append({
+                "attack": name, "criterion": t["criterion"], "value": t["value"], "how": t.get("how", t["description"]),
+                "heldout": "—" if t.get("heldout_rate") is None else f"{t['heldout_rate']:.1%} [{lo_hi[0]:.1%}, {lo_hi[1]:.1%}] of {t['num_heldout']}",
+                "published": "—" if t.get("published") is None else f"{t['published']:.4g}",
+                "published_rate": "—" if t.get("published_rate") is None else f"{t['published_rate']:.1%}",
+            })
+    mia = []
+    for attack, r in (audit.get("mia") or {}).items():
+        if isinstance(r, dict) and "auc_interval" in r:
+            mia.append({
+                "attack": attack if attack != "best" else f"best ({r.get('attack')})",
+                "auc": f"{r['auc']:.3f} [{r['auc_interval'][0]:.3f}, {r['auc_interval'][1]:.3f}]",
+                "tpr": f"{r['tpr']:.3g} [{r['tpr_interval'][0]:.2f}, {r['tpr_interval'][1]:.2f}] at FPR {r['fpr']:.1%}",
+                "verdict": r.get("verdict", ""),
+                "chosen": ", ".join(r.get("chosen", [])) or str(r.get("t", r.get("t_sec", ""))),
+            })
+    sampling, data, run, env = audit.get("sampling") or {}, audit.get("data") or {}, audit.get("run") or {}, audit.get("environment") or {}
+    sanity = sampling.get("sanity") or {}
+    facts = {
+        "training steps": run.get("steps"),
+        "samples / solver": f"{sampling.get('num_samples')} ({sampling.get('num_drawn')} drawn) / {sampling.get('solver')} {sampling.get('steps')} steps",
+        "sample sanity": "—" if not sanity else (
+            f"{sanity['saturated_low']:.1%} of pixels at 0, {sanity['saturated_high']:.1%} at 1 (members: "
+            f"{sanity['real_saturated_low']:.1%}, {sanity['real_saturated_high']:.1%})" + ("" if sanity["ok"] else " — SATURATED: the solver may not fit the model")
+        ),
+        "members (groups of near-copies) / training rows": f"{data.get('num_members')} ({data.get('num_member_groups', data.get('num_members'))}) / {data.get('num_train_rows')}",
+        "held-out: calibration / evaluation": f"{data.get('num_heldout')}: {data.get('num_calibration', '—')} / {data.get('num_evaluation', '—')}",
+        "planted duplicates / rows removed by defenses": f"{data.get('planted_duplicates')} / {data.get('removed_by_defenses', 0)}",
+        "seed": env.get("seed"),
+        "privdiff commit": (env.get("git_commit") or "—") + (" (uncommitted changes)" if env.get("git_dirty") else ""),
+        "versions": ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v),
+    }
+    return {"thresholds": thresholds, "mia": mia, "facts": facts}
+
+
+def _markdown(title: str, table: str, notes: list[str], details: Mapping[str, Any], failed: Mapping[str, str], links: Mapping[str, str]) -> str:
+    lines = [f"# {title}", "", table, ""]
+    lines += [f"- {n}" for n in notes]
+    if failed:
+        lines += ["", "## Settings that failed", ""] + [f"- **{name}**: {error}" for name, error in failed.items()]
+    for name, d in details.items():
+        lines += ["", f"## {name}" + (f" ([report]({links[name]}))" if name in links else ""), ""]
+        lines += [f"- {k}: {v}" for k, v in d["facts"].items()]
+        if d["thresholds"]:
+            lines += ["", "| attack | criterion | threshold | how | held-out flagged [95%] | published | its rate |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {t['attack']} | {t['criterion']} | {t['value']:.4g} | {t['how']} | {t['heldout']} | {t['published']} | {t['published_rate']} |"
+                      for t in d["thresholds"]]
+        if d["mia"]:
+            lines += ["", "| MIA attack | AUC [95%] | TPR [95%] | verdict | chosen on the other half |", "|---|---|---|---|---|"]
+            lines += [f"| {m['attack']} | {m['auc']} | {m['tpr']} | {m['verdict']} | {m['chosen']} |" for m in d["mia"]]
+    return "\n".join(lines) + "\n"
 
 
 def _notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -260,10 +352,27 @@ def _notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return notes
 
 
-def _html(title: str, rows: list[Mapping[str, Any]], images: Mapping[str, str], notes: list[str], embedded: bool) -> str:
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table class='small'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html(
+    title: str, rows: list[Mapping[str, Any]], images: Mapping[str, str], notes: list[str], embedded: bool,
+    details: Mapping[str, Any], failed: Mapping[str, str], links: Mapping[str, str],
+) -> str:
     columns = table_columns(rows)
     head = "".join(f"<th title='{html.escape(c['unit'])}'>{html.escape(c['header'])}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in table_cells(r, columns)) + "</tr>" for r in rows)
+
+    def row_html(r: Mapping[str, Any]) -> str:
+        cells = table_cells(r, columns)
+        first = html.escape(cells[0])
+        if r["setting"] in links:
+            first = f"<a href='{html.escape(links[r['setting']])}'>{first}</a>"
+        return "<tr><td>" + first + "</td>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells[1:]) + "</tr>"
+
+    body = "".join(row_html(r) for r in rows)
     figs = "".join(
         f"<figure><img alt='{html.escape(k)}' src='data:image/png;base64,{v}'/><figcaption>{html.escape(k)}</figcaption></figure>"
         for k, v in images.items()
@@ -274,13 +383,27 @@ def _html(title: str, rows: list[Mapping[str, Any]], images: Mapping[str, str], 
         else "<p>No image of training data is embedded in this report.</p>"
     )
     note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    failed_html = "" if not failed else "<h2>Settings that failed</h2>" + _html_table(["setting", "error"], [[k, v] for k, v in failed.items()])
+    sections = ""
+    for name, d in details.items():
+        link = f" <a href='{html.escape(links[name])}'>(its report)</a>" if name in links else ""
+        facts = _html_table(["", ""], [[k, v] for k, v in d["facts"].items()])
+        thr = "" if not d["thresholds"] else "<h3>Thresholds</h3>" + _html_table(
+            ["attack", "criterion", "threshold", "how it was obtained", "held-out flagged [95%]", "published", "its rate"],
+            [[t["attack"], t["criterion"], f"{t['value']:.4g}", t["how"], t["heldout"], t["published"], t["published_rate"]] for t in d["thresholds"]],
+        )
+        mia = "" if not d["mia"] else "<h3>Membership inference</h3>" + _html_table(
+            ["attack", "AUC [95%]", "TPR [95%]", "verdict", "chosen on the other half"],
+            [[m["attack"], m["auc"], m["tpr"], m["verdict"], m["chosen"]] for m in d["mia"]],
+        )
+        sections += f"<section><h2>{html.escape(name)}{link}</h2>{facts}{thr}{mia}</section>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
+<style>body{{font-family:sans-serif;margin:2em;max-width:1300px}}table{{border-collapse:collapse;margin:0.5em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f4f4f4}}
-td:first-child,td:nth-child(2){{text-align:left}}figure{{display:inline-block;margin:1em;max-width:100%}}
-figure img{{max-width:100%}}.warn{{color:#a00}}</style>
+td:first-child,td:nth-child(2){{text-align:left}}table.small td{{text-align:left;font-size:90%}}
+figure{{display:inline-block;margin:1em;max-width:100%}}figure img{{max-width:100%}}.warn{{color:#a00}}</style>
 </head><body><h1>{html.escape(title)}</h1>{warning}
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<ul>{note_html}</ul>{figs}</body></html>
+<ul>{note_html}</ul>{failed_html}{figs}{sections}</body></html>
 """

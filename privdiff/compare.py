@@ -152,7 +152,7 @@ def compare(
                     done.add(name)
                     print(f"privdiff compare: {name} finished in {seconds:.0f} s")
                 else:
-                    failed[name] = f"exit code {code}; see {out / name / 'compare.log'}"
+                    failed[name] = f"exit code {code}: {_last_error(out / name / 'compare.log')} (log: {out / name / 'compare.log'})"
                     print(f"privdiff compare: {name} FAILED ({failed[name]})")
                 for dependent in [n for n, src in waiting.items() if src == name]:
                     del waiting[dependent]
@@ -169,7 +169,7 @@ def compare(
         from privdiff.eval.report import markdown_table, summarize, write_report
 
         report_start = time.perf_counter()
-        paths = write_report(out, audits, {n: out / n for n in audits}, title=title)
+        paths = write_report(out, audits, {n: out / n for n in audits}, title=title, failed=failed)
         table = markdown_table([summarize(n, a) for n, a in audits.items()])
         report_time = time.perf_counter() - report_start
         print(f"\n{table}\n")
@@ -180,6 +180,13 @@ def compare(
     if failed:
         raise RuntimeError(f"settings failed: {failed}. Rerun the same command to retry them; finished runs are reused")
     return audits
+
+
+def _last_error(log: Path) -> str:
+    """The last line of a failed run's log that names an error (the exception), or its last line."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    errors = [line for line in lines if "Error" in line or "error:" in line]
+    return (errors or lines or ["no output"])[-1][:500]
 
 
 def _breakdown(audits: dict[str, Any], report_time: float) -> str:

@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 
 __all__ = ["ImageTable", "Manifest", "MANIFEST_VERSION", "copies_per_member", "image_fingerprint"]
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: member groups of near-copies, excluded images
+SUPPORTED_VERSIONS = (1, 2)  # a version-1 manifest reads with no groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +88,8 @@ class Manifest:
     planted_duplicates: dict[str, int] = field(default_factory=dict)
     removed: list[dict[str, Any]] = field(default_factory=list)
     fingerprint: str = ""  # image_fingerprint(members, held-out): the pixels the ids stood for ("" in older manifests)
+    groups: list[list[str]] = field(default_factory=list)  # members that are near-copies of each other (2+ ids each)
+    excluded: list[dict[str, Any]] = field(default_factory=list)  # images neither member nor held out, and why
     version: int = MANIFEST_VERSION
 
     def record_removed(self, removed_id: str, kept_id: str, defense: str, **extra: Any) -> None:
@@ -120,9 +123,19 @@ class Manifest:
         if not path.is_file():
             raise FileNotFoundError(f"no membership manifest at {path}; it is written by `privdiff fit` into the run directory")
         data = json.loads(path.read_text())
-        if data.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"{path}: manifest version {data.get('version')} is not supported (expected {MANIFEST_VERSION})")
+        if data.get("version") not in SUPPORTED_VERSIONS:
+            raise ValueError(f"{path}: manifest version {data.get('version')} is not supported (expected one of {SUPPORTED_VERSIONS})")
         return cls(**data)
+
+    def group_index(self, members: "ImageTable") -> torch.Tensor:
+        """For each member (in ``members``' order), the row of its group's first member: near-copies share one."""
+        row = {image_id: i for i, image_id in enumerate(members.ids)}
+        out = torch.arange(len(members))
+        for group in self.groups:
+            rows = sorted(row[i] for i in group if i in row)
+            for r in rows:
+                out[r] = rows[0]
+        return out
 
 
 def image_fingerprint(*tables: "ImageTable") -> str:

@@ -1,9 +1,17 @@
-"""Benchmark: images/s of privdiff's sampler against diffusers' pipelines on the same model and steps.
+"""Benchmark: privdiff's sampler against diffusers' pipelines (speed), and each solver against DDPM-1000 (fit).
 
-Prints, for DDPM-1000, DDIM-50 and DPM-Solver++-20, the images/s of
+Part 1 prints, for DDPM-1000, DDIM-50 and DPM-Solver++-20, the images/s of
 ``privdiff.eval.sampling.generate`` and of ``DDPMPipeline``/``DDIMPipeline`` (diffusers' own loop) on
 the quickstart UNet, and their ratio, measured in the same run (median of interleaved repeats; the
-machine is shared and noisy). Usage: ``python scripts/bench_sampling.py [--quick] [--threads N]``.
+machine is shared and noisy).
+
+Part 2 checks that the audit's solver samples what the model is: on a *trained* model (the
+quickstart's, trained here for ``--train-steps`` steps, or ``--model-dir`` a diffusers folder), each
+solver's samples against DDPM-1000 ancestral samples of the same weights: the share of pixels at 0
+and at 1 (real digits have many black pixels: compare with DDPM-1000's) and the Fréchet distance to
+the DDPM-1000 samples in the features of a classifier trained on the digits (0 = the same
+distribution; the distance between two DDPM-1000 draws shows the noise floor).
+Usage: ``python scripts/bench_sampling.py [--quick] [--threads N] [--model-dir DIR]``.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the 20- and 50-step cases (DDPM-1000: 2)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--model", type=Path, default=REPO / "configs/model/small.yaml", help="a configs/model/*.yaml (the quickstart's)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="a trained diffusers folder for part 2 (default: train one)")
+    parser.add_argument("--train-steps", type=int, default=500, help="steps of the quickstart model trained for part 2")
+    parser.add_argument("--fit-samples", type=int, default=96, help="samples per solver in part 2")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -69,6 +80,55 @@ def main() -> None:
         cell = {k: f"{statistics.median(v):.1f} [{v[0]:.1f}-{v[-1]:.1f}]" for k, v in rate.items()}
         ratio = statistics.median(rate["privdiff"]) / statistics.median(rate["diffusers"])
         print(f"{solver + '-' + str(steps):<16}{cell['privdiff']:>22}{cell['diffusers']:>22}{ratio:>8.2f}")
+
+
+    agreement(args)
+
+
+def _trained_model(args: argparse.Namespace, out: Path):
+    from privdiff.cli import run_fit_cli
+    from privdiff.train.pixel import PixelDiffusion
+
+    if args.model_dir is not None:
+        return PixelDiffusion.from_pretrained(args.model_dir)
+    run_fit_cli(["fit", "-c", str(REPO / "configs/base.yaml"), "-c", str(REPO / "configs/data/digits.yaml"), "-c", str(args.model),
+                 "--trainer.max_steps", str(args.train_steps), "--trainer.enable_progress_bar", "false", "--audit", "null",
+                 "--run_dir", str(out)])
+    return PixelDiffusion.from_pretrained(out / "model")
+
+
+def agreement(args: argparse.Namespace) -> None:
+    """Part 2: each solver's samples against DDPM-1000 ancestral samples of the same trained weights."""
+    import tempfile
+    import warnings
+
+    from privdiff.eval.quality import compute_quality, train_feature_classifier
+    from privdiff.eval.sampling import sample_sanity
+    from privdiff.train.data import load_builtin
+
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _trained_model(args, Path(tmp)).eval()
+    digits = load_builtin("digits", 16, 1)
+    classifier = train_feature_classifier(digits.unit(), digits.labels, seed=0)
+    n = args.fit_samples
+    draws = {}
+    cases = [("ddpm", 1000, 0), ("ddpm", 1000, 1), ("ddim", 50, 0), ("ddim", 20, 0), ("dpmsolver++", 20, 0)]
+    print(f"\nsolver fit on a trained model ({'--model-dir' if args.model_dir else f'quickstart UNet, {args.train_steps} steps'}), "
+          f"{n} samples each, against DDPM-1000 ancestral samples of the same weights")
+    print(f"{'solver':<22}{'pixels at 0':>12}{'pixels at 1':>12}{'FD to DDPM-1000':>17}{'seconds':>9}")
+    for solver, steps, seed in cases:
+        start = time.perf_counter()
+        draws[(solver, steps, seed)] = generate(model, n, solver=solver, steps=steps, batch_size=n, seed=seed, progress=False).images
+        seconds = time.perf_counter() - start
+        x = draws[(solver, steps, seed)]
+        sanity = sample_sanity(x, digits.unit())
+        reference = draws[("ddpm", 1000, 0)] if (solver, steps, seed) != ("ddpm", 1000, 0) else None
+        fd = "-" if reference is None else f"{compute_quality(reference, x, classifier=classifier, kid_subsets=10).fid:.2f}"
+        name = f"{solver}-{steps}" + (" (2nd draw)" if seed else "")
+        print(f"{name:<22}{sanity['saturated_low']:>12.3f}{sanity['saturated_high']:>12.3f}{fd:>17}{seconds:>9.1f}")
+    real = sample_sanity(digits.unit(), digits.unit())
+    print(f"{'real digits':<22}{real['saturated_low']:>12.3f}{real['saturated_high']:>12.3f}")
 
 
 if __name__ == "__main__":

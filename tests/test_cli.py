@@ -191,4 +191,6 @@ def test_dedup_merging_members_of_a_folder_with_copies_then_the_audit_runs(tmp_p
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     removed = len(manifest["removed"])
     assert removed >= 1 and audit["data"]["removed_by_defenses"] == removed
-    assert audit["extraction"]["by_copies"]["0"]["num_images"] == removed  # members merged into their twin: 0 rows of their own
+    # A member merged into its twin is one image with it (its group): no member is left with 0 training rows.
+    assert "0" not in audit["extraction"]["by_copies"]
+    assert audit["data"]["num_member_groups"] == audit["data"]["num_members"] - removed

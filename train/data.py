@@ -20,11 +20,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from privdiff.duplicates import DEFAULT_MAX_L2, DEFAULT_THRESHOLD, near_duplicate_groups
 from privdiff.membership import ImageTable, Manifest, copies_per_member, image_fingerprint
 
 from ..defenses.base import Defense, DefenseStack, as_stack
 
-BUILTIN_SOURCES = ("digits", "faces")
+BUILTIN_SOURCES = ("digits", "faces", "photos")
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -87,22 +89,42 @@ def load_builtin(name: str, image_size: int, channels: int) -> ImageTable:
 
     ``digits``: scikit-learn's 1797 handwritten digits (8x8, 10 classes).
     ``faces``: the 100 face crops of scikit-image's LFW subset (25x25, unlabeled).
+    ``photos``: 32x32 crops of scikit-image's seven sample photographs (astronaut, cat, coffee,
+    rocket, Hubble deep field, a tissue slide, a retina), each photo shrunk to 256 px on its short
+    side and cut into a grid; labelled by photo. Real colour photographs, with the near-copies
+    real photos have (dark sky, plain background).
     """
     if name == "digits":
         from sklearn.datasets import load_digits
 
         data = load_digits()
-        raw = (data.images / 16.0 * 255.0).round().astype(np.uint8)
+        raw = list((data.images / 16.0 * 255.0).round().astype(np.uint8))
         labels = data.target.tolist()
+        ids = [f"digits/{i:05d}" for i in range(len(raw))]
     elif name == "faces":
         from skimage.data import lfw_subset
 
-        raw = (lfw_subset()[:100] * 255.0).round().astype(np.uint8)
+        raw = list((lfw_subset()[:100] * 255.0).round().astype(np.uint8))
         labels = [-1] * len(raw)
+        ids = [f"faces/{i:05d}" for i in range(len(raw))]
+    elif name == "photos":
+        import skimage.data
+
+        raw, labels, ids = [], [], []
+        for label, photo in enumerate(PHOTOS):
+            image = Image.fromarray(getattr(skimage.data, photo)()[..., :3])
+            scale = 256 / min(image.size)
+            image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)), Image.Resampling.BICUBIC)
+            array = np.asarray(image)
+            for top in range(0, array.shape[0] - 31, 32):
+                for left in range(0, array.shape[1] - 31, 32):
+                    raw.append(array[top : top + 32, left : left + 32])
+                    labels.append(label)
+                    ids.append(f"photos/{photo}/{top:03d}_{left:03d}")
     else:
         raise ValueError(f"unknown built-in data set {name!r}; choose one of {BUILTIN_SOURCES}")
     images = [to_uint8_image(Image.fromarray(a), image_size, channels) for a in raw]
-    return _stack(images, labels, [f"{name}/{i:05d}" for i in range(len(images))])
+    return _stack(images, labels, ids)
 
 
 def load_folder(path: str | Path, image_size: int, channels: int, on_bad_file: str = "fail") -> ImageTable:
@@ -230,84 +252,179 @@ def _too_close(candidates: torch.Tensor, members: torch.Tensor, min_l2: float) -
     return nearest_neighbors(candidates, members, k=1).distances[:, 0] < min_l2
 
 
+def _has_near_copy(images: torch.Tensor, min_l2: float) -> torch.Tensor:
+    """Which images have another image of the same set within ``min_l2`` (an exact copy counts)."""
+    from privdiff.distances import nearest_neighbors
+
+    if min_l2 <= 0 or len(images) < 2:
+        return torch.zeros(len(images), dtype=torch.bool)
+    return nearest_neighbors(images, images, k=2).distances[:, 1] < min_l2
+
+
 @dataclass
 class Split:
-    """The outcome of :func:`membership_split`: training rows (members + planted copies) and held-out rows."""
+    """The outcome of :func:`membership_split`: training rows (members + planted copies), held-out rows,
+    and the images used as neither (held-out candidates too close to a member), with the reason."""
 
     train: ImageTable
     members: ImageTable
     heldout: ImageTable
     planted: dict[str, int]
+    excluded: list[dict[str, Any]] = field(default_factory=list)
 
 
 def membership_split(
     pool: ImageTable,
     num_members: int | None,
-    num_heldout: int,
+    num_heldout: int | None,
     seed: int,
     duplicate_images: int = 0,
     duplicate_copies: int = 1,
     heldout_min_l2: float = 0.02,
+    heldout_pool: ImageTable | None = None,
 ) -> Split:
     """Choose members and held-out non-members by a seeded shuffle; plant duplicates among members.
 
-    Held-out candidates within ``heldout_min_l2`` (pixel l2 on [0, 1]) of a member are skipped, so
-    that no non-member is a near-copy of a member. ``duplicate_images`` members (k) each appear
-    ``duplicate_copies`` times (n) in the training set, as in Carlini et al. 2023's study of
-    duplication.
+    No non-member may be a near-copy of a member: held-out candidates within ``heldout_min_l2``
+    (pixel l2 on [0, 1]) of a member are not used, and the split says which (``excluded``). With
+    ``num_members=None`` every image that is not held out is a member, so a candidate with a
+    near-copy anywhere in the pool becomes a member rather than being dropped. ``heldout_pool``
+    (a second source, e.g. a test split) gives the non-members instead of the pool
+    (``num_heldout=None``: all of it). ``duplicate_images`` members (k) each appear
+    ``duplicate_copies`` times (n) in the training set, as in Carlini et al. 2023's study of duplication.
     """
-    if num_heldout < 0 or (num_members is not None and num_members < 1):
+    if (num_heldout is not None and num_heldout < 0) or (num_members is not None and num_members < 1):
         raise ValueError(f"need num_members >= 1 and num_heldout >= 0, got {num_members} and {num_heldout}")
-    n = len(pool)
-    if num_members is None:
-        num_members = n - num_heldout
-    if num_members + num_heldout > n:
-        raise ValueError(
-            f"the source has {n} images, fewer than num_members={num_members} + num_heldout={num_heldout}; lower them"
-        )
-    if duplicate_images > num_members:
-        raise ValueError(f"duplicate_images={duplicate_images} exceeds num_members={num_members}")
+    if num_heldout is None and heldout_pool is None:
+        raise ValueError("num_heldout=None (all held-out images) needs a held-out source (data.heldout)")
     if duplicate_copies < 1:
         raise ValueError(f"duplicate_copies must be >= 1, got {duplicate_copies}")
+    n = len(pool)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen)
-    member_rows = order[:num_members]
-    members = pool.select(member_rows)
-    rest = order[num_members:]
-    close = _too_close(pool.select(rest).unit(), members.unit(), heldout_min_l2)
-    rest = rest[~close]
-    if len(rest) < num_heldout:
-        raise ValueError(
-            f"only {len(rest)} images remain for num_heldout={num_heldout} after skipping near-copies of members; lower num_heldout"
-        )
-    heldout = pool.select(rest[:num_heldout])
+    excluded: list[dict[str, Any]] = []
+    reason = f"held-out candidate within pixel l2 {heldout_min_l2:g} of a member"
+    if heldout_pool is not None:
+        if num_members is not None and num_members > n:
+            raise ValueError(f"the source has {n} images, fewer than num_members={num_members}; lower it")
+        members = pool.select(order[: num_members or n])
+        candidates = torch.randperm(len(heldout_pool), generator=gen)
+        close = _too_close(heldout_pool.select(candidates).unit(), members.unit(), heldout_min_l2)
+        excluded = [{"id": heldout_pool.ids[i], "reason": reason} for i in candidates[close].tolist()]
+        kept = candidates[~close]
+        if num_heldout is not None and len(kept) < num_heldout:
+            raise ValueError(
+                f"the held-out source has {len(kept)} usable images (of {len(heldout_pool)}) for num_heldout={num_heldout}; lower it"
+            )
+        heldout = heldout_pool.select(kept[: num_heldout if num_heldout is not None else len(kept)])
+    elif num_members is None:
+        # Held-out images first, skipping any with a near-copy in the pool: all others are members.
+        shuffled = pool.select(order)
+        usable = order[~_has_near_copy(shuffled.unit(), heldout_min_l2)]
+        if len(usable) < num_heldout + 1:
+            raise ValueError(f"only {len(usable)} images of {n} have no near-copy in the pool, too few for num_heldout={num_heldout}")
+        held_rows = usable[:num_heldout]
+        is_held = torch.zeros(n, dtype=torch.bool)
+        is_held[held_rows] = True
+        members = pool.select(order[~is_held[order]])
+        heldout = pool.select(held_rows)
+    else:
+        if num_members + num_heldout > n:
+            raise ValueError(
+                f"the source has {n} images, fewer than num_members={num_members} + num_heldout={num_heldout}; lower them"
+            )
+        members = pool.select(order[:num_members])
+        rest = order[num_members:]
+        close = _too_close(pool.select(rest).unit(), members.unit(), heldout_min_l2)
+        if len(rest[~close]) < num_heldout:
+            raise ValueError(
+                f"only {len(rest[~close])} images remain for num_heldout={num_heldout} after skipping near-copies of members; lower num_heldout"
+            )
+        rest_kept = rest[~close]
+        # Candidates passed over as near-copies of members before the last held-out one is chosen: neither member nor held out.
+        last = int(rest_kept[num_heldout - 1]) if num_heldout else None
+        position = {int(r): i for i, r in enumerate(rest.tolist())}
+        limit = position[last] if last is not None else -1
+        excluded = [{"id": pool.ids[int(r)], "reason": reason} for r in rest[close].tolist() if position[int(r)] < limit]
+        heldout = pool.select(rest_kept[:num_heldout])
+    if duplicate_images > len(members):
+        raise ValueError(f"duplicate_images={duplicate_images} exceeds num_members={len(members)}")
     planted: dict[str, int] = {}
     copies = []
     if duplicate_images and duplicate_copies > 1:
-        chosen = torch.randperm(num_members, generator=gen)[:duplicate_images].sort().values
+        chosen = torch.randperm(len(members), generator=gen)[:duplicate_images].sort().values
         for row in chosen.tolist():
             planted[members.ids[row]] = duplicate_copies
             extra = members.select([row] * (duplicate_copies - 1))
             extra.ids = [f"{members.ids[row]}#copy{c}" for c in range(1, duplicate_copies)]
             copies.append(extra)
     train = ImageTable.concat([members, *copies])
-    return Split(train=train, members=members, heldout=heldout, planted=planted)
+    return Split(train=train, members=members, heldout=heldout, planted=planted, excluded=excluded)
 
 
 # ---------------------------------------------------------------------------------------------
 # The data module
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class HeldoutSource:
+    """A second source of images used as the non-members (a real test split), instead of part of the pool.
+
+    Args:
+        source, path, split, image_column, label_column, max_images: as for the data module's
+            own source (``folder``, ``hf``, or a built-in set); the images are converted to the
+            same size and channels.
+    """
+
+    source: Literal["digits", "faces", "photos", "hf", "folder"] = "folder"
+    path: str | None = None
+    split: str = "test"
+    image_column: str = "image"
+    label_column: str | None = "label"
+    max_images: int | None = None
+
+
+def load_source(
+    source: str, path: str | None, image_size: int, channels: int, split: str = "train", image_column: str = "image",
+    label_column: str | None = "label", max_images: int | None = None, on_bad_file: str = "fail",
+) -> ImageTable:
+    """Every image of one source: a built-in set, a folder, or a Hugging Face dataset."""
+    if source in BUILTIN_SOURCES:
+        return load_builtin(source, image_size, channels)
+    if source == "folder":
+        return load_folder(path, image_size, channels, on_bad_file)
+    return load_hf(path, image_size, channels, split, image_column, label_column, max_images)
+
+
+def _check_source(source: str, path: str | None, where: str) -> None:
+    if source not in (*BUILTIN_SOURCES, "hf", "folder"):
+        raise ValueError(f"{where}.source must be one of {(*BUILTIN_SOURCES, 'hf', 'folder')}, got {source!r}")
+    if source in ("hf", "folder") and not path:
+        raise ValueError(f"{where}.source={source!r} needs {where}.path (a hub name, local dataset or folder)")
+    if source == "folder" and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"{where}.path={path!r}: image folder {Path(path).expanduser()} does not exist")
+    if source == "hf" and _looks_local(path) and not Path(path).expanduser().exists():
+        raise FileNotFoundError(
+            f"{where}.path={path!r} does not exist: give a local dataset (a save_to_disk folder or parquet files) or a "
+            "Hugging Face Hub name such as uoft-cs/cifar10"
+        )
+
+
+HELDOUT_PREFIX = "heldout:"  # ids of a second held-out source: never equal to a pool id
+
+
 class DiffusionDataModule(pl.LightningDataModule):
     """Loads images, splits members from held-out non-members, applies data-stage defenses.
 
     Args:
-        source: ``digits`` or ``faces`` (built in, offline), ``hf`` (``path`` = hub name, a
+        source: ``digits``, ``faces`` or ``photos`` (built in, offline; see :func:`load_builtin`), ``hf`` (``path`` = hub name, a
             ``save_to_disk`` folder or parquet files) or ``folder`` (``path`` = a folder of images).
         path: where ``hf`` and ``folder`` sources are.
         image_size: side of the square images the model sees.
         channels: 1 (grayscale) or 3 (RGB); every image is converted.
-        num_members: images trained on (None: all but the held-out ones).
-        num_heldout: images never trained on, the non-members of membership inference.
+        num_members: images trained on (None: all but the held-out ones; a pool image with a
+            near-copy elsewhere in the pool is then a member, never silently dropped).
+        num_heldout: images never trained on, the non-members of membership inference (None with
+            ``heldout``: every usable image of that source).
         duplicate_images: how many members to plant as duplicates (k).
         duplicate_copies: how many times each planted member appears in training (n).
         seed: seeds the split; the same seed gives the same manifest.
@@ -317,12 +434,18 @@ class DiffusionDataModule(pl.LightningDataModule):
         run_dir: where ``manifest.json`` goes; defaults to the trainer's ``default_root_dir``.
         max_images: read at most this many images from an ``hf`` source.
         on_bad_file: ``fail`` or ``skip`` unreadable files of a ``folder`` source.
-        heldout_min_l2: held-out candidates closer than this to a member are skipped.
+        heldout_min_l2: held-out candidates closer than this to a member are not used (the manifest
+            lists them under ``excluded``).
+        heldout: a second source for the non-members (e.g. the data set's test split); default:
+            the held-out images come from the pool, by the seeded split.
+        group_hamming, group_max_l2: members that are near-copies of each other by this criterion
+            (phash Hamming distance and pixel l2, as deduplication's) form one group for the audit:
+            one image, whatever the number of files.
     """
 
     def __init__(
         self,
-        source: Literal["digits", "faces", "hf", "folder"] = "digits",
+        source: Literal["digits", "faces", "photos", "hf", "folder"] = "digits",
         path: str | None = None,
         split: str = "train",
         image_column: str = "image",
@@ -330,7 +453,7 @@ class DiffusionDataModule(pl.LightningDataModule):
         image_size: int = 16,
         channels: Literal[1, 3] = 1,
         num_members: int | None = 64,
-        num_heldout: int = 64,
+        num_heldout: int | None = 64,
         duplicate_images: int = 0,
         duplicate_copies: int = 1,
         seed: int = 0,
@@ -341,19 +464,18 @@ class DiffusionDataModule(pl.LightningDataModule):
         max_images: int | None = None,
         on_bad_file: Literal["fail", "skip"] = "fail",
         heldout_min_l2: float = 0.02,
+        heldout: HeldoutSource | None = None,
+        group_hamming: int = DEFAULT_THRESHOLD,
+        group_max_l2: float = DEFAULT_MAX_L2,
     ) -> None:
         super().__init__()
-        if source in ("hf", "folder") and not path:
-            raise ValueError(f"data.source={source!r} needs data.path (a hub name, local dataset or folder)")
-        if source == "folder" and not Path(path).expanduser().is_dir():
-            raise FileNotFoundError(f"data.path={path!r}: image folder {Path(path).expanduser()} does not exist")
-        if source == "hf" and _looks_local(path) and not Path(path).expanduser().exists():
-            raise FileNotFoundError(
-                f"data.path={path!r} does not exist: give a local dataset (a save_to_disk folder or parquet files) or a "
-                "Hugging Face Hub name such as uoft-cs/cifar10"
-            )
-        if source not in (*BUILTIN_SOURCES, "hf", "folder"):
-            raise ValueError(f"data.source must be one of {(*BUILTIN_SOURCES, 'hf', 'folder')}, got {source!r}")
+        if isinstance(heldout, dict):  # as the manifest records it
+            heldout = HeldoutSource(**heldout)
+        _check_source(source, path, "data")
+        if heldout is not None:
+            _check_source(heldout.source, heldout.path, "data.heldout")
+        if num_heldout is None and heldout is None:
+            raise ValueError("data.num_heldout: null (every held-out image) needs data.heldout, a second source")
         if channels not in (1, 3):
             raise ValueError(f"data.channels must be 1 or 3, got {channels}")
         if batch_size < 1:
@@ -370,11 +492,19 @@ class DiffusionDataModule(pl.LightningDataModule):
     def load_pool(self) -> ImageTable:
         """Load every image of the configured source (before the split)."""
         h = self.hparams
-        if h.source in BUILTIN_SOURCES:
-            return load_builtin(h.source, h.image_size, h.channels)
-        if h.source == "folder":
-            return load_folder(h.path, h.image_size, h.channels, h.on_bad_file)
-        return load_hf(h.path, h.image_size, h.channels, h.split, h.image_column, h.label_column, h.max_images)
+        return load_source(h.source, h.path, h.image_size, h.channels, h.split, h.image_column, h.label_column, h.max_images, h.on_bad_file)
+
+    def load_heldout_source(self) -> ImageTable | None:
+        """The second source's images (ids prefixed ``heldout:``), or None when non-members come from the pool."""
+        h, spec = self.hparams, self.hparams.heldout
+        if spec is None:
+            return None
+        if isinstance(spec, dict):
+            spec = HeldoutSource(**spec)
+        table = load_source(spec.source, spec.path, h.image_size, h.channels, spec.split, spec.image_column,
+                            spec.label_column, spec.max_images, h.on_bad_file)
+        table.ids = [HELDOUT_PREFIX + i for i in table.ids]
+        return table
 
     @property
     def run_dir(self) -> Path | None:
@@ -389,9 +519,14 @@ class DiffusionDataModule(pl.LightningDataModule):
         h = self.hparams
         pool = self.load_pool()
         split = membership_split(
-            pool, h.num_members, h.num_heldout, h.seed, h.duplicate_images, h.duplicate_copies, h.heldout_min_l2
+            pool, h.num_members, h.num_heldout, h.seed, h.duplicate_images, h.duplicate_copies, h.heldout_min_l2,
+            heldout_pool=self.load_heldout_source(),
         )
         labels = pool.labels[pool.labels >= 0]
+        roots = near_duplicate_groups(split.members.images, threshold=h.group_hamming, max_l2=h.group_max_l2)
+        groups: dict[int, list[str]] = {}
+        for row, root in enumerate(roots):
+            groups.setdefault(root, []).append(split.members.ids[row])
         manifest = Manifest(
             seed=h.seed,
             source={k: v for k, v in dict(h).items() if k not in ("run_dir", "num_workers") and not k.startswith("_")},
@@ -401,6 +536,8 @@ class DiffusionDataModule(pl.LightningDataModule):
             heldout=split.heldout.ids,
             planted_duplicates=split.planted,
             fingerprint=image_fingerprint(split.members, split.heldout),
+            groups=[ids for ids in groups.values() if len(ids) > 1],
+            excluded=split.excluded,
         )
         train = self.defenses.transform_dataset(split.train, manifest)
         manifest.train = train.ids

@@ -161,8 +161,8 @@ class PixelDiffusion(DiffusionModel):
     def sample(
         self,
         n: int,
-        solver: str = "dpmsolver++",
-        steps: int = 20,
+        solver: str = "ddim",
+        steps: int = 50,
         cond: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from privdiff.defenses.dedup import HASH_METHODS, DedupDefense, near_duplicate_pairs
+from privdiff.defenses.dedup import DedupDefense, near_duplicate_pairs
+from privdiff.duplicates import HASH_METHODS
 from privdiff.train.data import ImageTable, Manifest, load_builtin
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,7 +122,7 @@ def test_exact_duplicates_always_removed_even_at_threshold_zero(method: str) -> 
 
 
 def test_exact_duplicates_removed_even_when_the_near_duplicate_search_finds_nothing(monkeypatch) -> None:
-    import privdiff.defenses.dedup as dedup
+    import privdiff.duplicates as dedup
 
     monkeypatch.setattr(dedup, "_search", lambda *args, **kwargs: [])
     base = torch.arange(4 * 64, dtype=torch.uint8).reshape(4, 1, 8, 8)
@@ -223,7 +224,7 @@ class UntrainedMobilenet(torch.nn.Module):
 
 def test_cnn_path_runs_offline_with_a_stand_in_encoder(monkeypatch, digits: ImageTable) -> None:
     """The CNN search and the records work (features of an untrained encoder: only exact copies are asserted)."""
-    import privdiff.defenses.dedup as dedup
+    import privdiff.duplicates as dedup
 
     monkeypatch.setattr(dedup, "load_cnn_encoder", lambda weights=None: UntrainedMobilenet().eval())
     base = digits.select(range(0, 80, 10))
@@ -300,7 +301,7 @@ def test_cnn_weights_given_by_path_are_hash_checked_and_loaded_weights_only(monk
     import hashlib
     import pickle
 
-    import privdiff.defenses.dedup as dedup
+    import privdiff.duplicates as dedup
     from privdiff.weights import load_checked_weights
     from torchvision.models import mobilenet_v3_small
 

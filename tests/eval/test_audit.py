@@ -82,8 +82,11 @@ def test_threshold_check_reports_published_thresholds_too_loose_for_tiny_digit_s
     members, heldout = digits
     data = AuditData(members, heldout, torch.ones(len(members), dtype=torch.long))
     with pytest.warns(UserWarning, match="flag real held-out images"):
-        check = run_audit(FakeSampler(heldout.unit()), data, AuditConfig(num_samples=8, progress=False, attacks={"extraction": ExtractionAttack(), "memorization": NNRatioMemorization()}))["threshold_check"]
-    assert not check["ok"] and check["heldout_flag_rate"]["calibrated_below_threshold"] > 0.1
+        check = run_audit(FakeSampler(heldout.unit()), data, AuditConfig(num_samples=8, progress=False, attacks={
+        "extraction": ExtractionAttack(tau=0.15, delta=0.15, calibrated_threshold=1.0),  # the published ones
+        "memorization": NNRatioMemorization(threshold=1 / 3),
+    }))["threshold_check"]
+    assert not check["ok"] and check["heldout_flag_rate"]["extraction calibrated_threshold"] > 0.1
 
 
 def test_output_filter_rejects_copies_and_reports_its_rate(digits) -> None:
@@ -113,3 +116,23 @@ def test_audit_of_a_saved_run_matches_and_errors_are_clear(tmp_path, monkeypatch
         audit_saved(model=str(tmp_path), manifest=str(tmp_path / "manifest.json"), audit=fast)
     with pytest.raises(ValueError, match="exactly one of --run"):
         audit_saved(audit=fast)
+
+
+def test_exact_duplicate_files_are_one_group_and_a_sample_copying_them_is_flagged(digits) -> None:
+    members, heldout = digits
+    twins = ImageTable.concat([members, members.select([0, 1, 2])])  # three pictures present as two files each
+    twins.ids[-3:] = ["dup-a", "dup-b", "dup-c"]
+    groups = torch.arange(len(twins))
+    groups[-3:] = torch.tensor([0, 1, 2])
+    copies = torch.ones(len(twins), dtype=torch.long)
+    config = AuditConfig(num_samples=24, steps=1, progress=False, attacks={"memorization": NNRatioMemorization(threshold=1 / 3),
+                                                                          "extraction": ExtractionAttack(min_clique=3)})
+    samples = members.unit()[[0, 1, 2]].repeat(8, 1, 1, 1)  # the model reproduces the three duplicated pictures (+ noise)
+    alone = run_audit(FakeSampler(samples, noise=0.01), AuditData(twins, heldout, copies), config)
+    grouped = run_audit(FakeSampler(samples, noise=0.01), AuditData(twins, heldout, copies, groups=groups), config)
+    # Without groups the second nearest member is the other file of the same picture: ratio ~1, never flagged.
+    assert alone["memorization"]["fraction_memorized"] == 0
+    assert grouped["memorization"]["fraction_memorized"] == 1 and grouped["memorization"]["matched_indices"] == [0, 1, 2]
+    assert grouped["extraction"]["union"]["extracted"] == 3  # three pictures, not six files
+    assert grouped["extraction"]["by_copies"]["2"] == {"num_images": 3, "num_extracted": 3, "fraction_extracted": 1.0}
+    assert grouped["data"]["num_member_groups"] == len(members)

@@ -234,3 +234,47 @@ def test_loss_attack_finds_members_of_an_overfit_tiny_model():
     assert result.best.auc > 0.8, result.to_dict()
     assert result.best_timestep in (10, 50, 100)
     assert result.best.auc == max(r.auc for r in result.per_timestep.values())
+
+
+# -- honest figures: cross-fitting, intervals, resolution -------------------------------------------------
+def test_the_fast_auc_and_tpr_of_the_bootstrap_equal_the_audits() -> None:
+    from privdiff.eval import mia_stats
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n = int(rng.integers(5, 80))
+        s = rng.normal(size=2 * n).round(1)
+        s[:n] += rng.uniform(0, 2)
+        m = np.arange(2 * n) < n
+        ref = audit(torch.tensor(s), torch.tensor(m))
+        assert mia_stats.auc(s, m) == pytest.approx(ref.auc, abs=1e-6)
+        assert mia_stats.tpr_at(s, m, 0.01) == pytest.approx(ref.tpr_at_1pct_fpr, abs=1e-6)
+
+
+def test_crossfitting_removes_the_optimism_of_choosing_the_best_of_many_null_attacks() -> None:
+    from privdiff.eval import mia_stats
+
+    rng = np.random.default_rng(1)
+    n = 64
+    candidates = {f"noise{i}": rng.normal(size=2 * n) for i in range(20)}  # 20 attacks that know nothing
+    m = np.arange(2 * n) < n
+    in_sample = max(mia_stats.auc(c, m) for c in candidates.values())
+    fitted = mia_stats.crossfit(candidates, n, seed=0)
+    assert in_sample > 0.58  # picking the best of 20 on the same pairs looks like leakage...
+    assert fitted["auc_interval"][0] < 0.5 < fitted["auc_interval"][1]  # ... cross-fitted, it is chance
+    assert fitted["fpr"] == pytest.approx(1 / 32)  # 32 non-members a fold: no FPR below 1/32 is resolved
+
+
+def test_an_untrained_model_is_at_chance_with_intervals_that_contain_one_half(tmp_path) -> None:
+    from privdiff.eval.audit import AuditConfig, AuditData, run_audit
+    from privdiff.eval.mia import MembershipInference
+    from privdiff.train.data import load_builtin
+
+    pool = load_builtin("digits", 8, 1)
+    data = AuditData(pool.select(range(64)), pool.select(range(64, 192)), torch.ones(64, dtype=torch.long))
+    config = AuditConfig(num_samples=4, progress=False, attacks={"mia": MembershipInference(loss_timesteps=[10, 100, 300], secmi_k=10)})
+    result = run_audit(tiny_denoiser(), data, config)["mia"]
+    for attack in ("loss", "pia", "secmi", "best"):
+        lo, hi = result[attack]["auc_interval"]
+        assert lo < 0.5 < hi, (attack, result[attack]["auc"], lo, hi)
+        assert result[attack]["verdict"] == "chance"

@@ -155,3 +155,31 @@ def test_a_file_planted_as_the_inception_weights_never_runs(monkeypatch, tmp_pat
 def test_inception_missing_weights_file_raises_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="could not load the InceptionV3 weights"):
         load_feature_extractor("inception", weights_path=tmp_path / "missing.pth")
+
+
+def test_the_feature_classifier_is_trained_once_per_data_set_and_reports_its_accuracy(tmp_path, digits):
+    from privdiff.eval.quality import cached_feature_classifier
+
+    x, y = digits
+    first, record = cached_feature_classifier(x, y, seed=0, cache_dir=tmp_path)
+    assert not record["cached"] and record["test_accuracy"] > 0.8 > record["chance_accuracy"]
+    again, record2 = cached_feature_classifier(x, y, seed=0, cache_dir=tmp_path)
+    assert record2["cached"] and record2["test_accuracy"] == record["test_accuracy"]
+    with torch.no_grad():
+        torch.testing.assert_close(again.features(x[:8]), first.features(x[:8]))
+    _, other = cached_feature_classifier(x[:500], y[:500], seed=0, cache_dir=tmp_path)
+    assert not other["cached"]  # other pixels, another classifier
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_precision_and_recall_separate_fidelity_from_coverage():
+    from privdiff.eval.quality import precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 8, generator=g)
+    assert precision_recall(real, real + 1e-3) == (1.0, 1.0)
+    far = torch.randn(300, 8, generator=g) + 20
+    assert precision_recall(real, far) == (0.0, 0.0)
+    collapsed = real[:5].repeat(60, 1)  # every sample is one of five real points: faithful, not diverse
+    precision, recall = precision_recall(real, collapsed)
+    assert precision == 1.0 and recall < 0.2

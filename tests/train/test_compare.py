@@ -26,8 +26,8 @@ def test_shrunk_compare_writes_every_column_and_reuses_finished_runs(tmp_path, m
     assert set(audits) == {"none", "output_filter"}
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["schema"] == "privdiff.report/2"
-    headers = ["setting", "defense", "ε (δ, accountant)", "FID", "KID", "extracted", "NN-ratio mem.", "best MIA AUC",
-               "TPR@1%FPR", "rows removed", "reject rate", "train time"]
+    headers = ["setting", "defense", "ε (δ, accountant)", "FID", "KID", "precision / recall", "extracted", "NN-ratio mem.",
+               "best MIA AUC", "TPR@low FPR", "rows removed", "reject rate", "train time"]
     assert [c["header"] for c in report["columns"].values()] == headers  # the attacks' columns, in config order
     for row in report["rows"]:
         assert set(report["columns"]) <= set(row["text"])
@@ -35,7 +35,11 @@ def test_shrunk_compare_writes_every_column_and_reuses_finished_runs(tmp_path, m
     markdown = (tmp_path / "report.md").read_text()
     assert markdown.splitlines()[2] == "| " + " | ".join(headers) + " |"
     html = (tmp_path / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 2 and "privacy–utility" in html
+    assert html.count("data:image/png;base64,") >= 3 and "privacy–utility" in html and "membership inference ROC" in html
+    assert "href='none/report.html'" in html and "href='output_filter/report.html'" in html  # each setting's own report
+    for item in ("Thresholds", "calibration images", "sample sanity", "held-out: calibration / evaluation",
+                 "privdiff commit", "versions", "Membership inference", "chosen on the other half"):
+        assert item in html, item
     assert "output_filter: output_filter gives no DP guarantee" in markdown
     assert audits["output_filter"]["sampling"]["num_drawn"] >= 16
     assert "defense/output_filter/reject_rate" in audits["output_filter"]["defense_metrics"]

@@ -178,3 +178,46 @@ def test_a_string_label_column_becomes_class_indices_and_a_bad_one_is_named(tmp_
     assert table.labels.tolist() == [1, 0, 0, 2, 1, 0]  # sorted names: cat, dog, owl
     with pytest.raises(ValueError, match=r"label column 'score' .* integers or class names .*float 0.5.*data.label_column"):
         load_hf(str(tmp_path / "ds"), 8, 1, label_column="score")
+
+
+def _digit_folder(folder, rows, copies=()):
+    from sklearn.datasets import load_digits
+
+    digits = (load_digits().images / 16 * 255).astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in rows:
+        Image.fromarray(digits[i]).save(folder / f"d{i:04d}.png")
+    for i in copies:  # the same picture under another name, as in real photo folders
+        Image.fromarray(digits[i]).save(folder / f"copy_of_{i:04d}.png")
+
+
+def test_all_members_with_copies_in_the_pool_keeps_every_copy_in_training_and_groups_them(tmp_path) -> None:
+    _digit_folder(tmp_path / "pool", range(80), copies=range(10))
+    dm = DiffusionDataModule(source="folder", path=str(tmp_path / "pool"), image_size=8, num_members=None, num_heldout=20,
+                             run_dir=str(tmp_path / "run"))
+    dm.setup()
+    m = dm.manifest
+    assert len(m.members) + len(m.heldout) == 90  # nothing silently left out
+    assert not any("copy_of" in i for i in m.heldout)  # a copy never sits among the non-members
+    groups = {frozenset(g) for g in m.groups}
+    assert {frozenset({f"folder/d{i:04d}.png", f"folder/copy_of_{i:04d}.png"}) for i in range(10)} <= groups
+    index = m.group_index(dm.members)
+    row = {i: r for r, i in enumerate(dm.members.ids)}
+    assert index[row["folder/copy_of_0003.png"]] == index[row["folder/d0003.png"]]
+
+
+def test_a_second_source_gives_the_non_members(tmp_path) -> None:
+    from privdiff.eval.audit import load_audit_data
+
+    _digit_folder(tmp_path / "train", range(60))
+    _digit_folder(tmp_path / "test", range(60, 100), copies=[5])  # one test image is a copy of a training image
+    dm = DiffusionDataModule(source="folder", path=str(tmp_path / "train"), image_size=8, num_members=None, num_heldout=None,
+                             heldout={"source": "folder", "path": str(tmp_path / "test")}, run_dir=str(tmp_path / "run"))
+    dm.setup()
+    m = Manifest.load(tmp_path / "run" / "manifest.json")
+    assert len(m.members) == 60 and len(m.heldout) == 40 and all(i.startswith("heldout:") for i in m.heldout)
+    assert [e["id"] for e in m.excluded] == ["heldout:folder/copy_of_0005.png"]  # too close to a member: said, not used
+    data = load_audit_data(m)  # an audit of the saved run finds both sources again
+    assert data.heldout.ids == m.heldout and torch.equal(data.heldout.images, dm.heldout.images)
+    with pytest.raises(ValueError, match="num_heldout: null .* needs data.heldout"):
+        DiffusionDataModule(num_heldout=None)
