@@ -67,9 +67,10 @@ class AuditConfig:
 
     Args:
         num_samples: images generated once and shared by every attack (Carlini et al. use 2^20 per model).
-        solver, steps, batch_size: the sampler: DDIM at 50 steps by default, whose samples match DDPM-1000
-            ancestral samples of the same weights (``scripts/bench_sampling.py``); DPM-Solver++ at 20
-            steps is 2.5x faster but saturated 10-50% of the pixels of under-trained models.
+        solver, steps, batch_size: the sampler: ``ancestral`` (DDIM with eta = 1) at 50 steps by
+            default, whose samples match 1000-step DDPM samples of the same weights, trained or
+            under-trained (``scripts/bench_sampling.py``); ``ddim`` (deterministic) and
+            ``dpmsolver++`` did not on a DP-SGD model, and DPM-Solver++ saturates pixels.
         seed: seeds sampling, the attacks' noise and the split of the held-out images into calibration
             images (half: thresholds are taken from them) and evaluation images (the rest).
         flag_rate: the share of real held-out images a threshold taken from the data may flag
@@ -82,7 +83,7 @@ class AuditConfig:
     """
 
     num_samples: int = 512
-    solver: str = "ddim"
+    solver: str = "ancestral"
     steps: int = 50
     batch_size: int = 256
     seed: int = 0

@@ -219,7 +219,7 @@ class MemorizationReport(AuditResult):
         return {} if "fraction_memorized" not in self.summary else {"nn_ratio_memorized": float(self.summary["fraction_memorized"])}
 
     def notes(self) -> list[str]:
-        return ["NN-ratio: Gu et al. 2023 (a sample whose nearest member is 3x closer than the second nearest)."]
+        return ["NN-ratio: Gu et al. 2023 (nearest member / nearest member of another group below a threshold taken from the held-out images; the paper's is 1/3)."]
 
     def heldout_flag_rates(self) -> dict[str, float]:
         return self.flag_rates

@@ -36,7 +36,7 @@ def generate(
     model: DiffusionModel,
     num_samples: int,
     *,
-    solver: str = "ddim",
+    solver: str = "ancestral",
     steps: int = 50,
     batch_size: int = 256,
     class_labels: torch.Tensor | None = None,

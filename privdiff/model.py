@@ -163,7 +163,7 @@ class DiffusionModel(nn.Module, ABC):
     def sample(
         self,
         n: int,
-        solver: str = "ddim",
+        solver: str = "ancestral",
         steps: int = 50,
         cond: Tensor | Sequence[str] | None = None,
         generator: torch.Generator | None = None,

@@ -56,7 +56,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = module_from_config(args.model).diffusion.eval()
     unet, sched = model.trainable, model.scheduler
-    cases = [("dpmsolver++", 20), ("ddim", 50)] + ([] if args.quick else [("ddpm", 1000)])
+    cases = [("dpmsolver++", 20), ("ddim", 50)] + ([] if args.quick else [("ddpm", 1000)])  # diffusers has pipelines for these
     n = args.batch
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     print(f"threads={args.threads} batch={n} model={args.model.name} ({params:.2f}M-param UNet, 16x16); "
@@ -113,7 +113,7 @@ def agreement(args: argparse.Namespace) -> None:
     classifier = train_feature_classifier(digits.unit(), digits.labels, seed=0)
     n = args.fit_samples
     draws = {}
-    cases = [("ddpm", 1000, 0), ("ddpm", 1000, 1), ("ddim", 50, 0), ("ddim", 20, 0), ("dpmsolver++", 20, 0)]
+    cases = [("ddpm", 1000, 0), ("ddpm", 1000, 1), ("ancestral", 50, 0), ("ddpm", 100, 0), ("ddim", 50, 0), ("dpmsolver++", 20, 0)]
     print(f"\nsolver fit on a trained model ({'--model-dir' if args.model_dir else f'quickstart UNet, {args.train_steps} steps'}), "
           f"{n} samples each, against DDPM-1000 ancestral samples of the same weights")
     print(f"{'solver':<22}{'pixels at 0':>12}{'pixels at 1':>12}{'FD to DDPM-1000':>17}{'seconds':>9}")

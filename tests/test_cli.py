@@ -194,3 +194,24 @@ def test_dedup_merging_members_of_a_folder_with_copies_then_the_audit_runs(tmp_p
     # A member merged into its twin is one image with it (its group): no member is left with 0 training rows.
     assert "0" not in audit["extraction"]["by_copies"]
     assert audit["data"]["num_member_groups"] == audit["data"]["num_members"] - removed
+
+
+@pytest.mark.slow
+def test_the_readme_command_with_no_audit_file_flags_at_most_the_asked_share_of_held_out_images(tmp_path, monkeypatch) -> None:
+    """README's first command, shrunk only in training steps and samples: the thresholds come from the
+    data's held-out images, whatever the model, and flag no more than 1% of the other held-out images."""
+    from privdiff.eval.thresholds import _interval
+
+    monkeypatch.chdir(REPO)
+    run_fit_cli(["fit", "-c", "configs/base.yaml", "-c", "configs/data/digits.yaml", "-c", "configs/defense/dp_sgd.yaml",
+                 "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--model.diffusion.block_out_channels", "[8, 16]",
+                 "--audit.num_samples", "16", "--audit.steps", "2", "--audit.attacks.mia.examples", "16", "--audit.progress", "false",
+                 "--run_dir", str(tmp_path)])
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    check = audit["threshold_check"]
+    assert check["ok"] and check["num_heldout"] == 200 and audit["data"]["num_calibration"] == 200
+    for criterion, rate in check["heldout_flag_rate"].items():
+        assert _interval(round(rate * 200), 200)[0] <= 0.01, (criterion, rate)
+    thresholds = {**audit["extraction"]["thresholds"], **audit["memorization"]["thresholds"]}
+    assert all(t["source"] == "calibrated" and t["resolved"] for t in thresholds.values())
+    assert all(t["published_rate"] > 0.3 for k, t in thresholds.items() if k != "threshold")  # the paper's l2 values would not do

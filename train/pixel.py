@@ -161,7 +161,7 @@ class PixelDiffusion(DiffusionModel):
     def sample(
         self,
         n: int,
-        solver: str = "ddim",
+        solver: str = "ancestral",
         steps: int = 50,
         cond: Tensor | None = None,
         generator: torch.Generator | None = None,
