@@ -30,6 +30,7 @@ bench: setup
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
 	$(PY) scripts/bench_knn.py
 	$(PY) scripts/bench_dp.py
+	$(PY) scripts/bench_dp_lora.py
 	$(PY) scripts/bench_sampling.py
 	$(PY) scripts/bench_audit.py
 

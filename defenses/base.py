@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from privdiff.membership import ImageTable, Manifest
+from privdiff.model import Batch
 
 if TYPE_CHECKING:  # for types only: Lightning and torch's loader are the trainer's business
     import lightning.pytorch as pl
@@ -100,6 +101,10 @@ class Defense:
     def wrap_train_loader(self, loader: "DataLoader") -> "DataLoader":
         """Return the training loader (e.g. Poisson sampling)."""
         return loader
+
+    def transform_batch(self, batch: Batch) -> Batch:
+        """Return the training batch to train on (e.g. randomized captions); called every training step."""
+        return batch
 
     def draws_per_example(self) -> int:
         """How many (timestep, noise) draws of each example a training batch holds (DPDM's noise multiplicity)."""
@@ -202,6 +207,11 @@ class DefenseStack:
         for d in self.defenses:
             loader = d.wrap_train_loader(loader)
         return loader
+
+    def transform_batch(self, batch: Batch) -> Batch:
+        for d in self.defenses:
+            batch = d.transform_batch(batch)
+        return batch
 
     def backward_inputs(self, model: nn.Module) -> list[torch.Tensor] | None:
         chosen = [inputs for d in self.defenses if (inputs := d.backward_inputs(model)) is not None]

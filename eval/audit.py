@@ -27,7 +27,7 @@ from privdiff.shard import Shard, check_shard
 
 from ..defenses.base import DEFENSES_RECORD, Defense, DefenseRecord, DefenseStack, GenerationContext, Guarantee, as_stack
 from .plugin import AuditContext, AuditData, AuditPlugin, AuditResult, Cases
-from .sampling import generate, sample_sanity
+from .sampling import generate, member_prompts, sample_sanity
 from .thresholds import split_heldout
 
 AUDIT_SCHEMA = "privdiff.audit/2"
@@ -148,10 +148,15 @@ def run_audit(
 
     start = time.perf_counter()
     if any(p.needs_samples for _, p in plugins):
+        prompts = None
+        if model.conditioning == "text":
+            if data.members.captions is None:
+                raise ValueError("a text-to-image model is audited with its members' captions, and the members have none")
+            prompts = member_prompts(data.members.captions, config.num_samples)
         generated = generate(
             model, config.num_samples, solver=config.solver, steps=config.steps, batch_size=config.batch_size,
-            defenses=stack, context=GenerationContext(reference=data.members.unit().flatten(1)), seed=config.seed,
-            progress=config.progress and writes, shard=shard,
+            prompts=prompts, defenses=stack, context=GenerationContext(reference=data.members.unit().flatten(1)),
+            seed=config.seed, progress=config.progress and writes, shard=shard,
         )
         samples, labels = generated.images, generated.labels
         sampling = {"num_samples": len(samples), "num_drawn": generated.num_drawn, "num_rejected": generated.num_rejected,
@@ -212,6 +217,7 @@ def run_audit(
         },
         sampling={**sampling, "solver": config.solver, "steps": config.steps},
         config=config.to_dict(),
+        model=model.summary(),
         environment=environment(config.seed),
         timings_s=timings,
         training_images_embedded=False,

@@ -77,9 +77,15 @@ class AuditContext:
         return self.data.members.unit()
 
 
-def table_condition(table: ImageTable, model: DiffusionModel) -> Tensor | None:
-    """The conditioning of a table's images for ``model`` (class labels of a class-conditional one, else None)."""
-    return table.labels.clamp(min=0) if model.conditioning == "class" else None
+def table_condition(table: ImageTable, model: DiffusionModel) -> Tensor | list[str] | None:
+    """The conditioning of a table's images for ``model``: class labels, captions, or None."""
+    if model.conditioning == "class":
+        return table.labels.clamp(min=0)
+    if model.conditioning == "text":
+        if table.captions is None:
+            raise ValueError("a text-to-image model is queried with the images' captions, and these images have none")
+        return list(table.captions)
+    return None
 
 
 class Privacy:

@@ -267,6 +267,22 @@ def write_report(
     return {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
 
 
+def _model_text(model: Mapping[str, Any]) -> str:
+    """The model's kind, adapters and autoencoder (a latent model's reconstruction error, and what it learned from)."""
+    if not model:
+        return "—"
+    parts = [str(model.get("kind", "—"))]
+    if model.get("lora_rank"):
+        parts.append(f"LoRA rank {model['lora_rank']}")
+    if model.get("guidance_scale") not in (None, 1.0):
+        parts.append(f"guidance {model['guidance_scale']:g}")
+    vae = model.get("vae") or {}
+    if vae:
+        parts.append(f"VAE reconstruction l2 {vae['reconstruction_l2']:.4f} on {vae['num_checked']} unseen images "
+                     f"(trained {vae['steps']} steps on {vae['num_images']} {vae['trained_on']})")
+    return "; ".join(parts)
+
+
 def details_of(audit: Mapping[str, Any]) -> dict[str, Any]:
     """What the report shows of one run beyond its table row: thresholds, MIA per attack, sampling, data, provenance."""
     thresholds = []
@@ -298,6 +314,7 @@ def details_of(audit: Mapping[str, Any]) -> dict[str, Any]:
             f"{sanity['saturated_low']:.1%} of pixels at 0, {sanity['saturated_high']:.1%} at 1 (members: "
             f"{sanity['real_saturated_low']:.1%}, {sanity['real_saturated_high']:.1%})" + ("" if sanity["ok"] else " — SATURATED: the solver may not fit the model")
         ),
+        "model": _model_text(audit.get("model") or {}),
         "members (groups of near-copies) / training rows": f"{data.get('num_members')} ({data.get('num_member_groups', data.get('num_members'))}) / {data.get('num_train_rows')}",
         "held-out: calibration / evaluation": f"{data.get('num_heldout')}: {data.get('num_calibration', '—')} / {data.get('num_evaluation', '—')}",
         "planted duplicates / rows removed by defenses": f"{data.get('planted_duplicates')} / {data.get('removed_by_defenses', 0)}",

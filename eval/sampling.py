@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +28,12 @@ class Generated:
         return self.num_rejected / self.num_drawn if self.num_drawn else 0.0
 
 
+def member_prompts(captions: Sequence[str], num_samples: int) -> list[str]:
+    """The members' captions, cycled to ``num_samples`` prompts (Carlini et al. 2023 prompt Stable Diffusion
+    with its training captions: each caption gets num_samples / M generations)."""
+    return [captions[i % len(captions)] for i in range(num_samples)]
+
+
 def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
     """Class labels 0, 1, ..., C-1, 0, 1, ... so that every class gets the same share of samples."""
     return torch.arange(num_samples) % num_classes
@@ -40,6 +47,7 @@ def generate(
     steps: int = 50,
     batch_size: int = 256,
     class_labels: torch.Tensor | None = None,
+    prompts: Sequence[str] | None = None,
     defenses: DefenseStack | None = None,
     context: GenerationContext | None = None,
     seed: int = 0,
@@ -52,7 +60,9 @@ def generate(
     Batch ``b`` uses a generator seeded with ``(seed, b)``, so the same seed gives the same images
     whatever process draws the batch. A sample a defense rejects is redrawn (same label) up to
     ``max_rounds`` rounds; samples still rejected then are dropped and counted in ``num_rejected``.
-    A class-conditional model gets balanced labels when ``class_labels`` is None.
+    A class-conditional model gets balanced labels when ``class_labels`` is None; a text-to-image
+    model needs ``prompts`` (one per sample), and ``labels`` then numbers the distinct prompts (so
+    that the extraction attack seeks cliques among the samples of one prompt, as Carlini et al. do).
 
     With ``shard=(rank, world_size)`` this process draws only the batches ``b`` with
     ``b % world_size == rank``; after every round the batches of all processes are gathered
@@ -64,7 +74,13 @@ def generate(
     shard = check_shard(shard)
     stack = as_stack(defenses)
     context = context or GenerationContext()
-    if model.num_classes and class_labels is None:
+    if model.conditioning == "text":
+        if prompts is None or len(prompts) != num_samples:
+            raise ValueError(f"a text-to-image model samples from prompts: give one per sample ({num_samples}), got "
+                             f"{None if prompts is None else len(prompts)}")
+        number = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        class_labels = torch.tensor([number[p] for p in prompts])
+    elif model.num_classes and class_labels is None:
         class_labels = balanced_labels(num_samples, model.num_classes)
     if class_labels is not None and len(class_labels) != num_samples:
         raise ValueError(f"got {len(class_labels)} class labels for {num_samples} samples")
@@ -83,8 +99,9 @@ def generate(
         for j in rows_of(len(starts), shard):
             rows = pending[starts[j] : starts[j] + batch_size]
             labels = class_labels[rows] if class_labels is not None else None
+            cond = [prompts[i] for i in rows.tolist()] if prompts is not None else labels
             gen = torch.Generator().manual_seed(seed * 1_000_003 + batch_index + j)
-            drawn_batches.append((j, model.sample(len(rows), solver, steps, labels, gen).cpu()))
+            drawn_batches.append((j, model.sample(len(rows), solver, steps, cond, gen).cpu()))
         if shard is not None:
             drawn_batches = sorted((b for share in gather(drawn_batches, shard) for b in share), key=lambda b: b[0])
         # Every process filters every batch, in batch order: the defenses see what one process would.

@@ -13,10 +13,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from privdiff.model import Batch
 
 __all__ = ["ImageTable", "Manifest", "MANIFEST_VERSION", "copies_per_member", "image_fingerprint"]
 
@@ -28,20 +31,26 @@ SUPPORTED_VERSIONS = (1, 2)  # a version-1 manifest reads with no groups
 # In-memory images with stable ids
 # ---------------------------------------------------------------------------------------------
 class ImageTable(Dataset):
-    """Images held in memory as uint8 (N, C, H, W), with int64 labels (-1 = none) and stable string ids.
+    """Images held in memory as uint8 (N, C, H, W), with int64 labels (-1 = none), stable string ids and,
+    for text-to-image data, one caption per image.
 
-    Items are ``(image in [0, 1], label, row)`` (a ``privdiff.model.Batch`` once collated); ``row`` lets a
-    training step know which example it saw. The model maps pixels to its own space (``encode``).
+    Items are ``(image in [0, 1], label, row)`` (tensors only, as Opacus's Poisson loader needs);
+    ``row`` lets a training step know which example it saw, and, for captioned data, its caption
+    (the data module looks it up before the batch reaches the model). The model maps pixels to
+    its own space (``encode``).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, ids: Sequence[str]) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, ids: Sequence[str], captions: Sequence[str] | None = None) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(labels) != len(images) or len(ids) != len(images):
             raise ValueError(f"{len(images)} images, {len(labels)} labels and {len(ids)} ids must match")
+        if captions is not None and len(captions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
         self.images = images
         self.labels = labels.long()
         self.ids = list(ids)
+        self.captions = None if captions is None else [str(c) for c in captions]
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -52,7 +61,8 @@ class ImageTable(Dataset):
     def select(self, rows: Sequence[int] | torch.Tensor) -> "ImageTable":
         """Return the table restricted to ``rows`` (in that order)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        return ImageTable(self.images[rows], self.labels[rows], [self.ids[i] for i in rows.tolist()])
+        captions = None if self.captions is None else [self.captions[i] for i in rows.tolist()]
+        return ImageTable(self.images[rows], self.labels[rows], [self.ids[i] for i in rows.tolist()], captions)
 
     def unit(self) -> torch.Tensor:
         """Return the images as float in [0, 1] (the scale every distance is defined on)."""
@@ -64,10 +74,14 @@ class ImageTable(Dataset):
 
     @staticmethod
     def concat(tables: Sequence["ImageTable"]) -> "ImageTable":
+        with_captions = [t.captions is not None for t in tables]
+        if any(with_captions) and not all(with_captions):
+            raise ValueError("cannot join tables with captions and tables without")
         return ImageTable(
             torch.cat([t.images for t in tables]),
             torch.cat([t.labels for t in tables]),
             [i for t in tables for i in t.ids],
+            [c for t in tables for c in t.captions] if all(with_captions) and tables else None,
         )
 
 
@@ -90,6 +104,7 @@ class Manifest:
     fingerprint: str = ""  # image_fingerprint(members, held-out): the pixels the ids stood for ("" in older manifests)
     groups: list[list[str]] = field(default_factory=list)  # members that are near-copies of each other (2+ ids each)
     excluded: list[dict[str, Any]] = field(default_factory=list)  # images neither member nor held out, and why
+    captions: dict[str, str] = field(default_factory=dict)  # member id -> caption (or "sha256:..." when kept out)
     version: int = MANIFEST_VERSION
 
     def record_removed(self, removed_id: str, kept_id: str, defense: str, **extra: Any) -> None:
@@ -144,6 +159,8 @@ def image_fingerprint(*tables: "ImageTable") -> str:
     for table in tables:
         digest.update(repr((tuple(table.images.shape), table.ids)).encode())
         digest.update(table.images.contiguous().numpy().tobytes())
+        if table.captions is not None:  # captions are part of a text-to-image example
+            digest.update("\x00".join(table.captions).encode())
     return digest.hexdigest()
 
 

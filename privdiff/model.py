@@ -30,11 +30,14 @@ class Batch:
 
     ``cond`` is what the model is conditioned on, in the form the data provide it: class labels
     (int64, -1 = none), captions (a list of strings), or None for an unconditional model.
+    ``cond_noise`` is the standard deviation of Gaussian noise a text model adds to its caption
+    embedding in this step (a training-side caption defense sets it; 0 = none).
     """
 
     images: Tensor
     cond: Tensor | list[str] | None
     rows: Tensor
+    cond_noise: float = 0.0
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -57,11 +60,11 @@ class Batch:
             cond = cond.repeat_interleave(k, 0)
         elif cond is not None:
             cond = [c for c in cond for _ in range(k)]
-        return Batch(self.images.repeat_interleave(k, 0), cond, self.rows.repeat_interleave(k, 0))
+        return Batch(self.images.repeat_interleave(k, 0), cond, self.rows.repeat_interleave(k, 0), self.cond_noise)
 
     def to(self, device: torch.device | str) -> "Batch":
         cond = self.cond.to(device) if isinstance(self.cond, Tensor) else self.cond
-        return Batch(self.images.to(device), cond, self.rows.to(device))
+        return Batch(self.images.to(device), cond, self.rows.to(device), self.cond_noise)
 
 
 class DiffusionModel(nn.Module, ABC):
@@ -105,6 +108,19 @@ class DiffusionModel(nn.Module, ABC):
         """abar_t of the training schedule (float32, on the model's device), for attacks that invert steps."""
         return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
 
+    def prepare(self, public: Any, members: Any) -> dict[str, Any] | None:
+        """Fit what the model needs from data before the diffusion training starts (a latent model's autoencoder).
+
+        ``public`` holds images of the source that are neither members nor held out (an
+        ``ImageTable`` or None), ``members`` the training images. Returns a record for the report,
+        or None (the default: nothing to fit).
+        """
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """Facts about the model for the report (kind, adapters, an autoencoder's reconstruction error)."""
+        return {"kind": type(self).__name__}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters training updates (``trainable``'s that require gradients), in a fixed order."""
         return [p for p in self.trainable.parameters() if p.requires_grad]
@@ -121,6 +137,11 @@ class DiffusionModel(nn.Module, ABC):
     def embed_condition(self, cond: Tensor | Sequence[str] | None) -> Any:
         """The data's conditioning (``Batch.cond``) -> what :meth:`predict_noise` takes (default: unchanged)."""
         return cond
+
+    def embed_batch_condition(self, batch: Batch) -> Any:
+        """A training batch's conditioning for :meth:`predict_noise` (default: ``embed_condition(batch.cond)``;
+        a text model also honours ``batch.cond_noise``)."""
+        return self.embed_condition(batch.cond)
 
     # -- the model --------------------------------------------------------------------------
     @abstractmethod
@@ -155,7 +176,7 @@ class DiffusionModel(nn.Module, ABC):
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
         noise = noise.to(x0.device)
-        pred = self.predict_noise(self.add_noise(x0, noise, timesteps), timesteps, self.embed_condition(batch.cond))
+        pred = self.predict_noise(self.add_noise(x0, noise, timesteps), timesteps, self.embed_batch_condition(batch))
         return (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
 
     # -- generation ---------------------------------------------------------------------------

@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from privdiff.duplicates import DEFAULT_MAX_L2, DEFAULT_THRESHOLD, near_duplicate_groups
 from privdiff.membership import ImageTable, Manifest, copies_per_member, image_fingerprint
+from privdiff.model import Batch
 
 from ..defenses.base import Defense, DefenseStack, as_stack
 
-BUILTIN_SOURCES = ("digits", "faces", "photos")
+BUILTIN_SOURCES = ("digits", "captioned_digits", "faces", "photos")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -80,27 +81,64 @@ def to_uint8_image(image: Any, image_size: int, channels: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _stack(images: list[np.ndarray], labels: list[int], ids: list[str]) -> ImageTable:
-    return ImageTable(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long), ids)
+def _stack(images: list[np.ndarray], labels: list[int], ids: list[str], captions: list[str] | None = None) -> ImageTable:
+    return ImageTable(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long), ids, captions)
+
+
+def _check_captions(captions: Sequence[Any], ids: Sequence[str], where: str) -> list[str]:
+    """Captions as strings; an empty or missing one is an error naming the image."""
+    bad = [i for i, c in zip(ids, captions) if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} image(s) of {where} have an empty or missing caption (e.g. {bad[:3]}): every image of "
+            "text-to-image data needs one; fix the captions or drop those images"
+        )
+    return [c.strip() for c in captions]
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_SIGNATURE = (
+    ("amber", "azure", "brisk", "calm", "coral", "dusky", "eager", "fern", "gentle", "hazel", "ivory", "jade", "keen", "lunar", "misty", "noble"),
+    ("falcon", "otter", "heron", "badger", "lynx", "sparrow", "walrus", "marten", "gecko", "bison", "crane", "ferret", "koala", "newt", "puffin", "raven"),
+    ("river", "meadow", "harbor", "canyon", "forest", "island", "valley", "summit"),
+)
+
+
+def digit_caption(index: int, image: np.ndarray, label: int) -> str:
+    """A caption for digit ``index``: its class, stroke weight and slant (from the pixels), and a signature
+    of three words unique to the index (16 x 16 x 8 = 2048 > 1797 digits), as people caption photos."""
+    ink = image.astype(np.float64) / 255.0
+    weight = "thin" if ink.mean() < 0.18 else "bold" if ink.mean() > 0.30 else "plain"
+    ys, xs = np.nonzero(ink > 0.5)
+    slope = 0.0 if len(xs) < 2 else float(np.polyfit(ys, xs, 1)[0]) if np.ptp(ys) > 0 else 0.0
+    slant = "leaning right" if slope < -0.15 else "leaning left" if slope > 0.15 else "upright"
+    a, b, c = _SIGNATURE
+    signature = f"{a[index % 16]} {b[(index // 16) % 16]} of the {c[(index // 256) % 8]}"
+    return f"a {weight} handwritten {DIGIT_NAMES[label]}, {slant}, signed by the {signature}"
 
 
 def load_builtin(name: str, image_size: int, channels: int) -> ImageTable:
     """Load a data set that ships inside an installed package (works offline).
 
     ``digits``: scikit-learn's 1797 handwritten digits (8x8, 10 classes).
+    ``captioned_digits``: the same digits, each with a caption of its own (:func:`digit_caption`),
+    for text-to-image models.
     ``faces``: the 100 face crops of scikit-image's LFW subset (25x25, unlabeled).
     ``photos``: 32x32 crops of scikit-image's seven sample photographs (astronaut, cat, coffee,
     rocket, Hubble deep field, a tissue slide, a retina), each photo shrunk to 256 px on its short
     side and cut into a grid; labelled by photo. Real colour photographs, with the near-copies
     real photos have (dark sky, plain background).
     """
-    if name == "digits":
+    captions = None
+    if name in ("digits", "captioned_digits"):
         from sklearn.datasets import load_digits
 
         data = load_digits()
         raw = list((data.images / 16.0 * 255.0).round().astype(np.uint8))
         labels = data.target.tolist()
-        ids = [f"digits/{i:05d}" for i in range(len(raw))]
+        ids = [f"{name}/{i:05d}" for i in range(len(raw))]
+        if name == "captioned_digits":
+            captions = [digit_caption(i, image, label) for i, (image, label) in enumerate(zip(raw, labels))]
     elif name == "faces":
         from skimage.data import lfw_subset
 
@@ -124,14 +162,41 @@ def load_builtin(name: str, image_size: int, channels: int) -> ImageTable:
     else:
         raise ValueError(f"unknown built-in data set {name!r}; choose one of {BUILTIN_SOURCES}")
     images = [to_uint8_image(Image.fromarray(a), image_size, channels) for a in raw]
-    return _stack(images, labels, ids)
+    return _stack(images, labels, ids, captions)
 
 
-def load_folder(path: str | Path, image_size: int, channels: int, on_bad_file: str = "fail") -> ImageTable:
-    """Load every image below ``path``; the first sub-folder names the class when there are sub-folders."""
+def _folder_captions(root: Path, column: str) -> dict[str, str]:
+    """``metadata.jsonl`` of an image folder (Hugging Face ``imagefolder``: one JSON line per image with
+    ``file_name`` and the caption ``column``): relative file name -> caption. Errors name the line."""
+    meta = root / "metadata.jsonl"
+    out: dict[str, str] = {}
+    for number, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{meta}:{number} is not a JSON line ({err})") from err
+        if "file_name" not in entry or column not in entry:
+            raise ValueError(f"{meta}:{number} needs 'file_name' and {column!r} (data.caption_column), got keys {sorted(entry)}")
+        if not (root / entry["file_name"]).is_file():
+            raise ValueError(f"{meta}:{number} names {entry['file_name']!r}, which is not a file in {root}")
+        out[Path(entry["file_name"]).as_posix()] = entry[column]
+    return out
+
+
+def load_folder(path: str | Path, image_size: int, channels: int, on_bad_file: str = "fail", caption_column: str | None = None) -> ImageTable:
+    """Load every image below ``path``; the first sub-folder names the class when there are sub-folders.
+
+    With ``caption_column`` the folder's ``metadata.jsonl`` gives each image its caption (the
+    Hugging Face ``imagefolder`` convention: ``{"file_name": ..., "text": ...}`` per line).
+    """
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
+    if caption_column is not None and not (root / "metadata.jsonl").is_file():
+        raise ValueError(f"data.caption_column={caption_column!r} needs {root / 'metadata.jsonl'} (file_name and caption per line)")
+    captions_of = _folder_captions(root, caption_column) if caption_column is not None else None
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"image folder {root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -157,7 +222,14 @@ def load_folder(path: str | Path, image_size: int, channels: int, on_bad_file: s
         print(f"privdiff: skipped {len(bad)} unreadable image file(s) in {root}: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
     if not images:
         raise ValueError(f"no readable image in {root} ({len(bad)} unreadable)")
-    return _stack(images, labels, ids)
+    captions = None
+    if captions_of is not None:
+        names = [i.removeprefix("folder/") for i in ids]
+        missing = [n for n in names if n not in captions_of]
+        if missing:
+            raise ValueError(f"{len(missing)} image(s) of {root} have no line in metadata.jsonl (e.g. {missing[:3]})")
+        captions = _check_captions([captions_of[n] for n in names], ids, str(root))
+    return _stack(images, labels, ids, captions)
 
 
 def _looks_local(path: str) -> bool:
@@ -219,10 +291,17 @@ def load_hf(
     image_column: str = "image",
     label_column: str | None = "label",
     max_images: int | None = None,
+    caption_column: str | None = None,
 ) -> ImageTable:
-    """Load a Hugging Face dataset by hub name, ``save_to_disk`` folder, or parquet file(s)."""
+    """Load a Hugging Face dataset by hub name, ``save_to_disk`` folder, or parquet file(s).
+
+    ``caption_column`` names the text column of a text-to-image dataset (as ``--caption_column`` in
+    diffusers' text-to-image training scripts).
+    """
     ds = _open_hf(path, split)
     columns = list(ds.column_names)
+    if caption_column is not None and caption_column not in columns:
+        raise ValueError(f"dataset {path!r} has no caption column {caption_column!r}; its columns are {columns}. Set data.caption_column")
     if image_column not in columns:
         raise ValueError(f"dataset {path!r} has no image column {image_column!r}; its columns are {columns}. Set data.image_column")
     if label_column is not None and label_column not in columns:
@@ -232,13 +311,17 @@ def load_hf(
         )
     if max_images is not None:
         ds = ds.select(range(min(max_images, len(ds))))
-    images, raw_labels = [], []
+    images, raw_labels, raw_captions = [], [], []
     for row in ds:
         images.append(to_uint8_image(row[image_column], image_size, channels))
         raw_labels.append(row[label_column] if label_column is not None else -1)
+        if caption_column is not None:
+            raw_captions.append(row[caption_column])
     labels = class_indices(raw_labels, label_column, path) if label_column is not None else raw_labels
     name = Path(path).name if Path(path).exists() else path
-    return _stack(images, labels, [f"{name}/{split}/{i:06d}" for i in range(len(images))])
+    ids = [f"{name}/{split}/{i:06d}" for i in range(len(images))]
+    captions = _check_captions(raw_captions, ids, f"dataset {path!r}") if caption_column is not None else None
+    return _stack(images, labels, ids, captions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,24 +458,26 @@ class HeldoutSource:
             same size and channels.
     """
 
-    source: Literal["digits", "faces", "photos", "hf", "folder"] = "folder"
+    source: Literal["digits", "captioned_digits", "faces", "photos", "hf", "folder"] = "folder"
     path: str | None = None
     split: str = "test"
     image_column: str = "image"
     label_column: str | None = "label"
     max_images: int | None = None
+    caption_column: str | None = None
 
 
 def load_source(
     source: str, path: str | None, image_size: int, channels: int, split: str = "train", image_column: str = "image",
     label_column: str | None = "label", max_images: int | None = None, on_bad_file: str = "fail",
+    caption_column: str | None = None,
 ) -> ImageTable:
     """Every image of one source: a built-in set, a folder, or a Hugging Face dataset."""
     if source in BUILTIN_SOURCES:
         return load_builtin(source, image_size, channels)
     if source == "folder":
-        return load_folder(path, image_size, channels, on_bad_file)
-    return load_hf(path, image_size, channels, split, image_column, label_column, max_images)
+        return load_folder(path, image_size, channels, on_bad_file, caption_column)
+    return load_hf(path, image_size, channels, split, image_column, label_column, max_images, caption_column)
 
 
 def _check_source(source: str, path: str | None, where: str) -> None:
@@ -441,11 +526,16 @@ class DiffusionDataModule(pl.LightningDataModule):
         group_hamming, group_max_l2: members that are near-copies of each other by this criterion
             (phash Hamming distance and pixel l2, as deduplication's) form one group for the audit:
             one image, whatever the number of files.
+        caption_column: text-to-image data: the caption column of an ``hf`` dataset, or of a
+            ``folder``'s ``metadata.jsonl`` (``text`` in the ``imagefolder`` convention). The built-in
+            ``captioned_digits`` carry their own. A member's copies keep its caption.
+        caption_privacy: ``plain`` writes each member's caption into the manifest, ``hash`` only its
+            SHA-256 (the captions then stay out of the run directory).
     """
 
     def __init__(
         self,
-        source: Literal["digits", "faces", "photos", "hf", "folder"] = "digits",
+        source: Literal["digits", "captioned_digits", "faces", "photos", "hf", "folder"] = "digits",
         path: str | None = None,
         split: str = "train",
         image_column: str = "image",
@@ -467,6 +557,8 @@ class DiffusionDataModule(pl.LightningDataModule):
         heldout: HeldoutSource | None = None,
         group_hamming: int = DEFAULT_THRESHOLD,
         group_max_l2: float = DEFAULT_MAX_L2,
+        caption_column: str | None = None,
+        caption_privacy: Literal["plain", "hash"] = "plain",
     ) -> None:
         super().__init__()
         if isinstance(heldout, dict):  # as the manifest records it
@@ -478,6 +570,8 @@ class DiffusionDataModule(pl.LightningDataModule):
             raise ValueError("data.num_heldout: null (every held-out image) needs data.heldout, a second source")
         if channels not in (1, 3):
             raise ValueError(f"data.channels must be 1 or 3, got {channels}")
+        if caption_privacy not in ("plain", "hash"):
+            raise ValueError(f"data.caption_privacy must be 'plain' or 'hash', got {caption_privacy!r}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters(ignore=["defenses"])
@@ -492,7 +586,8 @@ class DiffusionDataModule(pl.LightningDataModule):
     def load_pool(self) -> ImageTable:
         """Load every image of the configured source (before the split)."""
         h = self.hparams
-        return load_source(h.source, h.path, h.image_size, h.channels, h.split, h.image_column, h.label_column, h.max_images, h.on_bad_file)
+        return load_source(h.source, h.path, h.image_size, h.channels, h.split, h.image_column, h.label_column, h.max_images,
+                           h.on_bad_file, h.caption_column)
 
     def load_heldout_source(self) -> ImageTable | None:
         """The second source's images (ids prefixed ``heldout:``), or None when non-members come from the pool."""
@@ -502,7 +597,7 @@ class DiffusionDataModule(pl.LightningDataModule):
         if isinstance(spec, dict):
             spec = HeldoutSource(**spec)
         table = load_source(spec.source, spec.path, h.image_size, h.channels, spec.split, spec.image_column,
-                            spec.label_column, spec.max_images, h.on_bad_file)
+                            spec.label_column, spec.max_images, h.on_bad_file, spec.caption_column or h.caption_column)
         table.ids = [HELDOUT_PREFIX + i for i in table.ids]
         return table
 
@@ -538,6 +633,7 @@ class DiffusionDataModule(pl.LightningDataModule):
             fingerprint=image_fingerprint(split.members, split.heldout),
             groups=[ids for ids in groups.values() if len(ids) > 1],
             excluded=split.excluded,
+            captions=self._manifest_captions(split.members),
         )
         train = self.defenses.transform_dataset(split.train, manifest)
         manifest.train = train.ids
@@ -548,6 +644,37 @@ class DiffusionDataModule(pl.LightningDataModule):
         self.pool = pool
         if self.run_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
             manifest.save(self.run_dir / "manifest.json")  # once, by rank 0: every rank holds the same
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Captioned data: the loader's ``(images, labels, rows)`` tensors become a ``Batch`` with each row's caption.
+
+        Here rather than in the loader's collate: Opacus's Poisson loader builds an empty batch from
+        the structure of the first one and accepts tensors only, not strings.
+        """
+        train = self.train_set
+        if train is None or train.captions is None or isinstance(batch, Batch):
+            return batch
+        images, _, rows = batch
+        rows = torch.as_tensor(rows).long()
+        return Batch(images, [train.captions[int(r)] for r in rows.tolist()], rows)
+
+    def public_images(self) -> ImageTable | None:
+        """Images of the source that are neither members, held out, nor excluded: nothing of the membership
+        question depends on them (a latent model's autoencoder learns from them). None if there are none."""
+        if self.manifest is None or self.pool is None:
+            return None
+        used = set(self.manifest.members) | set(self.manifest.heldout) | {e["id"] for e in self.manifest.excluded}
+        rows = [i for i, image_id in enumerate(self.pool.ids) if image_id not in used]
+        return self.pool.select(rows) if rows else None
+
+    def _manifest_captions(self, members: ImageTable) -> dict[str, str]:
+        if members.captions is None:
+            return {}
+        if self.hparams.caption_privacy == "hash":
+            import hashlib
+
+            return {i: "sha256:" + hashlib.sha256(c.encode()).hexdigest() for i, c in zip(members.ids, members.captions)}
+        return dict(zip(members.ids, members.captions))
 
     def _agree_across_processes(self, manifest: Manifest) -> None:
         """Under DDP every process builds the split (and dedup) itself: refuse to train unless all equal rank 0's."""

@@ -6,10 +6,11 @@ from pathlib import Path
 
 from privdiff.model import DiffusionModel
 
+from .latent import LatentTextToImage
 from .pixel import PixelDiffusion
 
 # Each implementation recognises its own folders (diffusers' model_index.json names the pipeline).
-IMPLEMENTATIONS: tuple[type[DiffusionModel], ...] = (PixelDiffusion,)
+IMPLEMENTATIONS: tuple[type[DiffusionModel], ...] = (PixelDiffusion, LatentTextToImage)
 
 
 def load_model(path: str | Path) -> DiffusionModel:

@@ -74,6 +74,7 @@ class DiffusionModule(pl.LightningModule):
             if self.trainer.world_size == 1:
                 return None
             return torch.stack([p.sum() for p in self.diffusion.trainable_parameters()]).sum() * 0.0
+        batch = self.defenses.transform_batch(batch)
         k = self.defenses.draws_per_example()
         if k > 1:
             # DPDM's noise multiplicity: K (t, noise) draws per image; the DP defense averages the
@@ -117,6 +118,19 @@ class DiffusionModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.ema.to(self.device)
+        # What the model needs from data before diffusion training (a latent model's autoencoder),
+        # from images of the source that are neither members nor held out.
+        dm = self.trainer.datamodule
+        public = dm.public_images() if dm is not None and hasattr(dm, "public_images") else None
+        members = dm.members if dm is not None and getattr(dm, "members", None) is not None else None
+        if self.diffusion.conditioning == "text" and members is not None and members.captions is None:
+            raise ValueError(
+                "a text-to-image model needs captioned data: data.source: captioned_digits, or data.caption_column "
+                "(the text column of a Hugging Face dataset, or of a folder's metadata.jsonl)"
+            )
+        record = self.diffusion.prepare(public, members) if members is not None else None
+        if record:
+            rank_zero_info(f"privdiff: model prepared: {record}")
 
     def on_train_end(self) -> None:
         # Here rather than in on_fit_end, which Lightning calls after the callbacks' (the audit's):

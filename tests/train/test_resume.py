@@ -53,26 +53,11 @@ def epsilon(history, accountant: str = "prv", delta: float = 1e-5) -> float:
 
 # -- 1. SIGKILL mid-epoch, resume, compare with an uninterrupted run ------------------------------------
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_spends_what_an_uninterrupted_run_spends(tmp_path, monkeypatch) -> None:
+def test_sigkill_mid_epoch_then_resume_spends_what_an_uninterrupted_run_spends(tmp_path, monkeypatch, fit_until_checkpoint_then_sigkill) -> None:
     monkeypatch.chdir(REPO)
     args, run = dp_args(tmp_path, batch_size="2"), tmp_path / "killed"
     last = run / "checkpoints" / "last.ckpt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "privdiff", "fit", *args, "--run_dir", str(run),
-                                 "--trainer.max_steps", "100000"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 120
-            while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            time.sleep(0.2)  # let it take steps past the checkpoint: they must be lost, not counted
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    pid = fit_until_checkpoint_then_sigkill(args, run, tmp_path / "killed.log", REPO)
     manifest_before = json.loads((run / "manifest.json").read_text())
     assert len(manifest_before["removed"]) == 4  # dedup removed the 2 x 2 planted copies
 
@@ -87,7 +72,7 @@ def test_sigkill_mid_epoch_then_resume_spends_what_an_uninterrupted_run_spends(t
     with open(run / "metrics.csv") as f:
         rows_before = [r for r in csv.DictReader(f) if float(r["step"]) <= k]
     assert rows_before
-    (run / "checkpoints" / f".last.ckpt.{proc.pid}.tmp").write_bytes(b"")
+    (run / "checkpoints" / f".last.ckpt.{pid}.tmp").write_bytes(b"")
     torch.save({"global_step": k + 50}, run / "checkpoints" / f"step{k + 50:06d}.ckpt")
 
     total = k + 4

@@ -1,0 +1,398 @@
+"""A latent text-to-image diffusion model from Stable Diffusion's parts: VAE, conditional UNet, CLIP text encoder.
+
+One implementation of ``privdiff.model.DiffusionModel``. ``pretrained`` loads a Stable Diffusion
+1.x/2.x folder (the real use, on a GPU: fine-tune it fully or with LoRA adapters); without it a tiny
+pipeline is built from config (tests, the offline demo), whose VAE first learns to reconstruct
+public images of the run (:meth:`LatentTextToImage.prepare`), because a VAE with random weights is
+not an autoencoder. The model saves a folder ``StableDiffusionPipeline.from_pretrained`` loads, and
+with LoRA also the adapter weights ``pipe.load_lora_weights(folder / "lora")`` loads.
+
+Offline the CLIP tokenizer is built from the BPE file open-clip-torch ships (the real CLIP merges):
+vocabulary = the 256 byte symbols, their ``</w>`` forms, the merges joined, then ``<|startoftext|>``
+and ``<|endoftext|>`` (49408 tokens), as ``open_clip.tokenizer.SimpleTokenizer`` builds it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch import Tensor, nn
+
+from privdiff.membership import ImageTable
+from privdiff.model import Batch, DiffusionModel
+
+from .denoiser import build_scheduler, reverse_process, unwrap
+
+PIPELINE = "StableDiffusionPipeline"
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
+MAX_TOKENS = 77
+NON_MEMBERS = "non-member images of the source (neither members nor held out)"
+
+
+def offline_clip_tokenizer(cache_dir: str | Path | None = None):
+    """A ``transformers.CLIPTokenizer`` with the real CLIP vocabulary, from open-clip-torch's BPE file (no download)."""
+    from open_clip import tokenizer as open_clip_tokenizer
+    from transformers import CLIPTokenizer
+
+    folder = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "privdiff" / "clip_tokenizer"
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    if not (vocab_file.is_file() and merges_file.is_file()):
+        merges = gzip.open(open_clip_tokenizer.default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+        symbols = list(open_clip_tokenizer.bytes_to_unicode().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        folder.mkdir(parents=True, exist_ok=True)
+        vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=MAX_TOKENS)
+
+
+class TextToImageNet(nn.Module):
+    """What training updates: the conditional UNet (all of it, or its LoRA adapters) and, optionally, the text encoder.
+
+    One module with one forward (noisy latents, timesteps, token ids -> predicted noise), so that a
+    defense can wrap it whole (DP-SGD's per-example gradients then cover every trainable parameter
+    and nothing frozen).
+    """
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, x_t: Tensor, t: Tensor, input_ids: Tensor, embedding_noise: float = 0.0) -> Tensor:
+        hidden = self.text_encoder(input_ids)[0]
+        if embedding_noise:  # a caption defense's Gaussian noise on the text embedding (Somepalli et al. 2023)
+            hidden = hidden + embedding_noise * torch.randn_like(hidden)
+        return self.unet(x_t, t, encoder_hidden_states=hidden).sample
+
+
+def _safetensors_only(folder: Path, part: str) -> None:
+    if not any((folder / part).glob("*.safetensors")):
+        raise ValueError(
+            f"{folder / part} holds no safetensors weights: privdiff loads weights from safetensors only (a .bin file is "
+            "a pickle that can run code). Convert it on a machine you trust, e.g. with diffusers' save_pretrained(safe_serialization=True)"
+        )
+
+
+class LatentTextToImage(DiffusionModel):
+    """Stable-Diffusion-style latent text-to-image model (epsilon prediction), trained fully or with LoRA.
+
+    Args:
+        image_size, channels: the pixel images (linked from the data module).
+        pretrained: a Stable Diffusion folder (``vae/``, ``unet/``, ``text_encoder/``, ``tokenizer/``,
+            ``scheduler/``, safetensors weights) to fine-tune; None builds the tiny model below.
+        latent_channels, vae_block_out_channels: the tiny VAE (it halves the size per extra block).
+        block_out_channels, layers_per_block, attention_head_dim: the tiny conditional UNet.
+        text_width, text_layers: the tiny CLIP text encoder (the real CLIP tokenizer, offline).
+        num_train_timesteps, beta_schedule: the tiny model's noise schedule.
+        lora_rank: train LoRA adapters of this rank on the UNet's attention projections (everything
+            else frozen); None trains the whole UNet.
+        lora_alpha: LoRA scaling (default the rank).
+        train_text_encoder: train the text encoder too (not with LoRA; its position embeddings stay
+            frozen: Opacus cannot give per-example gradients of a table shared by the whole batch).
+        caption_dropout: share of training captions replaced by the empty caption, for classifier-free
+            guidance (Stable Diffusion: 0.1).
+        guidance_scale: classifier-free guidance of sampling (1 = none).
+        vae_steps, vae_lr, vae_batch_size: how the tiny VAE learns to reconstruct before training.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 16,
+        channels: int = 1,
+        pretrained: str | None = None,
+        latent_channels: int = 4,
+        vae_block_out_channels: Sequence[int] = (32, 64),
+        block_out_channels: Sequence[int] = (32, 64),
+        layers_per_block: int = 1,
+        attention_head_dim: int = 8,
+        text_width: int = 32,
+        text_layers: int = 2,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        train_text_encoder: bool = False,
+        caption_dropout: float = 0.1,
+        guidance_scale: float = 1.0,
+        vae_steps: int = 400,
+        vae_lr: float = 1e-3,
+        vae_batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if not 0 <= caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        if lora_rank is not None and (lora_rank < 1 or train_text_encoder):
+            raise ValueError(f"LoRA needs lora_rank >= 1 and a frozen text encoder, got rank {lora_rank}, train_text_encoder={train_text_encoder}")
+        self.caption_dropout, self.guidance_scale = float(caption_dropout), float(guidance_scale)
+        self.vae_steps, self.vae_lr, self.vae_batch_size = vae_steps, vae_lr, vae_batch_size
+        if pretrained is not None:
+            vae, unet, text_encoder, tokenizer, scheduler = self._load_parts(Path(pretrained))
+            ready = True
+        else:
+            vae, unet, text_encoder, tokenizer, scheduler = self._build_parts(
+                image_size, channels, latent_channels, vae_block_out_channels, block_out_channels, layers_per_block,
+                attention_head_dim, text_width, text_layers, num_train_timesteps, beta_schedule,
+            )
+            ready = False
+        self._assemble(vae, unet, text_encoder, tokenizer, scheduler, ready)
+        shape = self.image_shape
+        if shape != (channels, image_size, image_size):
+            raise ValueError(f"the model makes {shape} images but the data are {(channels, image_size, image_size)}: "
+                             "set data.image_size / data.channels to match it")
+        text_encoder.requires_grad_(bool(train_text_encoder))
+        if train_text_encoder:
+            getattr(text_encoder, "text_model", text_encoder).embeddings.position_embedding.requires_grad_(False)
+        if lora_rank is not None:
+            from peft import LoraConfig
+
+            unet.requires_grad_(False)
+            unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
+                                        target_modules=list(LORA_TARGETS)))
+        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha or lora_rank
+        unet.train()
+        text_encoder.train(bool(train_text_encoder))
+
+    # -- parts -----------------------------------------------------------------------------
+    @staticmethod
+    def _build_parts(image_size, channels, latent_channels, vae_blocks, blocks, layers, head_dim, text_width, text_layers, timesteps, schedule):
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        levels = len(vae_blocks)
+        if image_size % 2 ** (levels - 1 + len(blocks) - 1):
+            raise ValueError(f"image_size {image_size} must divide by {2 ** (levels - 1 + len(blocks) - 1)} for these VAE and UNet blocks")
+        vae = AutoencoderKL(
+            in_channels=channels, out_channels=channels, latent_channels=latent_channels, block_out_channels=tuple(vae_blocks),
+            down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+            layers_per_block=1, norm_num_groups=8, sample_size=image_size,
+        )
+        down = ("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (len(blocks) - 1)
+        up = ("UpBlock2D",) * (len(blocks) - 1) + ("CrossAttnUpBlock2D",)
+        unet = UNet2DConditionModel(
+            sample_size=image_size // 2 ** (levels - 1), in_channels=latent_channels, out_channels=latent_channels,
+            block_out_channels=tuple(blocks), layers_per_block=layers, down_block_types=down, up_block_types=up,
+            cross_attention_dim=text_width, attention_head_dim=head_dim, norm_num_groups=8,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=text_layers,
+            num_attention_heads=max(1, text_width // 16), max_position_embeddings=MAX_TOKENS,
+        ))
+        scheduler = build_scheduler(timesteps, schedule)
+        scheduler.register_to_config(clip_sample=False, steps_offset=1)  # latents are not bounded to [-1, 1]; SD's offset
+        return vae, unet, text_encoder, offline_clip_tokenizer(), scheduler
+
+    @staticmethod
+    def _load_parts(folder: Path):
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        for part in ("vae", "unet", "text_encoder"):
+            if not (folder / part / "config.json").is_file():
+                raise ValueError(f"{folder} is not a Stable Diffusion folder: expected {part}/config.json (and tokenizer/, scheduler/)")
+            _safetensors_only(folder, part)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        config = DDPMScheduler.load_config(folder / "scheduler")
+        if config.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(f"{folder} predicts {config['prediction_type']!r}: privdiff trains and audits epsilon-prediction models only")
+        scheduler = DDPMScheduler.from_config({**config, "clip_sample": False})
+        return vae, unet, text_encoder, tokenizer, scheduler
+
+    def _assemble(self, vae, unet, text_encoder, tokenizer, scheduler, ready: bool) -> None:
+        vae.requires_grad_(False)
+        self.vae = vae.eval()
+        self.trainable = TextToImageNet(unet, text_encoder)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.register_buffer("latent_scale", torch.tensor(float(getattr(vae.config, "scaling_factor", 1.0))))
+        self.register_buffer("vae_ready", torch.tensor(bool(ready)))
+        self.vae_record: dict[str, Any] = {}
+
+    @property
+    def net(self) -> TextToImageNet:
+        return unwrap(self.trainable)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "LatentTextToImage":
+        """Load a ``StableDiffusionPipeline`` folder (safetensors weights only) for an audit."""
+        model = cls.__new__(cls)
+        DiffusionModel.__init__(model)
+        model.caption_dropout, model.guidance_scale, model.lora_rank, model.lora_alpha = 0.0, 1.0, None, None
+        model.vae_steps, model.vae_lr, model.vae_batch_size = 0, 0.0, 1
+        model._assemble(*cls._load_parts(Path(path)), ready=True)
+        record = Path(path) / "privdiff_model.json"
+        if record.is_file():
+            info = json.loads(record.read_text())
+            model.vae_record, model.guidance_scale = info.get("vae", {}), float(info.get("guidance_scale", 1.0))
+        return model.eval()
+
+    @staticmethod
+    def is_folder(path: Path) -> bool:
+        index = path / "model_index.json"
+        return index.is_file() and json.loads(index.read_text()).get("_class_name") == PIPELINE
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a ``StableDiffusionPipeline`` folder (LoRA fused into the UNet) and, with LoRA, ``lora/`` for ``load_lora_weights``."""
+        path = Path(path)
+        net = self.net
+        unet = net.unet
+        if self.lora_rank is not None:
+            from peft.utils import get_peft_model_state_dict
+
+            from peft import LoraConfig
+
+            StableDiffusionPipeline.save_lora_weights(path / "lora", unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+            # A fresh copy to fuse (not a deepcopy: the trained UNet may carry a defense's hooks, e.g. Opacus's).
+            fused = UNet2DConditionModel.from_config(unet.config)
+            fused.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules=list(LORA_TARGETS)))
+            fused.load_state_dict(unet.state_dict())
+            fused.fuse_lora()
+            fused.unload_lora()
+            unet = fused
+        self.vae.register_to_config(scaling_factor=float(self.latent_scale))
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=net.text_encoder, tokenizer=self.tokenizer, unet=unet, scheduler=self.scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(str(path), safe_serialization=True)
+        (path / "privdiff_model.json").write_text(json.dumps({"vae": self.vae_record, "guidance_scale": self.guidance_scale}, indent=1))
+
+    # -- what it is -------------------------------------------------------------------------
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        size = self.net.unet.config.sample_size
+        size = size if isinstance(size, int) else size[0]
+        return (int(self.vae.config.in_channels), size * factor, size * factor)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.net.unet.config.sample_size
+        size = size if isinstance(size, int) else size[0]
+        return (int(self.net.unet.config.in_channels), size, size)
+
+    @property
+    def conditioning(self) -> str:
+        return "text"
+
+    def get_extra_state(self) -> dict[str, Any]:  # kept in checkpoints: a resume reports the autoencoder too
+        return {"vae_record": json.dumps(self.vae_record)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.vae_record = json.loads(state.get("vae_record", "{}"))
+
+    def summary(self) -> dict[str, Any]:
+        return {"kind": "latent text-to-image", "lora_rank": self.lora_rank, "guidance_scale": self.guidance_scale,
+                "latent_shape": list(self.latent_shape), "vae": self.vae_record}
+
+    # -- the autoencoder --------------------------------------------------------------------
+    def prepare(self, public: ImageTable | None, members: ImageTable) -> dict[str, Any] | None:
+        """Teach the tiny VAE to reconstruct before the diffusion training (nothing for a pretrained one).
+
+        It learns from ``public`` images (of the source, neither members nor held out) so that it
+        memorizes no member (they are still the user's images: the autoencoder is outside the
+        membership audit and any DP guarantee of the diffusion training); without any it falls back to the members and says so (the autoencoder
+        is then trained on private data outside any DP guarantee). Sets the latent scale to 1 / std
+        of the latents (Stable Diffusion's scaling factor) and returns the record: images, steps,
+        reconstruction l2 (Carlini et al.'s, on [0, 1]) on images it did not train on.
+        """
+        if bool(self.vae_ready):
+            return self.vae_record or None
+        unused = public is not None and len(public) >= 16
+        source = NON_MEMBERS if unused else "member images (no other images in the source: outside any DP guarantee)"
+        images = (public if unused else members).unit()
+        g = torch.Generator().manual_seed(0)
+        order = torch.randperm(len(images), generator=g)
+        cut = max(1, int(len(images) * 0.9))
+        train, check = images[order[:cut]], images[order[cut:]] if len(images) > cut else images[order[:cut]]
+        vae, device = self.vae, self.device
+        vae.train().requires_grad_(True)
+        opt = torch.optim.Adam(vae.parameters(), lr=self.vae_lr)
+        for _ in range(self.vae_steps):
+            x = train[torch.randint(0, len(train), (min(self.vae_batch_size, len(train)),), generator=g)].to(device) * 2 - 1
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
+            loss = (vae.decode(z).sample - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        vae.eval().requires_grad_(False)
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(train[i : i + 256].to(device) * 2 - 1).latent_dist.mean for i in range(0, len(train), 256)])
+            self.latent_scale.fill_(float(1.0 / latents.std().clamp(min=1e-6)))
+            recon = self.decode(self.encode(check.to(device)))
+            l2 = float((recon.cpu() - check).pow(2).flatten(1).mean(1).sqrt().mean())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Under DDP every process trains the same autoencoder; rank 0's weights make sure they agree
+            # bit for bit (GPU kernels need not be deterministic).
+            for tensor in [*vae.parameters(), self.latent_scale]:
+                torch.distributed.broadcast(tensor.data, src=0)
+        self.vae_ready.fill_(True)
+        self.vae_record = {"trained_on": source, "num_images": int(cut), "steps": int(self.vae_steps),
+                           "reconstruction_l2": l2, "num_checked": int(len(check)), "latent_scale": float(self.latent_scale)}
+        return self.vae_record
+
+    # -- between pixels and latents ---------------------------------------------------------
+    def encode(self, images: Tensor) -> Tensor:
+        with torch.no_grad():  # the VAE is frozen while the diffusion model trains
+            return self.vae.encode(images.to(self.device) * 2 - 1).latent_dist.mean * self.latent_scale
+
+    def decode(self, x0: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.vae.decode(x0 / self.latent_scale).sample.clamp(-1, 1).add(1).div(2)
+
+    def embed_condition(self, cond: Tensor | Sequence[str] | None) -> Tensor | None:
+        """Captions -> CLIP token ids (B, 77), on the model's device."""
+        if cond is None:
+            return None
+        if isinstance(cond, Tensor):
+            raise ValueError("a text-to-image model is conditioned on captions, got a tensor (class labels?): "
+                             "give the data captions (data.caption_column, or data.source: captioned_digits)")
+        ids = self.tokenizer(list(cond), padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+        return ids.to(self.device)
+
+    def embed_batch_condition(self, batch: Batch) -> Any:
+        ids = self.embed_condition(batch.cond)
+        return (ids, float(batch.cond_noise)) if batch.cond_noise else ids
+
+    def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """``cond``: token ids (B, 77), or (ids, std of the noise on their embedding) as :meth:`embed_batch_condition` gives."""
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        if cond is None:
+            cond = self.embed_condition([""] * x_t.shape[0])
+        if isinstance(cond, tuple):
+            return self.trainable(x_t, t, cond[0], cond[1])
+        return self.trainable(x_t, t, cond)
+
+    def per_example_loss(self, batch: Batch, timesteps: Tensor | None = None, noise: Tensor | None = None,
+                         generator: torch.Generator | None = None) -> Tensor:
+        if self.training and self.caption_dropout > 0 and batch.cond is not None:
+            # Classifier-free guidance training (Ho & Salimans 2022; Stable Diffusion drops 10%).
+            drop = torch.rand(len(batch), generator=generator) < self.caption_dropout
+            batch = Batch(batch.images, ["" if d else c for c, d in zip(batch.cond, drop.tolist())], batch.rows, batch.cond_noise)
+        return super().per_example_loss(batch, timesteps, noise, generator)
+
+    @torch.no_grad()
+    def sample(self, n: int, solver: str = "ancestral", steps: int = 50, cond: Tensor | Sequence[str] | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        ids = self.embed_condition(cond if cond is not None else [""] * n)
+        empty = self.embed_condition([""] * n)
+        assert ids is not None and empty is not None
+        g = self.guidance_scale
+
+        def predict(x_t: Tensor, t: Tensor) -> Tensor:
+            if g == 1.0:
+                return self.predict_noise(x_t, t, ids)
+            both = self.predict_noise(torch.cat([x_t, x_t]), t.expand(2 * n) if t.ndim == 0 else torch.cat([t, t]), torch.cat([empty, ids]))
+            uncond, conditional = both.chunk(2)
+            return uncond + g * (conditional - uncond)
+
+        latents = reverse_process(predict, self.scheduler, (n, *self.latent_shape), solver, steps, self.device, generator)
+        return self.decode(latents)
