@@ -19,7 +19,9 @@ from privdiff.defenses.dedup import DedupDefense
 from privdiff.defenses.dp_sgd import DistributedPoissonBatchSampler, DPSGDDefense
 from privdiff.defenses.output_filter import OutputFilterDefense
 from privdiff.train import data as data_module
+from privdiff.model import Batch
 from privdiff.train.data import DiffusionDataModule
+from privdiff.train.latent import LatentTextToImage
 from privdiff.train.denoiser import unwrap
 from privdiff.train.module import DiffusionModule
 from privdiff.train.pixel import PixelDiffusion
@@ -55,7 +57,7 @@ class Record(pl.Callback):
         torch.set_num_threads(1)  # forked processes: keep OpenMP's thread pool out of the children
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.rows.append(batch[2].tolist())
+        self.rows.append(Batch.of(batch).rows.tolist())
 
     def on_train_end(self, trainer, pl_module) -> None:
         dp = pl_module.defenses.find("dp_sgd")
@@ -65,6 +67,7 @@ class Record(pl.Callback):
                 "rows": self.rows,
                 "steps": trainer.global_step,
                 "params": [p.detach().clone() for p in unet.parameters()],
+                "autoencoder": [p.detach().clone() for p in getattr(pl_module.diffusion, "vae", torch.nn.Module()).parameters()],
                 "ema": [p.detach().clone() for p in pl_module.ema.shadow_params],
                 "dp": None if dp is None else {"history": dp.accountant.history, "epsilon": dp.epsilon(), "sigma": dp.noise_multiplier},
                 "manifest": json.dumps(dataclasses.asdict(trainer.datamodule.manifest), sort_keys=True),
@@ -75,14 +78,19 @@ class Record(pl.Callback):
 
 def fit(
     tmp_path: Path, defenses: list, devices: int, max_steps: int, batch_size: int = 4,
-    use_distributed_sampler: bool | None = None, ckpt_path: str | None = None,
+    use_distributed_sampler: bool | None = None, ckpt_path: str | None = None, text_to_image: bool = False,
 ):
     pl.seed_everything(0, verbose=False)
     data = DiffusionDataModule(
-        image_size=8, num_members=16, num_heldout=4, duplicate_images=2, duplicate_copies=2,
-        batch_size=batch_size, defenses=defenses, run_dir=str(tmp_path),
+        source="captioned_digits" if text_to_image else "digits", image_size=8, num_members=16, num_heldout=4,
+        duplicate_images=2, duplicate_copies=2, batch_size=batch_size, defenses=defenses, run_dir=str(tmp_path),
     )
-    model = DiffusionModule(PixelDiffusion(image_size=8, block_out_channels=(8, 16), attention_levels=(1,)), warmup_steps=1, ema_decay=0.9, defenses=defenses)
+    diffusion = (
+        LatentTextToImage(image_size=8, channels=1, vae_block_out_channels=(8, 16), block_out_channels=(8, 16), attention_head_dim=4,
+                          text_width=16, text_layers=1, vae_steps=10, vae_batch_size=16)
+        if text_to_image else PixelDiffusion(image_size=8, block_out_channels=(8, 16), attention_levels=(1,))
+    )
+    model = DiffusionModule(diffusion, warmup_steps=1, ema_decay=0.9, defenses=defenses)
     dp = any(isinstance(d, DPSGDDefense) for d in defenses)
     trainer = pl.Trainer(
         max_steps=max_steps, accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
@@ -100,7 +108,7 @@ def assert_in_sync(ranks: list[dict]) -> None:
     assert first["steps"] > 0
     for other in ranks[1:]:
         assert other["steps"] == first["steps"]
-        for a, b in zip(first["params"] + first["ema"], other["params"] + other["ema"]):
+        for a, b in zip(first["params"] + first["ema"] + first["autoencoder"], other["params"] + other["ema"] + other["autoencoder"]):
             assert torch.equal(a, b)  # the same weights and EMA weights on every process
         assert other["manifest"] == first["manifest"]
 
@@ -126,6 +134,17 @@ def test_ddp_dp_sgd_shares_one_poisson_batch_and_spends_the_single_process_epsil
     independent = create_accountant("rdp")
     independent.history = [(single["dp"]["sigma"], batch / n, steps)]
     assert ranks[0]["dp"]["epsilon"] == pytest.approx(independent.get_epsilon(delta=1e-5), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_ddp_dp_sgd_trains_a_text_to_image_model_with_one_autoencoder_and_one_poisson_batch(tmp_path) -> None:
+    steps = 4
+    ranks = fit(tmp_path, [DPSGDDefense(noise_multiplier=1.0, accountant="rdp")], 2, steps, text_to_image=True)
+    assert_in_sync(ranks)  # the same UNet, text encoder, EMA and autoencoder on both processes
+    assert ranks[0]["autoencoder"] and ranks[0]["dp"]["history"] == ranks[1]["dp"]["history"] == [(1.0, 4 / 18, steps)]
+    for step in range(steps):
+        a, b = ranks[0]["rows"][step], ranks[1]["rows"][step]
+        assert all(i % 2 == 0 for i in a) and all(i % 2 == 1 for i in b)  # disjoint shares of one Poisson batch
 
 
 @pytest.mark.slow
