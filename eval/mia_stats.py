@@ -15,7 +15,6 @@ one set of scores, which the tests check.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import numpy as np

@@ -91,14 +91,15 @@ def run_fit_cli(args: list[str] | None = None) -> PrivdiffCLI:
     )
 
 
-def module_from_config(path: str | Path, image_size: int = 16, channels: int = 1) -> DiffusionModule:
+def module_from_config(path: str | Path, image_size: int = 16, channels: int = 1, *overrides: str) -> DiffusionModule:
     """The ``DiffusionModule`` a ``configs/model/*.yaml`` file describes, built as ``privdiff fit`` builds it
-    (for benchmarks and notebooks: the same class_path, init_args and defaults)."""
+    (for benchmarks and notebooks: the same class_path, init_args and defaults); ``overrides`` are further
+    command-line options, e.g. ``"--model.diffusion.init_args.lora_rank=8"``."""
     parser = ArgumentParser(default_env=False)
     parser.add_argument("-c", "--config", action=ActionConfigFile)
     parser.add_class_arguments(DiffusionModule, "model")
     cfg = parser.parse_args(["-c", str(path), f"--model.diffusion.init_args.image_size={image_size}",
-                             f"--model.diffusion.init_args.channels={channels}"])
+                             f"--model.diffusion.init_args.channels={channels}", *overrides])
     return parser.instantiate_classes(cfg).model
 
 

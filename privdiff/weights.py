@@ -71,3 +71,19 @@ def cached_or_downloaded(url: str, what: str, help_text: str) -> Path:
     except Exception as err:  # noqa: BLE001 - urllib, http and torch raise many types when offline
         raise RuntimeError(f"{what}: {url} could not be downloaded ({type(err).__name__}: {err}). {help_text}") from err
     return target
+
+
+def require_safetensors(folder: str | Path, model_class: str) -> None:
+    """Refuse a diffusers/transformers model folder whose weights are not safetensors (a .bin/.pt file is a
+    pickle that can run code when loaded); the message says how to convert it. ``model_class`` names the
+    class whose ``from_pretrained`` reads the folder (for that conversion)."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    found = sorted(f.name for f in folder.iterdir() if f.is_file() and f.name != "config.json") if folder.is_dir() else []
+    raise ValueError(
+        f"{folder} holds no safetensors weights (found {found or 'nothing'}). privdiff loads weights "
+        "from safetensors only: a .bin/.pt file is a pickle that can run code when loaded. If you trust it, "
+        f"convert it on a machine you trust: {model_class}.from_pretrained(DIR, use_safetensors=False)"
+        ".save_pretrained(DIR, safe_serialization=True)"
+    )

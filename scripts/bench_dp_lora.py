@@ -23,22 +23,20 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
+from privdiff.cli import module_from_config
 from privdiff.defenses.dp_sgd import DPSGDDefense
-from privdiff.model import Batch
+from privdiff.model import Batch, DiffusionModel
 from privdiff.train.data import load_builtin
-from privdiff.train.latent import LatentTextToImage
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make(config: Path, rank: int, seed: int = 0) -> LatentTextToImage:
-    """The config's pipeline with LoRA adapters of ``rank`` (the base frozen), the seed's initial weights."""
-    init = yaml.safe_load(config.read_text())["model"]["diffusion"]["init_args"]
-    init.update(lora_rank=rank, train_text_encoder=False, vae_steps=0)
+def make(config: Path, rank: int, seed: int = 0) -> DiffusionModel:
+    """The config's pipeline, as the trainer builds it, with LoRA adapters of ``rank`` (the base frozen), the seed's weights."""
     torch.manual_seed(seed)
-    return LatentTextToImage(image_size=16, channels=1, **init)
+    prefix = "--model.diffusion.init_args."
+    return module_from_config(config, 16, 1, f"{prefix}lora_rank={rank}", f"{prefix}train_text_encoder=false", f"{prefix}vae_steps=0").diffusion
 
 
 def step_fn(mode: str, batch: Batch, config: Path, rank: int):

@@ -8,8 +8,8 @@ against the same split and the same seed gives the same split.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -18,10 +18,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from privdiff.duplicates import DEFAULT_MAX_L2, DEFAULT_THRESHOLD, near_duplicate_groups
-from privdiff.membership import ImageTable, Manifest, copies_per_member, image_fingerprint
+from privdiff.membership import ImageTable, Manifest, image_fingerprint
 from privdiff.model import Batch
 
 from ..defenses.base import Defense, DefenseStack, as_stack
@@ -671,8 +671,6 @@ class DiffusionDataModule(pl.LightningDataModule):
         if members.captions is None:
             return {}
         if self.hparams.caption_privacy == "hash":
-            import hashlib
-
             return {i: "sha256:" + hashlib.sha256(c.encode()).hexdigest() for i, c in zip(members.ids, members.captions)}
         return dict(zip(members.ids, members.captions))
 
@@ -681,8 +679,6 @@ class DiffusionDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.world_size == 1:
             return
-        import hashlib
-
         key = hashlib.sha256(json.dumps(asdict(manifest), sort_keys=True, default=str).encode()).hexdigest()
         strategy = trainer.strategy
         if not strategy.reduce_boolean_decision(key == strategy.broadcast(key, src=0), all=True):

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from privdiff.membership import ImageTable
 from privdiff.model import Batch, DiffusionModel
+from privdiff.weights import require_safetensors
 
 from .denoiser import build_scheduler, reverse_process, unwrap
 
@@ -69,14 +70,6 @@ class TextToImageNet(nn.Module):
         if embedding_noise:  # a caption defense's Gaussian noise on the text embedding (Somepalli et al. 2023)
             hidden = hidden + embedding_noise * torch.randn_like(hidden)
         return self.unet(x_t, t, encoder_hidden_states=hidden).sample
-
-
-def _safetensors_only(folder: Path, part: str) -> None:
-    if not any((folder / part).glob("*.safetensors")):
-        raise ValueError(
-            f"{folder / part} holds no safetensors weights: privdiff loads weights from safetensors only (a .bin file is "
-            "a pickle that can run code). Convert it on a machine you trust, e.g. with diffusers' save_pretrained(safe_serialization=True)"
-        )
 
 
 class LatentTextToImage(DiffusionModel):
@@ -193,7 +186,8 @@ class LatentTextToImage(DiffusionModel):
         for part in ("vae", "unet", "text_encoder"):
             if not (folder / part / "config.json").is_file():
                 raise ValueError(f"{folder} is not a Stable Diffusion folder: expected {part}/config.json (and tokenizer/, scheduler/)")
-            _safetensors_only(folder, part)
+        for part, model_class in (("vae", "AutoencoderKL"), ("unet", "UNet2DConditionModel"), ("text_encoder", "CLIPTextModel")):
+            require_safetensors(folder / part, model_class)
         vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)

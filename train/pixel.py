@@ -17,6 +17,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
 
 from privdiff.model import DiffusionModel
+from privdiff.weights import require_safetensors
 
 from .denoiser import build_scheduler, build_unet, reverse_process, unwrap
 
@@ -29,14 +30,7 @@ def _check_pixel_folder(path: Path) -> None:
             f"{path} is not a diffusers model folder: expected unet/config.json and scheduler/ "
             "(written by `privdiff fit` as <run>/model, or by DDPMPipeline.save_pretrained)"
         )
-    if not any((path / "unet").glob("*.safetensors")):
-        found = sorted(f.name for f in (path / "unet").iterdir() if f.is_file() and f.name != "config.json")
-        raise ValueError(
-            f"{path / 'unet'} holds no safetensors weights (found {found or 'nothing'}). privdiff loads weights "
-            "from safetensors only: a .bin/.pt file is a pickle that can run code when loaded. If you trust it, "
-            "convert it on a machine you trust: UNet2DModel.from_pretrained(DIR, use_safetensors=False)"
-            ".save_pretrained(DIR, safe_serialization=True)"
-        )
+    require_safetensors(path / "unet", "UNet2DModel")
 
 
 class PixelDiffusion(DiffusionModel):
