@@ -30,12 +30,15 @@ class GenerationContext:
     """What a generation-side defense may look at besides the images.
 
     ``reference`` holds the member images in [0, 1], flattened to (M, D); ``labels`` the class
-    labels the samples were generated for (or None when unconditional).
+    labels the samples were generated for (or None when unconditional); ``public_prompts`` captions
+    of images that are not members (the audit's held-out calibration captions), from which a
+    text-to-image defense may take a threshold.
     """
 
     reference: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    public_prompts: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class Defense:
     def check_trainer(self, trainer: "pl.Trainer") -> None:
         """Raise ``ValueError`` for trainer settings this defense cannot honour."""
 
+    def check_model(self, model: Any) -> None:
+        """Raise ``ValueError`` before training for a model (a ``privdiff.model.DiffusionModel``) this defense cannot act on."""
+
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """Return the module whose parameters are trained (e.g. an Opacus ``GradSampleModule``)."""
         return model
@@ -134,6 +140,16 @@ class Defense:
         (``state``: what this defense saved in it, None when it was not in that run)."""
 
     # -- generation ---------------------------------------------------------------------------
+    def adjust_condition(self, model: Any, cond: Any, generator: torch.Generator, context: GenerationContext) -> Any:
+        """Return the conditioning to sample a batch from (``model`` a ``privdiff.model.DiffusionModel``; ``cond``
+        the batch's labels, prompts or prompt embedding), e.g. a prompt embedding moved away from memorization.
+        Default: unchanged. ``generator`` is the batch's sampling generator: do not draw from it."""
+        return cond
+
+    def acts_on_generation(self) -> bool:
+        """Whether this defense acts on sampling (filters samples or adjusts their conditioning)."""
+        return type(self).keep_mask is not Defense.keep_mask or type(self).adjust_condition is not Defense.adjust_condition
+
     def keep_mask(self, images: torch.Tensor, context: GenerationContext) -> torch.Tensor | None:
         """Return a bool tensor (B,) of samples to keep, or None to keep all. Images are in [0, 1]."""
         return None
@@ -193,6 +209,10 @@ class DefenseStack:
         for d in self.defenses:
             d.check_trainer(trainer)
 
+    def check_model(self, model: Any) -> None:
+        for d in self.defenses:
+            d.check_model(model)
+
     def wrap_model(self, model: nn.Module) -> nn.Module:
         for d in self.defenses:
             model = d.wrap_model(model)
@@ -246,6 +266,11 @@ class DefenseStack:
         for d in self.defenses:
             d.check_resume(state.get(d.name), steps_done)
         self.load_state_dict(state)
+
+    def adjust_condition(self, model: Any, cond: Any, generator: torch.Generator, context: GenerationContext) -> Any:
+        for d in self.defenses:
+            cond = d.adjust_condition(model, cond, generator, context)
+        return cond
 
     def keep_mask(self, images: torch.Tensor, context: GenerationContext) -> torch.Tensor:
         keep = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)

@@ -146,6 +146,14 @@ def run_audit(
     model = model.eval()
     timings: dict[str, float] = {}
 
+    if data.calibration is not None:
+        calibration, heldout = data.calibration, data.heldout
+    else:
+        cal_rows, eval_rows = split_heldout(len(data.heldout), config.seed, CALIBRATION_SHARE)
+        calibration, heldout = data.heldout.select(cal_rows), data.heldout.select(eval_rows)
+    reference = data.members.unit().flatten(1)
+    generation = GenerationContext(reference=reference, public_prompts=calibration.captions)
+
     start = time.perf_counter()
     if any(p.needs_samples for _, p in plugins):
         prompts = None
@@ -155,7 +163,7 @@ def run_audit(
             prompts = member_prompts(data.members.captions, config.num_samples)
         generated = generate(
             model, config.num_samples, solver=config.solver, steps=config.steps, batch_size=config.batch_size,
-            prompts=prompts, defenses=stack, context=GenerationContext(reference=data.members.unit().flatten(1)),
+            prompts=prompts, defenses=stack, context=generation,
             seed=config.seed, progress=config.progress and writes, shard=shard,
         )
         samples, labels = generated.images, generated.labels
@@ -173,14 +181,17 @@ def run_audit(
         samples, labels = torch.empty(0, *data.members.image_shape), None
         sampling = {"num_samples": 0, "num_drawn": 0, "num_rejected": 0, "reject_rate": 0.0}
     timings["sample"] = time.perf_counter() - start
-    if data.calibration is not None:
-        calibration, heldout = data.calibration, data.heldout
-    else:
-        cal_rows, eval_rows = split_heldout(len(data.heldout), config.seed, CALIBRATION_SHARE)
-        calibration, heldout = data.heldout.select(cal_rows), data.heldout.select(eval_rows)
+
+    def sampler(prompts: Sequence[str], seed: int, steps: int | None = None):
+        # More samples for an attack that picks its own prompts, through the same sampler and defenses.
+        return generate(model, len(prompts), solver=config.solver, steps=steps or config.steps, batch_size=config.batch_size,
+                        prompts=list(prompts), defenses=stack, context=generation,
+                        seed=seed, progress=False, shard=shard)
+
     context = AuditContext(model, data, samples, labels, seed=config.seed, batch_size=config.batch_size,
                            progress=config.progress and writes, shard=shard, calibration=calibration, heldout=heldout,
-                           flag_rate=config.flag_rate)
+                           flag_rate=config.flag_rate, steps=config.steps,
+                           sampler=sampler if model.conditioning == "text" else None)
 
     result: dict[str, Any] = {"schema": AUDIT_SCHEMA}
     results: dict[str, AuditResult] = {}
@@ -309,6 +320,8 @@ def _save_cases(run_dir: Path, cases: list[Cases], image_shape: Sequence[int]) -
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {key: json.dumps([v for c in cases for v in getattr(c, key)]) for key in ("member_ids", "flagged_by", "copies")}
+    if any(c.captions for c in cases):  # one caption per pair, or "" where a plugin gave none
+        meta["captions"] = json.dumps([v for c in cases for v in (c.captions or [""] * len(c.samples))])
     save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(run_dir / "audit_cases.safetensors"), metadata=meta)
 
 
@@ -484,7 +497,7 @@ def audit_saved(
         manifest_path = Path(manifest)
         run_dir = manifest_path.parent
     stack = as_stack(defenses)
-    training_only = [d.name for d in stack if type(d).keep_mask is Defense.keep_mask]
+    training_only = [d.name for d in stack if not d.acts_on_generation()]
     if training_only:
         raise ValueError(
             f"defenses {training_only} act on training or data, not on generation: an audit of a saved model cannot "

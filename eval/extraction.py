@@ -544,9 +544,11 @@ class ExtractionAttack(AuditPlugin):
         position = {g: i for i, g in enumerate(reps)}
         summary["by_copies"] = {str(k): v for k, v in by_copies([position[g] for g in extracted_groups], copies).items()}
         rates = {f"extraction {k}": t.heldout_rate for k, t in found.items() if t.heldout_rate is not None}
-        return ExtractionReport(summary, rates, self._cases(samples, members, ids, results, context.data.group_copies()))
+        grid = self._cases(samples, members, ids, results, context.data.group_copies(), context.data.members.captions)
+        return ExtractionReport(summary, rates, grid)
 
-    def _cases(self, samples: Tensor, members: Tensor, ids: list[str], results: list[ExtractionResult], copies: Tensor) -> Cases:
+    def _cases(self, samples: Tensor, members: Tensor, ids: list[str], results: list[ExtractionResult], copies: Tensor,
+               captions: list[str] | None = None) -> Cases:
         """The closest extracted pair of each extracted member, closest first, at most ``max_cases``."""
         best: dict[int, tuple[ExtractionRecord, str]] = {}
         for res in results:
@@ -562,6 +564,7 @@ class ExtractionAttack(AuditPlugin):
             member_ids=[ids[r.train_index] for r, _ in chosen],
             flagged_by=[m for _, m in chosen],
             copies=[int(copies[r.train_index]) for r, _ in chosen],
+            captions=[captions[r.train_index] for r, _ in chosen] if captions is not None else [],
         )
 
     @classmethod

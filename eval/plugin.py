@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -70,6 +70,10 @@ class AuditContext:
     calibration: ImageTable | None = None
     heldout: ImageTable | None = None
     flag_rate: float = 0.01
+    steps: int = 50  # the audit sampler's steps
+    # sampler(prompts, seed, steps=None) -> eval.sampling.Generated: more samples through the audit's sampler and the
+    # run's generation-side defenses (for attacks that choose their own prompts); None where the audit gives none
+    sampler: Callable[..., Any] | None = None
 
     @cached_property
     def members(self) -> Tensor:
@@ -120,6 +124,7 @@ class Cases:
     member_ids: list[str] = field(default_factory=list)
     flagged_by: list[str] = field(default_factory=list)  # which attack flagged each
     copies: list[int] = field(default_factory=list)  # training rows of each member's group
+    captions: list[str] = field(default_factory=list)  # the caption of each member (text-to-image), shown under the pair
 
 
 class AuditResult(ABC):

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -164,16 +165,18 @@ def plugin_figures(runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Any
 
 def cases_figure(cases: Mapping[str, Any], max_cases: int = 12):
     """Grid of the most-extracted cases: generated sample | nearest member, with distance, member id,
-    the group's training rows and the attack that flagged it under each pair."""
+    the group's training rows, the attack that flagged it and (text-to-image) the member's caption under each pair."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     samples, nearest, dist = cases["samples"][:max_cases], cases["nearest"][:max_cases], cases["distance"][:max_cases]
-    ids, flagged, copies = (list(cases.get(k, []))[:max_cases] for k in ("member_ids", "flagged_by", "copies"))
+    ids, flagged, copies, captions = (list(cases.get(k, []))[:max_cases] for k in ("member_ids", "flagged_by", "copies", "captions"))
     n = len(samples)
-    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.45 * max(n, 1), 3.3), squeeze=False)
+    wrapped = [textwrap.wrap(str(c), 20)[:6] for c in captions]
+    extra = 0.12 * max((len(w) for w in wrapped), default=0)
+    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.45 * max(n, 1), 3.3 + extra), squeeze=False)
     for i in range(n):
         for row, image in ((0, samples[i]), (1, nearest[i])):
             ax = axes[row][i]
@@ -187,7 +190,9 @@ def cases_figure(cases: Mapping[str, Any], max_cases: int = 12):
         if i < len(copies):
             label.append(f"{copies[i]} row(s)")
         if i < len(flagged):
-            label.append({"generate_and_filter": "clique", "calibrated_l2": "cal. l2"}.get(flagged[i], flagged[i]))
+            label.append({"generate_and_filter": "clique", "calibrated_l2": "cal. l2", "prompt": "prompted"}.get(flagged[i], flagged[i]))
+        if i < len(wrapped) and wrapped[i]:
+            label.append("\u201c" + "\n".join(wrapped[i]) + "\u201d")
         axes[1][i].set_xlabel("\n".join(label), fontsize=6.5)
     axes[0][0].set_ylabel("sample", fontsize=8)
     axes[1][0].set_ylabel("nearest\nmember", fontsize=8)
@@ -205,7 +210,7 @@ def load_cases(run_dir: Path) -> dict[str, Any] | None:
     cases: dict[str, Any] = dict(load_file(str(path)))
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    for key in ("member_ids", "flagged_by", "copies"):
+    for key in ("member_ids", "flagged_by", "copies", "captions"):
         if key in meta:
             cases[key] = json.loads(meta[key])
     return cases

@@ -85,6 +85,7 @@ def generate(
     if class_labels is not None and len(class_labels) != num_samples:
         raise ValueError(f"got {len(class_labels)} class labels for {num_samples} samples")
     filtering = any(type(d).keep_mask is not Defense.keep_mask for d in stack)
+    adjusting = any(type(d).adjust_condition is not Defense.adjust_condition for d in stack)
 
     was_training = model.training
     model.eval()
@@ -101,6 +102,9 @@ def generate(
             labels = class_labels[rows] if class_labels is not None else None
             cond = [prompts[i] for i in rows.tolist()] if prompts is not None else labels
             gen = torch.Generator().manual_seed(seed * 1_000_003 + batch_index + j)
+            if adjusting:
+                cond = stack.adjust_condition(model, cond, gen, GenerationContext(context.reference, labels, context.extra,
+                                                                                   context.public_prompts))
             drawn_batches.append((j, model.sample(len(rows), solver, steps, cond, gen).cpu()))
         if shard is not None:
             drawn_batches = sorted((b for share in gather(drawn_batches, shard) for b in share), key=lambda b: b[0])
@@ -109,7 +113,7 @@ def generate(
         for j, images in drawn_batches:
             rows = pending[starts[j] : starts[j] + batch_size]
             labels = class_labels[rows] if class_labels is not None else None
-            batch_context = GenerationContext(context.reference, labels, context.extra)
+            batch_context = GenerationContext(context.reference, labels, context.extra, context.public_prompts)
             keep = stack.keep_mask(images, batch_context).cpu() if filtering else torch.ones(len(rows), dtype=torch.bool)
             kept_images.append(images[keep])
             if labels is not None:

@@ -96,6 +96,11 @@ class DiffusionModel(nn.Module, ABC):
         return None
 
     @property
+    def calls_per_sampling_step(self) -> int:
+        """Noise-predictor calls per image per sampling step (2 with classifier-free guidance), for attack costs."""
+        return 1
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 
@@ -137,6 +142,12 @@ class DiffusionModel(nn.Module, ABC):
     def embed_condition(self, cond: Tensor | Sequence[str] | None) -> Any:
         """The data's conditioning (``Batch.cond``) -> what :meth:`predict_noise` takes (default: unchanged)."""
         return cond
+
+    def condition_embedding(self, cond: Tensor | Sequence[str] | None) -> Tensor | None:
+        """A continuous, differentiable form of the conditioning (a text model: its text encoder's hidden states,
+        (B, L, W)) that :meth:`predict_noise` and :meth:`sample` accept in place of ``cond``; None when the model has
+        none (the default). Generation-side defenses that move a prompt away from memorization work on it."""
+        return None
 
     def embed_batch_condition(self, batch: Batch) -> Any:
         """A training batch's conditioning for :meth:`predict_noise` (default: ``embed_condition(batch.cond)``;

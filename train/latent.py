@@ -66,7 +66,8 @@ class TextToImageNet(nn.Module):
         self.unet, self.text_encoder = unet, text_encoder
 
     def forward(self, x_t: Tensor, t: Tensor, input_ids: Tensor, embedding_noise: float = 0.0) -> Tensor:
-        hidden = self.text_encoder(input_ids)[0]
+        # token ids (B, 77), or the text encoder's hidden states (B, 77, W) of a prompt a defense adjusted
+        hidden = input_ids if input_ids.is_floating_point() else self.text_encoder(input_ids)[0]
         if embedding_noise:  # a caption defense's Gaussian noise on the text embedding (Somepalli et al. 2023)
             hidden = hidden + embedding_noise * torch.randn_like(hidden)
         return self.unet(x_t, t, encoder_hidden_states=hidden).sample
@@ -92,6 +93,9 @@ class LatentTextToImage(DiffusionModel):
             guidance (Stable Diffusion: 0.1).
         guidance_scale: classifier-free guidance of sampling (1 = none).
         vae_steps, vae_lr, vae_batch_size: how the tiny VAE learns to reconstruct before training.
+        pretrain_steps, pretrain_lr: non-private pretraining of the tiny UNet and text encoder on public
+            captioned images (neither members nor held out) before the private training: the base that
+            a (DP-)LoRA fine-tune starts from (0: none).
     """
 
     def __init__(
@@ -116,6 +120,8 @@ class LatentTextToImage(DiffusionModel):
         vae_steps: int = 400,
         vae_lr: float = 1e-3,
         vae_batch_size: int = 64,
+        pretrain_steps: int = 0,
+        pretrain_lr: float = 1e-3,
     ) -> None:
         super().__init__()
         if not 0 <= caption_dropout < 1:
@@ -124,6 +130,10 @@ class LatentTextToImage(DiffusionModel):
             raise ValueError(f"LoRA needs lora_rank >= 1 and a frozen text encoder, got rank {lora_rank}, train_text_encoder={train_text_encoder}")
         self.caption_dropout, self.guidance_scale = float(caption_dropout), float(guidance_scale)
         self.vae_steps, self.vae_lr, self.vae_batch_size = vae_steps, vae_lr, vae_batch_size
+        if pretrain_steps < 0 or (pretrain_steps and pretrained is not None):
+            raise ValueError(f"pretrain_steps must be >= 0 and is for the tiny model built from config (a pretrained "
+                             f"folder is its own base), got {pretrain_steps} with pretrained={pretrained!r}")
+        self.pretrain_steps, self.pretrain_lr = int(pretrain_steps), float(pretrain_lr)
         if pretrained is not None:
             vae, unet, text_encoder, tokenizer, scheduler = self._load_parts(Path(pretrained))
             ready = True
@@ -219,6 +229,7 @@ class LatentTextToImage(DiffusionModel):
         DiffusionModel.__init__(model)
         model.caption_dropout, model.guidance_scale, model.lora_rank, model.lora_alpha = 0.0, 1.0, None, None
         model.vae_steps, model.vae_lr, model.vae_batch_size = 0, 0.0, 1
+        model.pretrain_steps, model.pretrain_lr = 0, 0.0
         model._assemble(*cls._load_parts(Path(path)), ready=True)
         record = Path(path) / "privdiff_model.json"
         if record.is_file():
@@ -258,6 +269,10 @@ class LatentTextToImage(DiffusionModel):
         (path / "privdiff_model.json").write_text(json.dumps({"vae": self.vae_record, "guidance_scale": self.guidance_scale}, indent=1))
 
     # -- what it is -------------------------------------------------------------------------
+    @property
+    def calls_per_sampling_step(self) -> int:
+        return 1 if self.guidance_scale == 1.0 else 2
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -327,10 +342,56 @@ class LatentTextToImage(DiffusionModel):
             # bit for bit (GPU kernels need not be deterministic).
             for tensor in [*vae.parameters(), self.latent_scale]:
                 torch.distributed.broadcast(tensor.data, src=0)
-        self.vae_ready.fill_(True)
         self.vae_record = {"trained_on": source, "num_images": int(cut), "steps": int(self.vae_steps),
                            "reconstruction_l2": l2, "num_checked": int(len(check)), "latent_scale": float(self.latent_scale)}
+        if self.pretrain_steps:
+            self.vae_record["pretrained"] = self._pretrain(public if unused else None)
+        self.vae_ready.fill_(True)
         return self.vae_record
+
+    def _pretrain(self, public: ImageTable | None) -> dict[str, Any]:
+        """Train the UNet and text encoder (not the adapters) on public captioned images: the base a DP-LoRA fine-tune starts from.
+
+        Non-private and outside any DP guarantee, which is why it only takes images that are neither
+        members nor held out. The LoRA adapters are frozen meanwhile (a DP defense's per-example
+        hooks sit on them and stay idle), and everything but them is frozen again afterwards.
+        """
+        if public is None or public.captions is None:
+            raise ValueError("model.diffusion.init_args.pretrain_steps needs public captioned images (non-members of the "
+                             "source, at least 16): this source has none left; set pretrain_steps: 0")
+        net, device = self.net, self.device
+        trainable = [p for p in net.parameters() if p.requires_grad]
+        base = [p for name, p in net.named_parameters() if "lora_" not in name and "position_embedding" not in name]
+        for p in trainable:
+            p.requires_grad_(False)
+        for p in base:
+            p.requires_grad_(True)
+        was_training = net.training
+        net.train()
+        g = torch.Generator().manual_seed(1)
+        opt = torch.optim.AdamW(base, lr=self.pretrain_lr)
+        images = public.unit()
+        loss = torch.tensor(float("nan"))
+        for _ in range(self.pretrain_steps):
+            rows = torch.randint(0, len(images), (min(64, len(images)),), generator=g)
+            caps = ["" if float(torch.rand(1, generator=g)) < self.caption_dropout else public.captions[i] for i in rows.tolist()]
+            x0 = self.encode(images[rows].to(device))
+            t = torch.randint(0, self.num_train_timesteps, (len(rows),), generator=g).to(device)
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            loss = (net(self.add_noise(x0, noise, t), t, self.embed_condition(caps)) - noise).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for p in base:
+            p.requires_grad_(False)
+            p.grad = None
+        for p in trainable:
+            p.requires_grad_(True)
+        net.train(was_training)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for p in base:
+                torch.distributed.broadcast(p.data, src=0)
+        return {"trained_on": NON_MEMBERS, "num_images": len(images), "steps": int(self.pretrain_steps), "final_loss": float(loss)}
 
     # -- between pixels and latents ---------------------------------------------------------
     def encode(self, images: Tensor) -> Tensor:
@@ -342,14 +403,23 @@ class LatentTextToImage(DiffusionModel):
             return self.vae.decode(x0 / self.latent_scale).sample.clamp(-1, 1).add(1).div(2)
 
     def embed_condition(self, cond: Tensor | Sequence[str] | None) -> Tensor | None:
-        """Captions -> CLIP token ids (B, 77), on the model's device."""
+        """Captions -> CLIP token ids (B, 77), on the model's device; a prompt embedding (B, 77, W) passes unchanged."""
         if cond is None:
             return None
+        if isinstance(cond, Tensor) and cond.is_floating_point() and cond.ndim == 3:
+            return cond.to(self.device)
         if isinstance(cond, Tensor):
             raise ValueError("a text-to-image model is conditioned on captions, got a tensor (class labels?): "
                              "give the data captions (data.caption_column, or data.source: captioned_digits)")
         ids = self.tokenizer(list(cond), padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
         return ids.to(self.device)
+
+    def condition_embedding(self, cond: Tensor | Sequence[str] | None) -> Tensor | None:
+        """Captions -> the text encoder's last hidden states (B, 77, W): what the UNet attends to."""
+        ids = self.embed_condition(cond)
+        if ids is None or ids.is_floating_point():
+            return ids
+        return self.net.text_encoder(ids)[0]
 
     def embed_batch_condition(self, batch: Batch) -> Any:
         ids = self.embed_condition(batch.cond)
@@ -378,6 +448,8 @@ class LatentTextToImage(DiffusionModel):
                generator: torch.Generator | None = None) -> Tensor:
         ids = self.embed_condition(cond if cond is not None else [""] * n)
         empty = self.embed_condition([""] * n)
+        if ids is not None and ids.is_floating_point():  # an adjusted prompt embedding: guide against the empty one's
+            empty = self.condition_embedding([""] * n)
         assert ids is not None and empty is not None
         g = self.guidance_scale
 

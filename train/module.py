@@ -57,6 +57,7 @@ class DiffusionModule(pl.LightningModule):
     # -- training ------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         self.defenses.check_trainer(self.trainer)
+        self.defenses.check_model(self.diffusion)
         self.diffusion.trainable = self.defenses.wrap_model(self.diffusion.trainable)
         optimizer = torch.optim.AdamW(self.diffusion.trainable_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         optimizer = self.defenses.wrap_optimizer(optimizer, self.diffusion.trainable)

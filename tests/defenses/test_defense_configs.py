@@ -13,6 +13,7 @@ DEFENSE_CONFIGS = sorted((REPO / "configs" / "defense").glob("*.yaml"))
 # Defense configs for text-to-image models, with what they need of the model.
 TEXT_TO_IMAGE = {
     "caption_randomization": [],
+    "prompt_mitigation": [],  # refused on a pixel model before training (Defense.check_model)
     "dp_lora": ["--model.diffusion.init_args.lora_rank", "2", "--model.diffusion.init_args.train_text_encoder", "false"],
 }
 

@@ -124,6 +124,33 @@ def test_caption_dropout_and_guidance() -> None:
     assert images.shape == (2, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
 
 
+def test_public_pretraining_trains_the_base_not_the_adapters_and_lowers_the_loss_on_public_images() -> None:
+    from privdiff.train.data import load_builtin
+
+    pool = load_builtin("captioned_digits", 8, 1)
+    public, members = pool.select(range(200, 600)), pool.select(range(32))
+    model = tiny(vae_steps=2, lora_rank=2, pretrain_steps=60)
+    names = lambda: sorted(n for n, p in model.net.named_parameters() if p.requires_grad)  # noqa: E731
+    trainable = names()
+    assert trainable and all("lora_" in n for n in trainable)
+    base = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    batch = Batch(public.unit()[:64], public.captions[:64], torch.arange(64))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    model.eval()
+    before = float(model.per_example_loss(batch, generator=g()).mean())
+    record = model.prepare(public, members)
+    after = float(model.per_example_loss(batch, generator=g()).mean())
+    assert record["pretrained"]["steps"] == 60 and record["pretrained"]["trained_on"].startswith("non-member images")
+    assert after < before
+    changed = {n for n, p in model.net.named_parameters() if not torch.equal(p, base[n])}
+    assert changed and not any("lora_" in n for n in changed)  # the base moved, the adapters did not
+    assert names() == trainable  # and only the adapters train from here on
+    with pytest.raises(ValueError, match="public captioned images"):
+        tiny(vae_steps=2, pretrain_steps=2).prepare(None, members)
+    with pytest.raises(ValueError, match="pretrain_steps"):
+        LatentTextToImage(pretrained="/nonexistent", pretrain_steps=2)
+
+
 def test_the_tiny_vae_learns_to_reconstruct_from_public_images_before_training() -> None:
     from privdiff.train.data import load_builtin
 

@@ -1,0 +1,249 @@
+"""Memorization detection for text-to-image models without sampling to the end.
+
+Two per-caption scores from the first denoising step(s) of a few seeds:
+
+- **Noise-difference magnitude** (Wen et al., ICLR 2024, "Detecting, Explaining, and Mitigating
+  Memorization in Diffusion Models", Sec. 3): a memorized caption pulls the noise prediction far
+  from the unconditional one, whatever the start noise. The score is
+  ``mean_seeds mean_k ||eps(x_tk, c) - eps(x_tk, "")||``, RMS over the latent, over the first
+  ``first_steps`` steps of a deterministic DDIM trajectory; higher = more memorized.
+- **One-step consistency** (Webster 2023, "A Reproducible Extraction of Training Images from
+  Diffusion Models"): a memorized caption gives the same one-step estimate of x0 from any start
+  noise. The score is minus the mean pairwise l2 between the decoded x0 estimates of the seeds,
+  taken at the last of the ``first_steps`` steps; higher = more memorized. At t = T - 1 itself the
+  estimate divides by sqrt(abar_T) (0.006 on the linear schedule) and amplifies every error of the
+  noise prediction: on two tiny models over-trained on planted pairs its AUC was 0.54 and 0.78 at
+  the first step, 0.84 and 0.88 after 10 of 50 steps (measured 2026-12-01), where Wen et al.'s
+  magnitude gave 0.95 on one model and 0.55–0.69 on the other.
+
+Both cost ``2 * seeds * first_steps`` noise-predictor calls per caption (conditional and
+unconditional), against ``samples * steps`` for sampling a caption to the end, which is why the
+prompt extraction attack (:mod:`privdiff.eval.prompt_extraction`) uses them as a screen.
+The plugin :class:`MemorizationDetection` reports how well each score tells the captions of
+duplicated training pairs from the others (ROC AUC) and how many member captions a threshold taken
+from held-out captions flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from privdiff.model import DiffusionModel
+
+from .plugin import AuditContext, AuditPlugin, AuditResult, Column, Privacy
+from .thresholds import calibrate
+
+__all__ = ["CaptionScores", "MemorizationDetection", "caption_scores", "first_timesteps", "member_captions"]
+
+SCORES = ("magnitude", "one_step")
+
+
+def first_timesteps(num_train_timesteps: int, steps: int, count: int) -> list[int]:
+    """The first ``count`` timesteps of an evenly spaced ``steps``-step sampler (DDIM's "trailing" spacing from T - 1)."""
+    stride = max(1, num_train_timesteps // steps)
+    return [num_train_timesteps - 1 - k * stride for k in range(count)]
+
+
+@dataclass
+class CaptionScores:
+    """Per-caption detection scores (higher = more memorized) and what they cost."""
+
+    captions: list[str]
+    magnitude: Tensor  # (n,) Wen et al.'s noise-difference magnitude
+    one_step: Tensor  # (n,) Webster's one-step consistency (minus the spread of the seeds' x0 estimates after first_steps)
+    calls: int  # noise-predictor calls spent (conditional + unconditional, per image)
+
+    def of(self, name: str) -> Tensor:
+        return {"magnitude": self.magnitude, "one_step": self.one_step}[name]
+
+
+@torch.no_grad()
+def caption_scores(
+    model: DiffusionModel,
+    captions: Sequence[str],
+    *,
+    seeds: int = 4,
+    first_steps: int = 1,
+    steps: int = 50,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> CaptionScores:
+    """Wen et al.'s magnitude and Webster's one-step consistency of each caption, from ``seeds`` start noises.
+
+    The start noises are drawn from a CPU generator seeded with ``seed``: caption ``i`` gets rows
+    ``i*seeds .. (i+1)*seeds - 1`` of one draw, so a caption's score does not depend on which others
+    are scored with it... except through that draw's order, which is fixed by the caption's position.
+    """
+    if model.conditioning != "text":
+        raise ValueError("memorization detection compares text-conditional and unconditional noise predictions: it needs a text-to-image model")
+    if seeds < 2 or first_steps < 1:
+        raise ValueError(f"need seeds >= 2 (the one-step score compares seeds) and first_steps >= 1, got {seeds} and {first_steps}")
+    captions = list(captions)
+    n = len(captions)
+    device = model.device
+    latent_shape = tuple(model.encode(torch.zeros(1, *model.image_shape, device=device)).shape[1:])
+    noise = torch.randn((n * seeds, *latent_shape), generator=torch.Generator().manual_seed(seed))
+    abar = model.alphas_cumprod()
+    ts = first_timesteps(model.num_train_timesteps, steps, first_steps + 1)
+    magnitude = torch.zeros(n * seeds)
+    x0_pixels: list[Tensor] = []
+    rows_per_batch = max(1, batch_size // 2)
+    for start in range(0, n * seeds, rows_per_batch):
+        rows = range(start, min(n * seeds, start + rows_per_batch))
+        x = noise[rows.start : rows.stop].to(device)
+        b = x.shape[0]
+        both = model.embed_condition([captions[r // seeds] for r in rows] + [""] * b)
+        for k in range(first_steps):
+            t = ts[k]
+            eps = model.predict_noise(torch.cat([x, x]), torch.full((2 * b,), t, device=device, dtype=torch.long), both).float()
+            cond, uncond = eps[:b], eps[b:]
+            magnitude[rows.start : rows.stop] += (cond - uncond).flatten(1).pow(2).mean(1).sqrt().cpu() / first_steps
+            x0 = (x - (1 - abar[t]).sqrt() * cond) / abar[t].sqrt()
+            if k == first_steps - 1:
+                x0_pixels.append(model.decode(x0).flatten(1).float().cpu())
+            x = abar[ts[k + 1]].sqrt() * x0 + (1 - abar[ts[k + 1]]).sqrt() * cond  # DDIM, eta = 0
+    pixels = torch.cat(x0_pixels).view(n, seeds, -1)
+    pair = torch.cdist(pixels, pixels) / pixels.shape[-1] ** 0.5  # RMS l2 between the seeds' estimates
+    spread = pair.sum((1, 2)) / (seeds * (seeds - 1))
+    return CaptionScores(captions, magnitude.view(n, seeds).mean(1), -spread, calls=2 * n * seeds * first_steps)
+
+
+def member_captions(context: AuditContext) -> tuple[list[str], Tensor, list[list[int]]]:
+    """The members' distinct captions, most training rows first: (captions, rows of each, member rows of each).
+
+    A caption's training rows are the summed copies of the groups of near-copies its members belong to
+    (a planted pair duplicated 10x has 10 rows).
+    """
+    captions = context.data.members.captions
+    if captions is None:
+        raise ValueError("the members have no captions")
+    copies = context.data.group_copies()
+    rows: dict[str, list[int]] = {}
+    for i, c in enumerate(captions):
+        rows.setdefault(c, []).append(i)
+    ordered = sorted(rows, key=lambda c: (-max(int(copies[i]) for i in rows[c]), captions.index(c)))
+    return ordered, torch.tensor([max(int(copies[i]) for i in rows[c]) for c in ordered]), [rows[c] for c in ordered]
+
+
+def _auc(positive: Tensor, negative: Tensor) -> float | None:
+    """ROC AUC of telling ``positive`` scores from ``negative`` (ties count half); None when a side is empty."""
+    if not len(positive) or not len(negative):
+        return None
+    p, q = positive.double().unsqueeze(1), negative.double().unsqueeze(0)
+    return float(((p > q).double() + 0.5 * (p == q).double()).mean())
+
+
+@dataclass
+class DetectionReport(AuditResult):
+    summary: dict[str, Any]
+    flag_rates: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.summary
+
+    def columns(self) -> list[Column]:
+        s = self.summary
+        wen, webster = (s[name]["auc_duplicated_vs_rest"] for name in SCORES)
+        flagged = s["one_step"]["members_flagged"]
+        text = "n/a" if webster is None else f"{webster:.3f} (Wen: {wen:.3f})"
+        return [
+            Column("detection_auc", "detection AUC", "ROC AUC of Webster's one-step consistency telling the captions of "
+                   "duplicated training pairs from single members' and held-out captions (beside it Wen et al.'s "
+                   "magnitude; n/a: no duplicated pair)", webster, text),
+            Column("detected_captions", "captions detected", "member captions whose one-step consistency is above the "
+                   "threshold taken from held-out captions (count of the member captions)", flagged,
+                   f"{flagged}/{s['num_member_captions']}", Privacy.PRIVACY),
+        ]
+
+    def scalars(self) -> dict[str, float]:
+        out = {}
+        for name in SCORES:
+            auc = self.summary[name]["auc_duplicated_vs_rest"]
+            if auc is not None:
+                out[f"detection_{name}_auc"] = float(auc)
+            out[f"detection_{name}_flagged"] = float(self.summary[name]["members_flagged"])
+        return out
+
+    def notes(self) -> list[str]:
+        s = self.summary
+        return [
+            f"Detection: Webster 2023's one-step consistency (the same x0 estimate whatever the seed, taken after the first "
+            f"{s['first_steps']} of {s['steps']} steps) and Wen et al. 2024's magnitude of the text-conditional minus "
+            f"unconditional noise prediction over those steps, from {s['seeds']} seeds per caption ({s['calls_per_caption']} "
+            f"noise-predictor calls per caption). Threshold: {s['one_step']['threshold']['description']}. Positives are the "
+            "captions of duplicated training pairs, the ones Carlini et al. 2023 find memorized; a single-copy caption may be "
+            "memorized too and then counts against the AUC."
+        ]
+
+    def heldout_flag_rates(self) -> dict[str, float]:
+        return self.flag_rates
+
+
+class MemorizationDetection(AuditPlugin):
+    """Wen et al.'s magnitude and Webster's one-step check on every member caption and the held-out captions.
+
+    Args:
+        seeds: start noises per caption.
+        first_steps: steps of the trajectory the magnitude averages over (Wen et al. average the first steps; on the
+            1000-step demo model the first step alone gave AUC 0.95, steps 1-10 0.99 at step 10).
+        steps: the sampler's step count the timesteps are spaced for.
+        max_heldout: held-out captions scored, of the calibration images (the threshold) and of the others (its
+            false-flag rate) each.
+        flag_rate: share of held-out calibration captions the thresholds may flag (None: the audit's).
+    """
+
+    name = "detection"
+    needs_samples = False
+
+    def __init__(self, seeds: int = 4, first_steps: int = 10, steps: int = 50, max_heldout: int = 100,
+                 flag_rate: float | None = None) -> None:
+        if seeds < 2 or first_steps < 1 or max_heldout < 1:
+            raise ValueError(f"detection needs seeds >= 2, first_steps >= 1 and max_heldout >= 1, got {seeds}, {first_steps}, {max_heldout}")
+        self.seeds, self.first_steps, self.steps, self.max_heldout, self.flag_rate = seeds, first_steps, steps, max_heldout, flag_rate
+
+    def run(self, context: AuditContext) -> DetectionReport | None:
+        model = context.model
+        if model.conditioning != "text" or context.calibration is None or context.calibration.captions is None:
+            return None
+        captions, copies, _ = member_captions(context)
+        calibration = list(dict.fromkeys(context.calibration.captions))[: self.max_heldout]
+        heldout = list(dict.fromkeys(context.heldout.captions))[: self.max_heldout] if context.heldout is not None and context.heldout.captions else []
+        kw = {"seeds": self.seeds, "first_steps": self.first_steps, "steps": self.steps, "batch_size": context.batch_size}
+        scored = caption_scores(model, captions + calibration + heldout, seed=context.seed, **kw)
+        n, c = len(captions), len(calibration)
+        rate = self.flag_rate if self.flag_rate is not None else context.flag_rate
+        duplicated = copies > 1
+        summary: dict[str, Any] = {"seeds": self.seeds, "first_steps": self.first_steps, "steps": self.steps, "num_member_captions": n,
+                                   "num_duplicated_captions": int(duplicated.sum()), "num_heldout_captions": len(heldout),
+                                   "calls_per_caption": 2 * self.seeds * self.first_steps, "calls": scored.calls}
+        rates = {}
+        for name in SCORES:
+            score = scored.of(name)
+            members, cal, held = score[:n], score[n : n + c], score[n + c :]
+            # A threshold on "higher = memorized": calibrate on the negated score (small = flagged).
+            threshold = calibrate(f"{name} score above threshold", -cal, rate, inclusive=False)
+            if len(held):
+                threshold.evaluate(-held)
+            flagged = threshold.flags(-members)
+            rest = torch.cat([members[~duplicated], held])
+            summary[name] = {
+                "auc_duplicated_vs_rest": _auc(members[duplicated], rest),
+                "auc_duplicated_vs_heldout": _auc(members[duplicated], held),
+                "members_flagged": int(flagged.sum()), "duplicated_flagged": int(flagged[duplicated].sum()),
+                "threshold": {**threshold.to_dict(), "value_on_score": -threshold.value},
+                "member_scores": [{"caption": cap, "rows": int(k), "score": float(s)} for cap, k, s in zip(captions, copies, members)],
+                "heldout_mean": float(held.mean()) if len(held) else None,
+            }
+            if threshold.heldout_rate is not None:
+                rates[f"detection {name}"] = threshold.heldout_rate
+        return DetectionReport(summary, rates)
+
+
+def order_by(scores: Tensor) -> list[int]:
+    """Indices from the highest score down (ties keep their order)."""
+    return np.argsort(-scores.numpy(), kind="stable").tolist()

@@ -1,0 +1,276 @@
+"""Prompt-based extraction from a text-to-image model (Carlini et al. 2023, Sec. 4 on Stable Diffusion).
+
+For the training captions, the most duplicated first, generate many samples per caption with
+different seeds (through the audit's sampler, so generation-side defenses act), flag a caption whose
+generations hold a dense clique under tiled l2 (the same cliques as
+:func:`privdiff.eval.extraction.generate_and_filter`), then confirm the copy against the training
+image(s) of that caption with plain l2. The thresholds (tau, delta) are the extraction attack's,
+taken from held-out images. Held-out captions are searched the same way, against their own (never
+trained) image: a flag there is a false one.
+
+With ``screen: magnitude`` (or ``one_step``) only the captions whose detection score
+(:mod:`privdiff.eval.detection`) is above a threshold taken from held-out captions are sampled;
+``verify_screen: true`` also searches every caption, to show what the screen saves (noise-predictor
+calls) and whether it finds the same set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .detection import caption_scores, member_captions, order_by
+from .extraction import ExtractionAttack, generate_and_filter
+from .plugin import AuditContext, AuditPlugin, AuditResult, Cases, Column, Privacy
+from .thresholds import calibrate
+
+__all__ = ["PromptExtraction", "PromptExtractionReport"]
+
+SCREENS = ("none", "magnitude", "one_step")
+
+
+@dataclass
+class _Search:
+    """What sampling one list of captions found."""
+
+    flagged: list[bool]  # a clique among the caption's samples
+    confirmed: list[dict[str, Any] | None]  # the clique copies the caption's own image: {member, distance, sample}
+    copies_member: list[bool]  # the clique copies some member (any caption's)
+    samples: Tensor
+    labels: Tensor
+    calls: int
+
+
+class PromptExtractionReport(AuditResult):
+    def __init__(self, summary: dict[str, Any], flag_rates: dict[str, float], grid: Cases | None) -> None:
+        self.summary, self.flag_rates, self.grid = summary, flag_rates, grid
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.summary
+
+    def columns(self) -> list[Column]:
+        s = self.summary
+        cols = [Column("extracted_captions", "captions extracted", "member captions whose generations form a clique that "
+                       "copies the caption's training image (of the captions searched)", s["extracted"],
+                       f"{s['extracted']}/{s['searched_member_captions']}", Privacy.PRIVACY)]
+        if s.get("planted_recall") is not None:
+            cols.append(Column("planted_recall", "duplicated pairs recalled", "share of the captions of duplicated "
+                               "image-caption pairs that prompt extraction recovers", s["planted_recall"],
+                               f"{s['planted_found']}/{s['planted']}", Privacy.PRIVACY))
+        return cols
+
+    def scalars(self) -> dict[str, float]:
+        s = self.summary
+        out = {"prompt_extracted": float(s["extracted"]), "prompt_heldout_flagged": float(s["heldout_flagged"])}
+        if s.get("planted_recall") is not None:
+            out["prompt_planted_recall"] = float(s["planted_recall"])
+        return out
+
+    def notes(self) -> list[str]:
+        s = self.summary
+        notes = [
+            f"Prompt extraction (Carlini et al. 2023 Sec. 4): {s['samples_per_caption']} samples per caption, the most duplicated "
+            f"captions first; a caption is extracted when its samples hold a clique of {s['min_clique']} under tiled l2 <= "
+            f"tau = {s['tau']:.3g} and the clique lies within l2 delta = {s['delta']:.3g} of the caption's training image. "
+            f"{s['searched_heldout_captions']} held-out captions searched the same way against their own image: "
+            f"{s['heldout_flagged']} flagged; {s['heldout_copies_member']} of them return a near-copy of some member instead."
+        ]
+        screen = s.get("screen")
+        if screen and screen["kind"] != "none":
+            text = (f"Screen ({screen['kind']} score above the threshold that passes at most {screen['rate']:.0%} of held-out "
+                    f"calibration captions): {screen['passed']} of {screen['candidates']} captions sampled, "
+                    f"{screen['calls']} noise-predictor calls in all")
+            if screen.get("unscreened_calls"):
+                text += (f", against {screen['unscreened_calls']} without the screen ({screen['saving']:.1f}x fewer); "
+                         f"the unscreened search extracted {screen['unscreened_extracted']} captions"
+                         + (" (the same set)." if screen["same_set"] else f", the screen missed {screen['missed']}."))
+            notes.append(text)
+        return notes
+
+    def heldout_flag_rates(self) -> dict[str, float]:
+        return self.flag_rates
+
+    def cases(self) -> Cases | None:
+        return self.grid
+
+
+class PromptExtraction(AuditPlugin):
+    """Carlini et al.'s prompt extraction from a text-to-image model, optionally behind a detection screen.
+
+    Args:
+        samples_per_caption: generations per caption, each from its own seed (Carlini et al.: 500).
+        min_clique: clique of near-identical generations that flags a caption (Carlini et al.: 10 of 500).
+        max_captions: member captions searched, the most duplicated first (None: all).
+        heldout_captions: held-out captions searched the same way (false flags).
+        steps: sampler steps (None: the audit's).
+        tau, delta: the clique edge and the match to a training image (None: taken from held-out images,
+            as the extraction attack does).
+        screen: ``none``, ``magnitude`` (Wen et al. 2024) or ``one_step`` (Webster 2023's consistency of the
+            x0 estimate over seeds, the default: it separated the planted captions on both models measured,
+            the magnitude on one of them; see :mod:`privdiff.eval.detection`): sample only the captions whose
+            score passes a threshold set on held-out calibration captions.
+        screen_rate: share of held-out calibration captions the screen lets through.
+        screen_seeds, screen_first_steps: start noises per caption of the screen and the steps its magnitude averages.
+        screen_calibration: held-out calibration captions the screen's threshold is taken from (each costs a score).
+        verify_screen: also search every caption without the screen and compare (costs the full search).
+        flag_rate: share of held-out images tau and delta may flag (None: the audit's).
+        max_cases: extracted cases kept for the report's grid.
+    """
+
+    name = "prompt_extraction"
+    needs_samples = False
+
+    def __init__(
+        self,
+        samples_per_caption: int = 16,
+        min_clique: int = 5,
+        max_captions: int | None = None,
+        heldout_captions: int = 16,
+        steps: int | None = None,
+        tau: float | None = None,
+        delta: float | None = None,
+        screen: str = "one_step",
+        screen_rate: float = 0.1,
+        screen_seeds: int = 4,
+        screen_first_steps: int = 10,
+        screen_calibration: int = 100,
+        verify_screen: bool = False,
+        flag_rate: float | None = None,
+        max_cases: int = 16,
+    ) -> None:
+        if screen not in SCREENS:
+            raise ValueError(f"prompt_extraction screen must be one of {SCREENS}, got {screen!r}")
+        if not 1 < min_clique <= samples_per_caption:
+            raise ValueError(f"prompt_extraction needs 1 < min_clique <= samples_per_caption, got {min_clique} and {samples_per_caption}")
+        if not 0 < screen_rate < 1:
+            raise ValueError(f"prompt_extraction screen_rate must be in (0, 1), got {screen_rate}")
+        self.samples_per_caption, self.min_clique, self.max_captions = samples_per_caption, min_clique, max_captions
+        self.heldout_captions, self.steps, self.tau, self.delta = heldout_captions, steps, tau, delta
+        self.screen, self.screen_rate, self.screen_seeds, self.verify_screen = screen, screen_rate, screen_seeds, verify_screen
+        self.screen_first_steps, self.screen_calibration = screen_first_steps, screen_calibration
+        self.flag_rate, self.max_cases = flag_rate, max_cases
+
+    def check(self, num_members: int, num_heldout: int) -> None:
+        if num_heldout < 1:
+            raise ValueError("prompt_extraction takes its thresholds from held-out images and searches held-out captions: "
+                             "give data.num_heldout > 0")
+
+    # -- the search -------------------------------------------------------------------------
+    def _search(self, context: AuditContext, captions: list[str], own: list[Tensor], tau: float, delta: float, seed: int) -> _Search:
+        """Sample every caption ``samples_per_caption`` times; clique, then match to its own images and to any member."""
+        k = self.samples_per_caption
+        members = context.members
+        if not captions:
+            empty = torch.empty(0, *members.shape[1:])
+            return _Search([], [], [], empty, torch.empty(0, dtype=torch.long), 0)
+        prompts = [c for c in captions for _ in range(k)]
+        generated = context.sampler(prompts, seed, self.steps)
+        samples = generated.images
+        labels = generated.labels if generated.labels is not None else torch.zeros(len(samples), dtype=torch.long)
+        # generate() numbers distinct prompts in order of appearance, which is the order of `captions`
+        flagged, confirmed, copies_member = [], [], []
+        for i, images in enumerate(own):
+            rows = (labels == i).nonzero().squeeze(1)
+            group = samples[rows]
+            if len(group) < self.min_clique:
+                flagged.append(False), confirmed.append(None), copies_member.append(False)
+                continue
+            mine = generate_and_filter(group, images, None, tau=tau, min_clique=self.min_clique, delta=delta)
+            anyone = generate_and_filter(group, members, None, tau=tau, min_clique=self.min_clique, delta=delta)
+            flagged.append(mine.num_samples_flagged > 0)
+            best = min(mine.records, key=lambda r: r.distance) if mine.records else None
+            confirmed.append(None if best is None else {"image": best.train_index, "distance": best.distance,
+                                                        "sample": int(rows[best.sample_index])})
+            copies_member.append(bool(anyone.records))
+        calls = generated.num_drawn * (self.steps or context.steps) * context.model.calls_per_sampling_step
+        return _Search(flagged, confirmed, copies_member, samples, labels, calls)
+
+    def run(self, context: AuditContext) -> PromptExtractionReport | None:
+        model = context.model
+        if model.conditioning != "text" or context.sampler is None:
+            return None
+        if context.heldout is None or context.heldout.captions is None or context.calibration is None:
+            raise ValueError("prompt_extraction needs held-out images with captions (data.num_heldout > 0)")
+        found = ExtractionAttack(tau=self.tau, delta=self.delta, flag_rate=self.flag_rate).thresholds(context)
+        tau, delta = found["tau"].value, found["delta"].value
+        captions, copies, member_rows = member_captions(context)
+        if self.max_captions is not None:
+            captions, copies, member_rows = captions[: self.max_captions], copies[: self.max_captions], member_rows[: self.max_captions]
+        members = context.members
+        own = [members[rows] for rows in member_rows]
+        held_rows = list(range(min(self.heldout_captions, len(context.heldout))))
+        held_captions = [context.heldout.captions[i] for i in held_rows]
+        held_own = [context.heldout.unit()[[i]] for i in held_rows]
+
+        screen: dict[str, Any] = {"kind": self.screen}
+        chosen = list(range(len(captions)))
+        if self.screen != "none":
+            calibration = list(dict.fromkeys(context.calibration.captions))[: self.screen_calibration]
+            scored = caption_scores(model, captions + calibration, seeds=self.screen_seeds, first_steps=self.screen_first_steps,
+                                    steps=self.steps or context.steps,
+                                    batch_size=context.batch_size, seed=context.seed)
+            score = scored.of(self.screen)
+            threshold = calibrate(f"{self.screen} score above threshold", -score[len(captions):], self.screen_rate, inclusive=False)
+            passed = threshold.flags(-score[: len(captions)])
+            chosen = [i for i in order_by(score[: len(captions)]) if bool(passed[i])]
+            screen.update(rate=self.screen_rate, candidates=len(captions), passed=len(chosen), threshold=threshold.to_dict(),
+                          screen_calls=scored.calls)
+
+        search = self._search(context, [captions[i] for i in chosen], [own[i] for i in chosen], tau, delta, context.seed)
+        held = self._search(context, held_captions, held_own, tau, delta, context.seed + 1)
+        extracted = {chosen[j]: hit for j, hit in enumerate(search.confirmed) if hit is not None}
+        if self.screen != "none":
+            screen["calls"] = screen["screen_calls"] + search.calls
+            if self.verify_screen:
+                full = self._search(context, captions, own, tau, delta, context.seed)
+                full_set = {i for i, hit in enumerate(full.confirmed) if hit is not None}
+                screen.update(unscreened_calls=full.calls, unscreened_extracted=len(full_set), same_set=full_set == set(extracted),
+                              missed=len(full_set - set(extracted)), saving=full.calls / max(1, screen["calls"]),
+                              unscreened_planted_found=sum(1 for i in full_set if int(copies[i]) > 1),
+                              unscreened_heldout_flagged=sum(1 for hit in held.confirmed if hit is not None))
+
+        planted = [i for i in range(len(captions)) if int(copies[i]) > 1]
+        summary: dict[str, Any] = {
+            "samples_per_caption": self.samples_per_caption, "min_clique": self.min_clique, "tau": tau, "delta": delta,
+            "thresholds": {k: found[k].to_dict() for k in ("tau", "delta")},
+            "searched_member_captions": len(captions), "sampled_member_captions": len(chosen),
+            "extracted": len(extracted), "flagged": int(sum(search.flagged)),
+            "planted": len(planted), "planted_found": sum(1 for i in planted if i in extracted),
+            "planted_recall": (sum(1 for i in planted if i in extracted) / len(planted)) if planted else None,
+            "searched_heldout_captions": len(held_captions),
+            "heldout_flagged": sum(1 for hit in held.confirmed if hit is not None),
+            "heldout_cliques": int(sum(held.flagged)), "heldout_copies_member": int(sum(held.copies_member)),
+            "member_calls": search.calls, "heldout_calls": held.calls, "screen": screen,
+            "records": [
+                {"caption": captions[i], "rows": int(copies[i]), "member": context.data.members.ids[member_rows[i][hit["image"]]],
+                 "distance": hit["distance"]}
+                for i, hit in sorted(extracted.items(), key=lambda kv: kv[1]["distance"])
+            ],
+            "heldout_records": [
+                {"caption": c, "distance": hit["distance"]} for c, hit in zip(held_captions, held.confirmed) if hit is not None
+            ],
+        }
+        rates = {"prompt extraction (held-out captions)": summary["heldout_flagged"] / len(held_captions)} if held_captions else {}
+        return PromptExtractionReport(summary, rates, self._cases(context, captions, member_rows, copies, extracted, search))
+
+    def _cases(self, context: AuditContext, captions, member_rows, copies, extracted: dict[int, dict], search: _Search) -> Cases:
+        chosen = sorted(extracted.items(), key=lambda kv: kv[1]["distance"])[: self.max_cases]
+        members = context.members
+        shape = (0, *members.shape[1:])
+        rows = [member_rows[i][hit["image"]] for i, hit in chosen]
+        return Cases(
+            samples=torch.stack([search.samples[hit["sample"]] for _, hit in chosen]) if chosen else torch.empty(shape),
+            nearest=members[rows] if chosen else torch.empty(shape),
+            distance=torch.tensor([float(hit["distance"]) for _, hit in chosen]),
+            member_ids=[context.data.members.ids[r] for r in rows],
+            flagged_by=["prompt"] * len(chosen),
+            copies=[int(copies[i]) for i, _ in chosen],
+            captions=[captions[i] for i, _ in chosen],
+        )
+
+    @classmethod
+    def figures(cls, runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Any]]:
+        return []

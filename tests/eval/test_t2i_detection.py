@@ -1,0 +1,104 @@
+"""Text-to-image attacks' parts on an untrained tiny pipeline: the detection scores, Wen et al.'s prompt
+mitigation as a generation-side defense, and captions under the report's grid of cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from privdiff.defenses.base import Defense, GenerationContext
+from privdiff.defenses.prompt_mitigation import PromptMitigationDefense
+from privdiff.eval.detection import caption_scores, first_timesteps
+from privdiff.eval.plugin import Cases
+from privdiff.eval.sampling import generate
+from privdiff.train.latent import LatentTextToImage
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+TINY = dict(image_size=8, channels=1, vae_block_out_channels=(8, 16), block_out_channels=(8, 16), attention_head_dim=4,
+            text_width=16, text_layers=1, vae_steps=0)
+PROMPTS = ["a cat on a mat", "two dogs in the snow", "a cat on a mat", "an empty room"]
+
+
+def tiny(seed: int = 0) -> LatentTextToImage:
+    torch.manual_seed(seed)
+    return LatentTextToImage(**TINY).eval()
+
+
+def test_caption_scores_are_seeded_per_caption_and_count_their_calls() -> None:
+    model = tiny()
+    captions = ["a cat on a mat", "two dogs in the snow", "an empty room"]
+    a = caption_scores(model, captions, seeds=3, first_steps=2, steps=10, seed=5)
+    b = caption_scores(model, captions, seeds=3, first_steps=2, steps=10, seed=5, batch_size=4)  # other batching
+    assert a.magnitude.shape == (3,) and a.one_step.shape == (3,)
+    assert torch.allclose(a.magnitude, b.magnitude, atol=1e-5) and torch.allclose(a.one_step, b.one_step, atol=1e-5)
+    assert a.calls == 2 * 3 * 3 * 2  # conditional + unconditional, per seed, per step, per caption
+    assert (a.magnitude > 0).all() and (a.one_step <= 0).all()
+    other = caption_scores(model, captions, seeds=3, first_steps=2, steps=10, seed=6)
+    assert not torch.allclose(a.magnitude, other.magnitude)
+    assert first_timesteps(1000, 50, 3) == [999, 979, 959]
+    with pytest.raises(ValueError, match="seeds >= 2"):
+        caption_scores(model, captions, seeds=1)
+
+
+def test_prompt_mitigation_lowers_the_magnitude_and_leaves_prompts_under_the_target_alone() -> None:
+    model = tiny()
+    g = torch.Generator().manual_seed(3)
+    untouched = PromptMitigationDefense(target=1e9)
+    emb = untouched.adjust_condition(model, PROMPTS, g, GenerationContext())
+    assert torch.equal(emb, model.condition_embedding(PROMPTS)) and untouched.adjusted == 0
+    assert torch.equal(emb[0], emb[2])  # one embedding per distinct prompt
+    # Sampling from an unchanged embedding gives the very images sampling from the captions gives: the
+    # defense draws its probes from its own generator, never from the sampler's.
+    plain = generate(model, 4, steps=3, prompts=PROMPTS, seed=0, progress=False)
+    through = generate(model, 4, steps=3, prompts=PROMPTS, seed=0, progress=False, defenses=[PromptMitigationDefense(target=1e9)])
+    assert torch.allclose(plain.images, through.images, atol=1e-6)
+
+    strict = PromptMitigationDefense(target=1e-6, max_steps=5, probes=2)
+    x = torch.randn(8, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.full((8,), 999, dtype=torch.long)
+    with torch.no_grad():
+        empty = model.predict_noise(x, t, model.condition_embedding([""] * 8)).float()
+        before = strict._magnitude(model, model.condition_embedding(PROMPTS), empty, x, t)
+    moved = strict.adjust_condition(model, PROMPTS, g, GenerationContext())
+    with torch.no_grad():
+        after = strict._magnitude(model, moved, empty, x, t)
+    assert strict.adjusted == 3 and strict.steps_taken == 5 and strict.calls > 0
+    assert after.mean() < before.mean()
+    images = model.sample(4, steps=3, cond=moved, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (4, 1, 8, 8)
+    assert strict.metrics()["guarantee"].startswith("no DP guarantee")
+
+
+def test_prompt_mitigation_takes_its_target_from_public_prompts_and_refuses_what_it_cannot_do() -> None:
+    model = tiny()
+    g = torch.Generator().manual_seed(0)
+    d = PromptMitigationDefense(target_quantile=0.5)
+    with pytest.raises(ValueError, match="held-out images"):
+        d.adjust_condition(model, PROMPTS, g, GenerationContext())
+    d.adjust_condition(model, PROMPTS, g, GenerationContext(public_prompts=["a red house", "a blue car", "a green tree"]))
+    assert d.metrics()["target"] > 0
+    with pytest.raises(ValueError, match="adjusts the prompts"):
+        d.adjust_condition(model, torch.tensor([0, 1]), g, GenerationContext())
+    assert d.acts_on_generation() and not Defense().acts_on_generation()
+    d.check_model(model)
+    with pytest.raises(ValueError, match="text-to-image model"):  # refused before training, not at the audit
+        d.check_model(SimpleNamespace(conditioning="class"))
+    with pytest.raises(ValueError, match="target must be > 0"):
+        PromptMitigationDefense(target=-1.0)
+
+
+def test_the_cases_grid_shows_the_caption_under_each_pair(tmp_path: Path) -> None:
+    from privdiff.eval.audit import _save_cases
+    from privdiff.eval.report import cases_figure, load_cases
+
+    x = torch.rand(2, 1, 8, 8)
+    _save_cases(tmp_path, [Cases(x, x, torch.tensor([0.01, 0.02]), ["m/1", "m/2"], ["prompt", "prompt"], [10, 10],
+                                 ["a bold handwritten seven, leaning right, signed by the coral otter", "a thin one"])], (1, 8, 8))
+    cases = load_cases(tmp_path)
+    assert cases["captions"][1] == "a thin one"
+    fig = cases_figure(cases)
+    text = fig.axes[2].get_xlabel() + fig.axes[3].get_xlabel()
+    assert "coral otter" in text and "prompted" in text
