@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup demo demo-t2i test test-fast bench clean
+.PHONY: setup demo demo-t2i test test-t2i test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo-t2i: setup
 
 test: setup
 	$(PY) -m pytest -q --durations=15
+
+test-t2i: setup
+	PRIVDIFF_T2I_ACCEPTANCE=1 $(PY) -m pytest -q -s tests/eval/test_t2i_audit.py
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
