@@ -153,7 +153,8 @@ TOLERANCE = 1e-6
 def _numbers(tree, prefix: str = ""):
     if isinstance(tree, dict):
         for k, v in tree.items():
-            if k not in ("timings_s", "run"):
+            # not audit numbers: timings, and whether the FID classifier came from its cache (the first run trains it)
+            if k not in ("timings_s", "run", "cached"):
                 yield from _numbers(v, f"{prefix}/{k}")
     elif isinstance(tree, list):
         for i, v in enumerate(tree):
