@@ -53,6 +53,7 @@ class PromptMitigationDefense(Defense):
         self.target, self.target_quantile, self.lr, self.max_steps, self.probes = target, target_quantile, lr, max_steps, probes
         self.depth = float(depth)
         self._target: float | None = target
+        self._latent_shape: tuple[int, ...] | None = None
         self.prompts = self.adjusted = self.steps_taken = self.calls = 0
 
     # -- the magnitude ----------------------------------------------------------------------
@@ -64,8 +65,9 @@ class PromptMitigationDefense(Defense):
         return (eps - empty_eps).flatten(1).pow(2).mean(1).sqrt().view(p, self.probes).mean(1)
 
     def _probe(self, model: Any, p: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        latent = model.encode(torch.zeros(1, *model.image_shape, device=model.device)).shape[1:]
-        x = torch.randn((p * self.probes, *latent), generator=generator).to(model.device)
+        if self._latent_shape is None:  # the model's x0 shape, found once by encoding one blank image
+            self._latent_shape = tuple(model.encode(torch.zeros(1, *model.image_shape, device=model.device)).shape[1:])
+        x = torch.randn((p * self.probes, *self._latent_shape), generator=generator).to(model.device)
         # Probes over the first 30% of the trajectory: lowering the magnitude at t = T - 1 alone (Wen et al.'s first
         # step) left the copies of the demo model, which samples without guidance (measured 2026-12-01).
         top = model.num_train_timesteps - 1

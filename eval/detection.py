@@ -131,11 +131,13 @@ def member_captions(context: AuditContext) -> tuple[list[str], Tensor, list[list
 
 
 def _auc(positive: Tensor, negative: Tensor) -> float | None:
-    """ROC AUC of telling ``positive`` scores from ``negative`` (ties count half); None when a side is empty."""
+    """ROC AUC of telling ``positive`` scores from ``negative`` (``mia_stats.auc``); None when a side is empty."""
+    from .mia_stats import auc
+
     if not len(positive) or not len(negative):
         return None
-    p, q = positive.double().unsqueeze(1), negative.double().unsqueeze(0)
-    return float(((p > q).double() + 0.5 * (p == q).double()).mean())
+    scores = torch.cat([positive, negative]).double().numpy()
+    return auc(scores, np.arange(len(scores)) < len(positive))
 
 
 @dataclass
@@ -242,8 +244,3 @@ class MemorizationDetection(AuditPlugin):
             if threshold.heldout_rate is not None:
                 rates[f"detection {name}"] = threshold.heldout_rate
         return DetectionReport(summary, rates)
-
-
-def order_by(scores: Tensor) -> list[int]:
-    """Indices from the highest score down (ties keep their order)."""
-    return np.argsort(-scores.numpy(), kind="stable").tolist()

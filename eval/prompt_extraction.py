@@ -17,12 +17,12 @@ calls) and whether it finds the same set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .detection import caption_scores, member_captions, order_by
+from .detection import caption_scores, member_captions
 from .extraction import ExtractionAttack, generate_and_filter
 from .plugin import AuditContext, AuditPlugin, AuditResult, Cases, Column, Privacy
 from .thresholds import calibrate
@@ -44,9 +44,13 @@ class _Search:
     calls: int
 
 
+@dataclass
 class PromptExtractionReport(AuditResult):
-    def __init__(self, summary: dict[str, Any], flag_rates: dict[str, float], grid: Cases | None) -> None:
-        self.summary, self.flag_rates, self.grid = summary, flag_rates, grid
+    """The search's summary (extracted captions, recall on planted pairs, held-out flags, the screen) and its cases."""
+
+    summary: dict[str, Any]
+    flag_rates: dict[str, float]
+    grid: Cases | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return self.summary
@@ -175,16 +179,15 @@ class PromptExtraction(AuditPlugin):
         for i, images in enumerate(own):
             rows = (labels == i).nonzero().squeeze(1)
             group = samples[rows]
-            if len(group) < self.min_clique:
-                flagged.append(False), confirmed.append(None), copies_member.append(False)
-                continue
-            mine = generate_and_filter(group, images, None, tau=tau, min_clique=self.min_clique, delta=delta)
-            anyone = generate_and_filter(group, members, None, tau=tau, min_clique=self.min_clique, delta=delta)
-            flagged.append(mine.num_samples_flagged > 0)
-            best = min(mine.records, key=lambda r: r.distance) if mine.records else None
+            mine = anyone = None
+            if len(group) >= self.min_clique:
+                mine = generate_and_filter(group, images, None, tau=tau, min_clique=self.min_clique, delta=delta)
+                anyone = generate_and_filter(group, members, None, tau=tau, min_clique=self.min_clique, delta=delta)
+            best = min(mine.records, key=lambda r: r.distance) if mine is not None and mine.records else None
+            flagged.append(mine is not None and mine.num_samples_flagged > 0)
             confirmed.append(None if best is None else {"image": best.train_index, "distance": best.distance,
                                                         "sample": int(rows[best.sample_index])})
-            copies_member.append(bool(anyone.records))
+            copies_member.append(anyone is not None and bool(anyone.records))
         calls = generated.num_drawn * (self.steps or context.steps) * context.model.calls_per_sampling_step
         return _Search(flagged, confirmed, copies_member, samples, labels, calls)
 
@@ -215,7 +218,8 @@ class PromptExtraction(AuditPlugin):
             score = scored.of(self.screen)
             threshold = calibrate(f"{self.screen} score above threshold", -score[len(captions):], self.screen_rate, inclusive=False)
             passed = threshold.flags(-score[: len(captions)])
-            chosen = [i for i in order_by(score[: len(captions)]) if bool(passed[i])]
+            order = torch.argsort(-score[: len(captions)], stable=True).tolist()  # highest score first
+            chosen = [i for i in order if bool(passed[i])]
             screen.update(rate=self.screen_rate, candidates=len(captions), passed=len(chosen), threshold=threshold.to_dict(),
                           screen_calls=scored.calls)
 
@@ -270,7 +274,3 @@ class PromptExtraction(AuditPlugin):
             copies=[int(copies[i]) for i, _ in chosen],
             captions=[captions[i] for i, _ in chosen],
         )
-
-    @classmethod
-    def figures(cls, runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Any]]:
-        return []
