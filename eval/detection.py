@@ -26,6 +26,7 @@ from held-out captions flags.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -56,10 +57,21 @@ class CaptionScores:
     captions: list[str]
     magnitude: Tensor  # (n,) Wen et al.'s noise-difference magnitude
     one_step: Tensor  # (n,) Webster's one-step consistency (minus the spread of the seeds' x0 estimates after first_steps)
-    calls: int  # noise-predictor calls spent (conditional + unconditional, per image)
+    calls: int  # noise-predictor calls the scores cost (conditional + unconditional, per image)
+    calls_spent: int = -1  # of those, spent by this call (the rest came from the audit's cache); -1: all of them
+
+    def __post_init__(self) -> None:
+        if self.calls_spent < 0:
+            self.calls_spent = self.calls
 
     def of(self, name: str) -> Tensor:
         return {"magnitude": self.magnitude, "one_step": self.one_step}[name]
+
+
+def _caption_seed(caption: str, seed: int) -> int:
+    """A caption's own noise seed: its start noises depend on the caption and ``seed`` only, not on what is scored beside it."""
+    digest = hashlib.sha256(f"{seed}\x00{caption}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @torch.no_grad()
@@ -72,22 +84,42 @@ def caption_scores(
     steps: int = 50,
     batch_size: int = 256,
     seed: int = 0,
+    cache: dict[Any, tuple[float, float]] | None = None,
 ) -> CaptionScores:
     """Wen et al.'s magnitude and Webster's one-step consistency of each caption, from ``seeds`` start noises.
 
-    The start noises are drawn from a CPU generator seeded with ``seed``: caption ``i`` gets rows
-    ``i*seeds .. (i+1)*seeds - 1`` of one draw, so a caption's score does not depend on which others
-    are scored with it... except through that draw's order, which is fixed by the caption's position.
+    A caption's start noises come from its own CPU generator, seeded from ``seed`` and the caption
+    text, so its scores depend on nothing else scored with it, and two plugins of one audit that
+    score a caption with the same settings get the same numbers: pass them one ``cache`` (the
+    audit's ``AuditContext.caption_scores``) and a caption scored once is not scored again. ``calls``
+    counts what scoring every caption costs whether or not it came from the cache (what the score
+    costs on its own); ``calls_spent`` what this call spent.
     """
     if model.conditioning != "text":
         raise ValueError("memorization detection compares text-conditional and unconditional noise predictions: it needs a text-to-image model")
     if seeds < 2 or first_steps < 1:
         raise ValueError(f"need seeds >= 2 (the one-step score compares seeds) and first_steps >= 1, got {seeds} and {first_steps}")
     captions = list(captions)
+    cache = {} if cache is None else cache
+    key = (id(model), seeds, first_steps, steps, seed)  # one audit scores one model; id() keeps two models apart
+    todo = list(dict.fromkeys(c for c in captions if (key, c) not in cache))
+    if todo:
+        for caption, scores in zip(todo, _score(model, todo, seeds, first_steps, steps, batch_size, seed)):
+            cache[(key, caption)] = scores
+    magnitude = torch.tensor([cache[(key, c)][0] for c in captions])
+    one_step = torch.tensor([cache[(key, c)][1] for c in captions])
+    per_caption = 2 * seeds * first_steps
+    return CaptionScores(captions, magnitude, one_step, calls=per_caption * len(captions), calls_spent=per_caption * len(todo))
+
+
+def _score(model: DiffusionModel, captions: list[str], seeds: int, first_steps: int, steps: int, batch_size: int,
+           seed: int) -> list[tuple[float, float]]:
+    """(magnitude, one-step consistency) of each caption: the DDIM trajectories of its own start noises."""
     n = len(captions)
     device = model.device
     latent_shape = tuple(model.encode(torch.zeros(1, *model.image_shape, device=device)).shape[1:])
-    noise = torch.randn((n * seeds, *latent_shape), generator=torch.Generator().manual_seed(seed))
+    noise = torch.cat([torch.randn((seeds, *latent_shape), generator=torch.Generator().manual_seed(_caption_seed(c, seed)))
+                       for c in captions])
     abar = model.alphas_cumprod()
     ts = first_timesteps(model.num_train_timesteps, steps, first_steps + 1)
     magnitude = torch.zeros(n * seeds)
@@ -110,7 +142,7 @@ def caption_scores(
     pixels = torch.cat(x0_pixels).view(n, seeds, -1)
     pair = torch.cdist(pixels, pixels) / pixels.shape[-1] ** 0.5  # RMS l2 between the seeds' estimates
     spread = pair.sum((1, 2)) / (seeds * (seeds - 1))
-    return CaptionScores(captions, magnitude.view(n, seeds).mean(1), -spread, calls=2 * n * seeds * first_steps)
+    return list(zip(magnitude.view(n, seeds).mean(1).tolist(), (-spread).tolist()))
 
 
 def member_captions(context: AuditContext) -> tuple[list[str], Tensor, list[list[int]]]:
@@ -216,13 +248,14 @@ class MemorizationDetection(AuditPlugin):
         calibration = list(dict.fromkeys(context.calibration.captions))[: self.max_heldout]
         heldout = list(dict.fromkeys(context.heldout.captions))[: self.max_heldout] if context.heldout is not None and context.heldout.captions else []
         kw = {"seeds": self.seeds, "first_steps": self.first_steps, "steps": self.steps, "batch_size": context.batch_size}
-        scored = caption_scores(model, captions + calibration + heldout, seed=context.seed, **kw)
+        scored = caption_scores(model, captions + calibration + heldout, seed=context.seed, cache=context.caption_scores, **kw)
         n, c = len(captions), len(calibration)
         rate = self.flag_rate if self.flag_rate is not None else context.flag_rate
         duplicated = copies > 1
         summary: dict[str, Any] = {"seeds": self.seeds, "first_steps": self.first_steps, "steps": self.steps, "num_member_captions": n,
                                    "num_duplicated_captions": int(duplicated.sum()), "num_heldout_captions": len(heldout),
-                                   "calls_per_caption": 2 * self.seeds * self.first_steps, "calls": scored.calls}
+                                   "calls_per_caption": 2 * self.seeds * self.first_steps, "calls": scored.calls,
+                                   "calls_spent": scored.calls_spent}
         rates = {}
         for name in SCORES:
             score = scored.of(name)

@@ -74,6 +74,9 @@ class AuditContext:
     # sampler(prompts, seed, steps=None) -> eval.sampling.Generated: more samples through the audit's sampler and the
     # run's generation-side defenses (for attacks that choose their own prompts); None where the audit gives none
     sampler: Callable[..., Any] | None = None
+    # per-caption detection scores already computed in this audit, keyed by scoring settings and caption
+    # (eval.detection.caption_scores): the detection plugin and the prompt-extraction screen share them
+    caption_scores: dict[Any, tuple[float, float]] = field(default_factory=dict)
 
     @cached_property
     def members(self) -> Tensor:

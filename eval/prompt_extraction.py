@@ -57,13 +57,21 @@ class PromptExtractionReport(AuditResult):
 
     def columns(self) -> list[Column]:
         s = self.summary
+        screen = s.get("screen") or {}
+        verified = "unscreened_extracted" in screen  # verify_screen: the full search ran too
+        extracted = f"{s['extracted']}/{s['searched_member_captions']}"
+        if verified:
+            extracted += f" ({screen['unscreened_extracted']} unscreened)"
         cols = [Column("extracted_captions", "captions extracted", "member captions whose generations form a clique that "
-                       "copies the caption's training image (of the captions searched)", s["extracted"],
-                       f"{s['extracted']}/{s['searched_member_captions']}", Privacy.PRIVACY)]
+                       "copies the caption's training image (of the captions searched; in brackets, every caption sampled "
+                       "without the screen)", s["extracted"], extracted, Privacy.PRIVACY)]
         if s.get("planted_recall") is not None:
+            recalled = f"{s['planted_found']}/{s['planted']}"
+            if verified:
+                recalled += f" ({screen['unscreened_planted_found']} unscreened)"
             cols.append(Column("planted_recall", "duplicated pairs recalled", "share of the captions of duplicated "
-                               "image-caption pairs that prompt extraction recovers", s["planted_recall"],
-                               f"{s['planted_found']}/{s['planted']}", Privacy.PRIVACY))
+                               "image-caption pairs that prompt extraction recovers (in brackets: without the screen)",
+                               s["planted_recall"], recalled, Privacy.PRIVACY))
         return cols
 
     def scalars(self) -> dict[str, float]:
@@ -71,6 +79,9 @@ class PromptExtractionReport(AuditResult):
         out = {"prompt_extracted": float(s["extracted"]), "prompt_heldout_flagged": float(s["heldout_flagged"])}
         if s.get("planted_recall") is not None:
             out["prompt_planted_recall"] = float(s["planted_recall"])
+        screen = s.get("screen") or {}
+        if "unscreened_extracted" in screen:
+            out["prompt_unscreened_extracted"] = float(screen["unscreened_extracted"])
         return out
 
     def notes(self) -> list[str]:
@@ -86,7 +97,9 @@ class PromptExtractionReport(AuditResult):
         if screen and screen["kind"] != "none":
             text = (f"Screen ({screen['kind']} score above the threshold that passes at most {screen['rate']:.0%} of held-out "
                     f"calibration captions): {screen['passed']} of {screen['candidates']} captions sampled, "
-                    f"{screen['calls']} noise-predictor calls in all")
+                    f"{screen['calls']} noise-predictor calls in all (the screen's scores counted in full")
+            shared = screen["screen_calls"] - screen.get("screen_calls_spent", screen["screen_calls"])
+            text += f", {shared} of them shared with the detection plugin)" if shared else ")"
             if screen.get("unscreened_calls"):
                 text += (f", against {screen['unscreened_calls']} without the screen ({screen['saving']:.1f}x fewer); "
                          f"the unscreened search extracted {screen['unscreened_extracted']} captions"
@@ -106,7 +119,10 @@ class PromptExtraction(AuditPlugin):
 
     Args:
         samples_per_caption: generations per caption, each from its own seed (Carlini et al.: 500).
-        min_clique: clique of near-identical generations that flags a caption (Carlini et al.: 10 of 500).
+        min_clique: clique of near-identical generations that flags a caption (Carlini et al.: 10 of 500). 3 of 16 by
+            default: on tiny models over-trained on planted pairs a planted caption returned its own image in 3-8 of 16
+            samples (the rest: other planted images), so a clique of 5 missed up to half of them (measured 2026-12-01); the
+            match to the caption's own training image within delta, not the clique, is what keeps false flags down.
         max_captions: member captions searched, the most duplicated first (None: all).
         heldout_captions: held-out captions searched the same way (false flags).
         steps: sampler steps (None: the audit's).
@@ -130,7 +146,7 @@ class PromptExtraction(AuditPlugin):
     def __init__(
         self,
         samples_per_caption: int = 16,
-        min_clique: int = 5,
+        min_clique: int = 3,
         max_captions: int | None = None,
         heldout_captions: int = 16,
         steps: int | None = None,
@@ -214,14 +230,14 @@ class PromptExtraction(AuditPlugin):
             calibration = list(dict.fromkeys(context.calibration.captions))[: self.screen_calibration]
             scored = caption_scores(model, captions + calibration, seeds=self.screen_seeds, first_steps=self.screen_first_steps,
                                     steps=self.steps or context.steps,
-                                    batch_size=context.batch_size, seed=context.seed)
+                                    batch_size=context.batch_size, seed=context.seed, cache=context.caption_scores)
             score = scored.of(self.screen)
             threshold = calibrate(f"{self.screen} score above threshold", -score[len(captions):], self.screen_rate, inclusive=False)
             passed = threshold.flags(-score[: len(captions)])
             order = torch.argsort(-score[: len(captions)], stable=True).tolist()  # highest score first
             chosen = [i for i in order if bool(passed[i])]
             screen.update(rate=self.screen_rate, candidates=len(captions), passed=len(chosen), threshold=threshold.to_dict(),
-                          screen_calls=scored.calls)
+                          screen_calls=scored.calls, screen_calls_spent=scored.calls_spent)
 
         search = self._search(context, [captions[i] for i in chosen], [own[i] for i in chosen], tau, delta, context.seed)
         held = self._search(context, held_captions, held_own, tau, delta, context.seed + 1)

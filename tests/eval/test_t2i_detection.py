@@ -43,6 +43,25 @@ def test_caption_scores_are_seeded_per_caption_and_count_their_calls() -> None:
         caption_scores(model, captions, seeds=1)
 
 
+def test_a_caption_scored_once_in_an_audit_is_not_scored_again_and_scores_the_same_beside_any_other() -> None:
+    model = tiny()
+    cache: dict = {}
+    kw = dict(seeds=3, first_steps=2, steps=10, seed=5)
+    first = caption_scores(model, ["a cat on a mat", "an empty room"], cache=cache, **kw)
+    assert first.calls == first.calls_spent == 2 * 2 * 3 * 2
+    # the detection plugin scored two captions; the screen asks for one of them and a new one
+    second = caption_scores(model, ["an empty room", "two dogs in the snow"], cache=cache, **kw)
+    assert second.calls == 2 * 2 * 3 * 2 and second.calls_spent == 2 * 3 * 2
+    assert second.magnitude[0] == first.magnitude[1] and second.one_step[0] == first.one_step[1]
+    # a caption's noises are its own: scored alone, or among others, it gets the same score
+    alone = caption_scores(model, ["two dogs in the snow"], **kw)
+    assert torch.allclose(alone.magnitude, second.magnitude[1:], atol=1e-5)
+    assert torch.allclose(alone.one_step, second.one_step[1:], atol=1e-5)
+    # other settings are other scores, not cache hits
+    other = caption_scores(model, ["an empty room"], cache=cache, **{**kw, "first_steps": 1})
+    assert other.calls_spent == other.calls == 2 * 3
+
+
 def test_prompt_mitigation_lowers_the_magnitude_and_leaves_prompts_under_the_target_alone() -> None:
     model = tiny()
     g = torch.Generator().manual_seed(3)
