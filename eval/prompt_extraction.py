@@ -242,11 +242,16 @@ class PromptExtraction(AuditPlugin):
         search = self._search(context, [captions[i] for i in chosen], [own[i] for i in chosen], tau, delta, context.seed)
         held = self._search(context, held_captions, held_own, tau, delta, context.seed + 1)
         extracted = {chosen[j]: hit for j, hit in enumerate(search.confirmed) if hit is not None}
+        # What the report's grid and records show: the screened search's finds, or, where every caption was also
+        # searched (verify_screen), everything the full search recovered (the screen's finds are among them).
+        shown, shown_search = extracted, search
         if self.screen != "none":
             screen["calls"] = screen["screen_calls"] + search.calls
             if self.verify_screen:
                 full = self._search(context, captions, own, tau, delta, context.seed)
-                full_set = {i for i, hit in enumerate(full.confirmed) if hit is not None}
+                full_hits = {i: hit for i, hit in enumerate(full.confirmed) if hit is not None}
+                full_set = set(full_hits)
+                shown, shown_search = full_hits, full
                 screen.update(unscreened_calls=full.calls, unscreened_extracted=len(full_set), same_set=full_set == set(extracted),
                               missed=len(full_set - set(extracted)), saving=full.calls / max(1, screen["calls"]),
                               unscreened_planted_found=sum(1 for i in full_set if int(copies[i]) > 1),
@@ -266,15 +271,15 @@ class PromptExtraction(AuditPlugin):
             "member_calls": search.calls, "heldout_calls": held.calls, "screen": screen,
             "records": [
                 {"caption": captions[i], "rows": int(copies[i]), "member": context.data.members.ids[member_rows[i][hit["image"]]],
-                 "distance": hit["distance"]}
-                for i, hit in sorted(extracted.items(), key=lambda kv: kv[1]["distance"])
+                 "distance": hit["distance"], "screened": i in extracted}
+                for i, hit in sorted(shown.items(), key=lambda kv: kv[1]["distance"])
             ],
             "heldout_records": [
                 {"caption": c, "distance": hit["distance"]} for c, hit in zip(held_captions, held.confirmed) if hit is not None
             ],
         }
         rates = {"prompt extraction (held-out captions)": summary["heldout_flagged"] / len(held_captions)} if held_captions else {}
-        return PromptExtractionReport(summary, rates, self._cases(context, captions, member_rows, copies, extracted, search))
+        return PromptExtractionReport(summary, rates, self._cases(context, captions, member_rows, copies, shown, shown_search))
 
     def _cases(self, context: AuditContext, captions, member_rows, copies, extracted: dict[int, dict], search: _Search) -> Cases:
         chosen = sorted(extracted.items(), key=lambda kv: kv[1]["distance"])[: self.max_cases]

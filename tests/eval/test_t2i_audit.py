@@ -90,6 +90,9 @@ def test_prompt_extraction_recalls_the_planted_pairs_and_flags_no_heldout_captio
     # What it recovers are the duplicated pairs.
     assert screen["unscreened_extracted"] == screen["unscreened_planted_found"]
     assert all(r["rows"] == 20 for r in found["records"])
+    # The records (and the report's grid) show every pair the full search recovered, marked if the screen found it too.
+    assert len(found["records"]) == screen["unscreened_extracted"]
+    assert sum(r["screened"] for r in found["records"]) == found["extracted"]
     # The screen samples fewer captions for fewer calls, and what it extracts the full search extracts too.
     assert screen["passed"] < screen["candidates"] and screen["calls"] < screen["unscreened_calls"]
     assert found["extracted"] == screen["unscreened_extracted"] - screen["missed"]
