@@ -14,7 +14,11 @@ Two per-caption scores from the first denoising step(s) of a few seeds:
   estimate divides by sqrt(abar_T) (0.006 on the linear schedule) and amplifies every error of the
   noise prediction: on two tiny models over-trained on planted pairs its AUC was 0.54 and 0.78 at
   the first step, 0.84 and 0.88 after 10 of 50 steps (measured 2026-12-01), where Wen et al.'s
-  magnitude gave 0.95 on one model and 0.55–0.69 on the other.
+  magnitude gave 0.95 on one model and 0.55–0.69 on the other. With each caption's own noise and the
+  first 10 of 25 steps, on two more such models: Webster 0.647 and 0.725, Wen 0.980 and 0.983. Neither
+  score wins everywhere: a tiny model maps a planted caption to a mixture of the planted images (the
+  consistency suffers), and where the planted rows are half of the data it generates them
+  unconditionally too (the magnitude suffers). The plugin reports both.
 
 Both cost ``2 * seeds * first_steps`` noise-predictor calls per caption (conditional and
 unconditional), against ``samples * steps`` for sampling a caption to the end, which is why the

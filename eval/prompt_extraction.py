@@ -129,9 +129,10 @@ class PromptExtraction(AuditPlugin):
         tau, delta: the clique edge and the match to a training image (None: taken from held-out images,
             as the extraction attack does).
         screen: ``none``, ``magnitude`` (Wen et al. 2024) or ``one_step`` (Webster 2023's consistency of the
-            x0 estimate over seeds, the default: it separated the planted captions on both models measured,
-            the magnitude on one of them; see :mod:`privdiff.eval.detection`): sample only the captions whose
-            score passes a threshold set on held-out calibration captions.
+            x0 estimate over seeds, the default): sample only the captions whose score passes a threshold set on
+            held-out calibration captions. Neither score separated the planted captions on every model measured
+            (see :mod:`privdiff.eval.detection`); on the demo's model the one-step screen missed all 4 planted
+            pairs, which is why a screened search should be checked with ``verify_screen``.
         screen_rate: share of held-out calibration captions the screen lets through.
         screen_seeds, screen_first_steps: start noises per caption of the screen and the steps its magnitude averages.
         screen_calibration: held-out calibration captions the screen's threshold is taken from (each costs a score).
