@@ -53,7 +53,6 @@ class PromptMitigationDefense(Defense):
         self.target, self.target_quantile, self.lr, self.max_steps, self.probes = target, target_quantile, lr, max_steps, probes
         self.depth = float(depth)
         self._target: float | None = target
-        self._latent_shape: tuple[int, ...] | None = None
         self.prompts = self.adjusted = self.steps_taken = self.calls = 0
 
     # -- the magnitude ----------------------------------------------------------------------
@@ -65,16 +64,14 @@ class PromptMitigationDefense(Defense):
         return (eps - empty_eps).flatten(1).pow(2).mean(1).sqrt().view(p, self.probes).mean(1)
 
     def _probe(self, model: Any, p: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._latent_shape is None:  # the model's x0 shape, found once by encoding one blank image
-            self._latent_shape = tuple(model.encode(torch.zeros(1, *model.image_shape, device=model.device)).shape[1:])
-        x = torch.randn((p * self.probes, *self._latent_shape), generator=generator).to(model.device)
+        x = torch.randn((p * self.probes, *model.latent_shape), generator=generator).to(model.device)
         # Probes over the first 30% of the trajectory: lowering the magnitude at t = T - 1 alone (Wen et al.'s first
         # step) left the copies of the demo model, which samples without guidance (measured 2026-12-01).
         top = model.num_train_timesteps - 1
         spread = torch.linspace(top, top * (1 - self.depth), self.probes).round().long()
         t = spread.repeat(p).to(model.device)
         with torch.no_grad():
-            empty = model.condition_embedding([""] * len(x))
+            empty = model.condition_embedding([""]).expand(len(x), -1, -1)  # one blank prompt's embedding for every probe
             empty_eps = model.predict_noise(x, t, empty).float()
         self.calls += len(x)
         return x, t, empty_eps

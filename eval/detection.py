@@ -40,7 +40,8 @@ from torch import Tensor
 
 from privdiff.model import DiffusionModel
 
-from .plugin import AuditContext, AuditPlugin, AuditResult, Column, Privacy
+from .mia_stats import auc
+from .plugin import AuditContext, AuditPlugin, Column, Privacy, SummaryResult
 from .thresholds import calibrate
 
 __all__ = ["CaptionScores", "MemorizationDetection", "caption_scores", "first_timesteps", "member_captions"]
@@ -121,8 +122,7 @@ def _score(model: DiffusionModel, captions: list[str], seeds: int, first_steps: 
     """(magnitude, one-step consistency) of each caption: the DDIM trajectories of its own start noises."""
     n = len(captions)
     device = model.device
-    latent_shape = tuple(model.encode(torch.zeros(1, *model.image_shape, device=device)).shape[1:])
-    noise = torch.cat([torch.randn((seeds, *latent_shape), generator=torch.Generator().manual_seed(_caption_seed(c, seed)))
+    noise = torch.cat([torch.randn((seeds, *model.latent_shape), generator=torch.Generator().manual_seed(_caption_seed(c, seed)))
                        for c in captions])
     abar = model.alphas_cumprod()
     ts = first_timesteps(model.num_train_timesteps, steps, first_steps + 1)
@@ -162,14 +162,13 @@ def member_captions(context: AuditContext) -> tuple[list[str], Tensor, list[list
     rows: dict[str, list[int]] = {}
     for i, c in enumerate(captions):
         rows.setdefault(c, []).append(i)
-    ordered = sorted(rows, key=lambda c: (-max(int(copies[i]) for i in rows[c]), captions.index(c)))
-    return ordered, torch.tensor([max(int(copies[i]) for i in rows[c]) for c in ordered]), [rows[c] for c in ordered]
+    top = {c: max(int(copies[i]) for i in members) for c, members in rows.items()}
+    ordered = sorted(rows, key=lambda c: -top[c])  # stable: ties keep the order of first appearance
+    return ordered, torch.tensor([top[c] for c in ordered]), [rows[c] for c in ordered]
 
 
 def _auc(positive: Tensor, negative: Tensor) -> float | None:
     """ROC AUC of telling ``positive`` scores from ``negative`` (``mia_stats.auc``); None when a side is empty."""
-    from .mia_stats import auc
-
     if not len(positive) or not len(negative):
         return None
     scores = torch.cat([positive, negative]).double().numpy()
@@ -177,13 +176,7 @@ def _auc(positive: Tensor, negative: Tensor) -> float | None:
 
 
 @dataclass
-class DetectionReport(AuditResult):
-    summary: dict[str, Any]
-    flag_rates: dict[str, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.summary
-
+class DetectionReport(SummaryResult):
     def columns(self) -> list[Column]:
         s = self.summary
         wen, webster = (s[name]["auc_duplicated_vs_rest"] for name in SCORES)
@@ -201,9 +194,9 @@ class DetectionReport(AuditResult):
     def scalars(self) -> dict[str, float]:
         out = {}
         for name in SCORES:
-            auc = self.summary[name]["auc_duplicated_vs_rest"]
-            if auc is not None:
-                out[f"detection_{name}_auc"] = float(auc)
+            value = self.summary[name]["auc_duplicated_vs_rest"]
+            if value is not None:
+                out[f"detection_{name}_auc"] = float(value)
             out[f"detection_{name}_flagged"] = float(self.summary[name]["members_flagged"])
         return out
 
@@ -217,9 +210,6 @@ class DetectionReport(AuditResult):
             "captions of duplicated training pairs, the ones Carlini et al. 2023 find memorized; a single-copy caption may be "
             "memorized too and then counts against the AUC."
         ]
-
-    def heldout_flag_rates(self) -> dict[str, float]:
-        return self.flag_rates
 
 
 class MemorizationDetection(AuditPlugin):

@@ -35,7 +35,7 @@ from privdiff.shard import Shard, check_shard, gather, rows_of
 
 from privdiff.membership import ImageTable
 
-from .plugin import AuditContext, AuditPlugin, AuditResult, Cases, Column, Privacy
+from .plugin import AuditContext, AuditPlugin, Cases, Column, Privacy, SummaryResult
 from .thresholds import Threshold, calibrate, given
 
 __all__ = ["ExtractionRecord", "ExtractionResult", "calibrated_extraction", "generate_and_filter"]
@@ -399,15 +399,8 @@ def _summary(res: ExtractionResult, ids: list[str]) -> dict[str, Any]:
 
 
 @dataclass
-class ExtractionReport(AuditResult):
+class ExtractionReport(SummaryResult):
     """Both attacks' records, their union by group of near-copies, extraction by copy count, the thresholds and the cases."""
-
-    summary: dict[str, Any]
-    flag_rates: dict[str, float]
-    grid: Cases | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.summary
 
     def columns(self) -> list[Column]:
         union = self.summary["union"]
@@ -429,12 +422,6 @@ class ExtractionReport(AuditResult):
                 "near-identical samples as well, so its extractions are far less exposed to this; look at the cases grid."
             )
         return notes
-
-    def heldout_flag_rates(self) -> dict[str, float]:
-        return self.flag_rates
-
-    def cases(self) -> Cases | None:
-        return self.grid
 
 
 PUBLISHED = {"tau": 0.15, "delta": 0.15, "calibrated_threshold": 1.0}  # Carlini et al. 2023 (CIFAR-10, 50k images)

@@ -19,7 +19,7 @@ from torch import Tensor
 from privdiff.distances import nearest_two
 from privdiff.shard import Shard
 
-from .plugin import AuditContext, AuditPlugin, AuditResult, Column, Privacy
+from .plugin import AuditContext, AuditPlugin, Column, Privacy, SummaryResult
 from .thresholds import calibrate, given
 
 PUBLISHED = 1 / 3  # Gu et al. 2023
@@ -201,14 +201,8 @@ def by_copies(extracted_indices: Sequence[int] | Tensor, copies: Tensor | Sequen
 
 
 @dataclass
-class MemorizationReport(AuditResult):
+class MemorizationReport(SummaryResult):
     """Gu et al. 2023's memorized share of the samples, and how often real held-out images pass the ratio test."""
-
-    summary: dict[str, Any]
-    flag_rates: dict[str, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.summary
 
     def columns(self) -> list[Column]:
         value = self.summary.get("fraction_memorized")
@@ -220,9 +214,6 @@ class MemorizationReport(AuditResult):
 
     def notes(self) -> list[str]:
         return ["NN-ratio: Gu et al. 2023 (nearest member / nearest member of another group below a threshold taken from the held-out images; the paper's is 1/3)."]
-
-    def heldout_flag_rates(self) -> dict[str, float]:
-        return self.flag_rates
 
 
 def grouped_ratio(samples: Tensor, members: Tensor, groups: Tensor, shard: Shard | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -158,6 +158,24 @@ class AuditResult(ABC):
         return None
 
 
+@dataclass
+class SummaryResult(AuditResult):
+    """A result that is its JSON summary, with the held-out flag rate of each criterion and, optionally, cases."""
+
+    summary: dict[str, Any]
+    flag_rates: dict[str, float] = field(default_factory=dict)
+    grid: Cases | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.summary
+
+    def heldout_flag_rates(self) -> dict[str, float]:
+        return self.flag_rates
+
+    def cases(self) -> Cases | None:
+        return self.grid
+
+
 class AuditPlugin(ABC):
     """An attack or metric of the audit. Subclasses set ``name`` (its key in ``audit.json``)."""
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .detection import caption_scores, member_captions
 from .extraction import ExtractionAttack, generate_and_filter
-from .plugin import AuditContext, AuditPlugin, AuditResult, Cases, Column, Privacy
+from .plugin import AuditContext, AuditPlugin, Cases, Column, Privacy, SummaryResult
 from .thresholds import calibrate
 
 __all__ = ["PromptExtraction", "PromptExtractionReport"]
@@ -45,15 +45,8 @@ class _Search:
 
 
 @dataclass
-class PromptExtractionReport(AuditResult):
+class PromptExtractionReport(SummaryResult):
     """The search's summary (extracted captions, recall on planted pairs, held-out flags, the screen) and its cases."""
-
-    summary: dict[str, Any]
-    flag_rates: dict[str, float]
-    grid: Cases | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.summary
 
     def columns(self) -> list[Column]:
         s = self.summary
@@ -106,12 +99,6 @@ class PromptExtractionReport(AuditResult):
                          + (" (the same set)." if screen["same_set"] else f", the screen missed {screen['missed']}."))
             notes.append(text)
         return notes
-
-    def heldout_flag_rates(self) -> dict[str, float]:
-        return self.flag_rates
-
-    def cases(self) -> Cases | None:
-        return self.grid
 
 
 class PromptExtraction(AuditPlugin):
@@ -223,7 +210,8 @@ class PromptExtraction(AuditPlugin):
         own = [members[rows] for rows in member_rows]
         held_rows = list(range(min(self.heldout_captions, len(context.heldout))))
         held_captions = [context.heldout.captions[i] for i in held_rows]
-        held_own = [context.heldout.unit()[[i]] for i in held_rows]
+        held_images = context.heldout.unit()  # converted once, not once per caption
+        held_own = [held_images[[i]] for i in held_rows]
 
         screen: dict[str, Any] = {"kind": self.screen}
         chosen = list(range(len(captions)))
@@ -259,13 +247,14 @@ class PromptExtraction(AuditPlugin):
                               unscreened_heldout_flagged=sum(1 for hit in held.confirmed if hit is not None))
 
         planted = [i for i in range(len(captions)) if int(copies[i]) > 1]
+        planted_found = sum(1 for i in planted if i in extracted)
         summary: dict[str, Any] = {
             "samples_per_caption": self.samples_per_caption, "min_clique": self.min_clique, "tau": tau, "delta": delta,
             "thresholds": {k: found[k].to_dict() for k in ("tau", "delta")},
             "searched_member_captions": len(captions), "sampled_member_captions": len(chosen),
             "extracted": len(extracted), "flagged": int(sum(search.flagged)),
-            "planted": len(planted), "planted_found": sum(1 for i in planted if i in extracted),
-            "planted_recall": (sum(1 for i in planted if i in extracted) / len(planted)) if planted else None,
+            "planted": len(planted), "planted_found": planted_found,
+            "planted_recall": planted_found / len(planted) if planted else None,
             "searched_heldout_captions": len(held_captions),
             "heldout_flagged": sum(1 for hit in held.confirmed if hit is not None),
             "heldout_cliques": int(sum(held.flagged)), "heldout_copies_member": int(sum(held.copies_member)),

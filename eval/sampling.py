@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -103,8 +103,7 @@ def generate(
             cond = [prompts[i] for i in rows.tolist()] if prompts is not None else labels
             gen = torch.Generator().manual_seed(seed * 1_000_003 + batch_index + j)
             if adjusting:
-                cond = stack.adjust_condition(model, cond, gen, GenerationContext(context.reference, labels, context.extra,
-                                                                                   context.public_prompts))
+                cond = stack.adjust_condition(model, cond, gen, replace(context, labels=labels))
             drawn_batches.append((j, model.sample(len(rows), solver, steps, cond, gen).cpu()))
         if shard is not None:
             drawn_batches = sorted((b for share in gather(drawn_batches, shard) for b in share), key=lambda b: b[0])
@@ -113,7 +112,7 @@ def generate(
         for j, images in drawn_batches:
             rows = pending[starts[j] : starts[j] + batch_size]
             labels = class_labels[rows] if class_labels is not None else None
-            batch_context = GenerationContext(context.reference, labels, context.extra, context.public_prompts)
+            batch_context = replace(context, labels=labels)
             keep = stack.keep_mask(images, batch_context).cpu() if filtering else torch.ones(len(rows), dtype=torch.bool)
             kept_images.append(images[keep])
             if labels is not None:

@@ -86,6 +86,11 @@ class DiffusionModel(nn.Module, ABC):
         """(C, H, W) of the pixel images it is trained on and generates."""
 
     @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one x0 the noise predictor works on, what :meth:`encode` gives per image (a pixel model's: the image's)."""
+        return self.image_shape
+
+    @property
     def conditioning(self) -> str | None:
         """What it is conditioned on: ``None``, ``"class"`` (int64 labels) or ``"text"`` (captions)."""
         return None
