@@ -11,7 +11,9 @@ trained) image: a flag there is a false one.
 With ``screen: magnitude`` (or ``one_step``) only the captions whose detection score
 (:mod:`privdiff.eval.detection`) is above a threshold taken from held-out captions are sampled;
 ``verify_screen: true`` also searches every caption, to show what the screen saves (noise-predictor
-calls) and whether it finds the same set.
+calls) and whether it finds the same set. The screened search is then the full search's samples of
+the captions the screen passed, not new ones: the same draws, so what the screen misses is what it
+dropped and not the luck of other draws; its cost is still counted as a screened search alone's.
 """
 
 from __future__ import annotations
@@ -42,6 +44,16 @@ class _Search:
     samples: Tensor
     labels: Tensor
     calls: int
+
+    def restricted(self, keep: list[int]) -> "_Search":
+        """The search of the captions ``keep`` (indices into this one's) on the same samples.
+
+        ``samples`` stay whole, so every confirmed copy's ``sample`` index still points at its image;
+        the calls are this search's per caption (redraws of a generation-side filter included) times the kept captions.
+        """
+        calls = round(self.calls * len(keep) / len(self.flagged)) if self.flagged else 0
+        return _Search([self.flagged[i] for i in keep], [self.confirmed[i] for i in keep], [self.copies_member[i] for i in keep],
+                       self.samples, self.labels, calls)
 
 
 @dataclass
@@ -228,7 +240,10 @@ class PromptExtraction(AuditPlugin):
             screen.update(rate=self.screen_rate, candidates=len(captions), passed=len(chosen), threshold=threshold.to_dict(),
                           screen_calls=scored.calls, screen_calls_spent=scored.calls_spent)
 
-        search = self._search(context, [captions[i] for i in chosen], [own[i] for i in chosen], tau, delta, context.seed)
+        verified = self.screen != "none" and self.verify_screen
+        full = self._search(context, captions, own, tau, delta, context.seed) if verified else None
+        search = full.restricted(chosen) if full is not None else \
+            self._search(context, [captions[i] for i in chosen], [own[i] for i in chosen], tau, delta, context.seed)
         held = self._search(context, held_captions, held_own, tau, delta, context.seed + 1)
         extracted = {chosen[j]: hit for j, hit in enumerate(search.confirmed) if hit is not None}
         # What the report's grid and records show: the screened search's finds, or, where every caption was also
@@ -236,8 +251,7 @@ class PromptExtraction(AuditPlugin):
         shown, shown_search = extracted, search
         if self.screen != "none":
             screen["calls"] = screen["screen_calls"] + search.calls
-            if self.verify_screen:
-                full = self._search(context, captions, own, tau, delta, context.seed)
+            if full is not None:
                 full_hits = {i: hit for i, hit in enumerate(full.confirmed) if hit is not None}
                 full_set = set(full_hits)
                 shown, shown_search = full_hits, full

@@ -15,6 +15,7 @@ and ``<|endoftext|>`` (49408 tokens), as ``open_clip.tokenizer.SimpleTokenizer``
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from privdiff.membership import ImageTable
@@ -32,11 +34,11 @@ from .denoiser import build_scheduler, reverse_process, unwrap
 
 PIPELINE = "StableDiffusionPipeline"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
-MAX_TOKENS = 77
+MAX_TOKENS = 77  # CLIP's context length, Stable Diffusion's
 NON_MEMBERS = "non-member images of the source (neither members nor held out)"
 
 
-def offline_clip_tokenizer(cache_dir: str | Path | None = None):
+def offline_clip_tokenizer(cache_dir: str | Path | None = None, max_tokens: int = MAX_TOKENS):
     """A ``transformers.CLIPTokenizer`` with the real CLIP vocabulary, from open-clip-torch's BPE file (no download)."""
     from open_clip import tokenizer as open_clip_tokenizer
     from transformers import CLIPTokenizer
@@ -50,7 +52,7 @@ def offline_clip_tokenizer(cache_dir: str | Path | None = None):
         folder.mkdir(parents=True, exist_ok=True)
         vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
         merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=MAX_TOKENS)
+    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_tokens)
 
 
 class TextToImageNet(nn.Module):
@@ -66,7 +68,7 @@ class TextToImageNet(nn.Module):
         self.unet, self.text_encoder = unet, text_encoder
 
     def forward(self, x_t: Tensor, t: Tensor, input_ids: Tensor, embedding_noise: float = 0.0) -> Tensor:
-        # token ids (B, 77), or the text encoder's hidden states (B, 77, W) of a prompt a defense adjusted
+        # token ids (B, max_tokens), or the text encoder's hidden states (B, max_tokens, W) of a prompt a defense adjusted
         hidden = input_ids if input_ids.is_floating_point() else self.text_encoder(input_ids)[0]
         if embedding_noise:  # a caption defense's Gaussian noise on the text embedding (Somepalli et al. 2023)
             hidden = hidden + embedding_noise * torch.randn_like(hidden)
@@ -83,6 +85,10 @@ class LatentTextToImage(DiffusionModel):
         latent_channels, vae_block_out_channels: the tiny VAE (it halves the size per extra block).
         block_out_channels, layers_per_block, attention_head_dim: the tiny conditional UNet.
         text_width, text_layers: the tiny CLIP text encoder (the real CLIP tokenizer, offline).
+        max_tokens: the tiny text encoder's context length (CLIP's 77). Every UNet call attends to all of
+            it, so a model of short captions trains and samples faster with fewer (the built-in captions
+            take 17-20 tokens). Longer captions are truncated, as Stable Diffusion truncates at 77;
+            :meth:`prepare` warns before training when a member caption is.
         num_train_timesteps, beta_schedule: the tiny model's noise schedule.
         lora_rank: train LoRA adapters of this rank on the UNet's attention projections (everything
             else frozen); None trains the whole UNet.
@@ -93,7 +99,10 @@ class LatentTextToImage(DiffusionModel):
             guidance (Stable Diffusion: 0.1).
         guidance_scale: classifier-free guidance of sampling (1 = none).
         vae_steps, vae_lr, vae_batch_size: how the tiny VAE learns to reconstruct before training.
-        pretrain_steps, pretrain_lr: non-private pretraining of the tiny UNet and text encoder on public
+        vae_cache: keep the VAE trained on public images in ``$XDG_CACHE_HOME/privdiff/vae``, by content
+            (its initial weights, settings and images), so that runs of the same source, split and seed
+            train it once (false: always train).
+        pretrain_steps, pretrain_lr, pretrain_batch_size: non-private pretraining of the tiny UNet and text encoder on public
             captioned images (neither members nor held out) before the private training: the base that
             a (DP-)LoRA fine-tune starts from (0: none).
     """
@@ -110,6 +119,7 @@ class LatentTextToImage(DiffusionModel):
         attention_head_dim: int = 8,
         text_width: int = 32,
         text_layers: int = 2,
+        max_tokens: int = MAX_TOKENS,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
         lora_rank: int | None = None,
@@ -120,27 +130,34 @@ class LatentTextToImage(DiffusionModel):
         vae_steps: int = 400,
         vae_lr: float = 1e-3,
         vae_batch_size: int = 64,
+        vae_cache: bool = True,
         pretrain_steps: int = 0,
         pretrain_lr: float = 1e-3,
+        pretrain_batch_size: int = 64,
     ) -> None:
         super().__init__()
         if not 0 <= caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        if not 3 <= max_tokens <= MAX_TOKENS:
+            raise ValueError(f"max_tokens must be in [3, {MAX_TOKENS}] (start, a word, end), got {max_tokens}")
         if lora_rank is not None and (lora_rank < 1 or train_text_encoder):
             raise ValueError(f"LoRA needs lora_rank >= 1 and a frozen text encoder, got rank {lora_rank}, train_text_encoder={train_text_encoder}")
         self.caption_dropout, self.guidance_scale = float(caption_dropout), float(guidance_scale)
         self.vae_steps, self.vae_lr, self.vae_batch_size = vae_steps, vae_lr, vae_batch_size
+        self.vae_cache = bool(vae_cache)
         if pretrain_steps < 0 or (pretrain_steps and pretrained is not None):
             raise ValueError(f"pretrain_steps must be >= 0 and is for the tiny model built from config (a pretrained "
                              f"folder is its own base), got {pretrain_steps} with pretrained={pretrained!r}")
-        self.pretrain_steps, self.pretrain_lr = int(pretrain_steps), float(pretrain_lr)
+        if pretrain_batch_size < 1:
+            raise ValueError(f"pretrain_batch_size must be >= 1, got {pretrain_batch_size}")
+        self.pretrain_steps, self.pretrain_lr, self.pretrain_batch_size = int(pretrain_steps), float(pretrain_lr), int(pretrain_batch_size)
         if pretrained is not None:
             vae, unet, text_encoder, tokenizer, scheduler = self._load_parts(Path(pretrained))
             ready = True
         else:
             vae, unet, text_encoder, tokenizer, scheduler = self._build_parts(
                 image_size, channels, latent_channels, vae_block_out_channels, block_out_channels, layers_per_block,
-                attention_head_dim, text_width, text_layers, num_train_timesteps, beta_schedule,
+                attention_head_dim, text_width, text_layers, max_tokens, num_train_timesteps, beta_schedule,
             )
             ready = False
         self._assemble(vae, unet, text_encoder, tokenizer, scheduler, ready)
@@ -163,7 +180,8 @@ class LatentTextToImage(DiffusionModel):
 
     # -- parts -----------------------------------------------------------------------------
     @staticmethod
-    def _build_parts(image_size, channels, latent_channels, vae_blocks, blocks, layers, head_dim, text_width, text_layers, timesteps, schedule):
+    def _build_parts(image_size, channels, latent_channels, vae_blocks, blocks, layers, head_dim, text_width, text_layers, max_tokens,
+                     timesteps, schedule):
         from transformers import CLIPTextConfig, CLIPTextModel
 
         levels = len(vae_blocks)
@@ -183,11 +201,11 @@ class LatentTextToImage(DiffusionModel):
         )
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=49408, hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=text_layers,
-            num_attention_heads=max(1, text_width // 16), max_position_embeddings=MAX_TOKENS,
+            num_attention_heads=max(1, text_width // 16), max_position_embeddings=max_tokens,
         ))
         scheduler = build_scheduler(timesteps, schedule)
         scheduler.register_to_config(clip_sample=False, steps_offset=1)  # latents are not bounded to [-1, 1]; SD's offset
-        return vae, unet, text_encoder, offline_clip_tokenizer(), scheduler
+        return vae, unet, text_encoder, offline_clip_tokenizer(max_tokens=max_tokens), scheduler
 
     @staticmethod
     def _load_parts(folder: Path):
@@ -228,8 +246,8 @@ class LatentTextToImage(DiffusionModel):
         model = cls.__new__(cls)
         DiffusionModel.__init__(model)
         model.caption_dropout, model.guidance_scale, model.lora_rank, model.lora_alpha = 0.0, 1.0, None, None
-        model.vae_steps, model.vae_lr, model.vae_batch_size = 0, 0.0, 1
-        model.pretrain_steps, model.pretrain_lr = 0, 0.0
+        model.vae_steps, model.vae_lr, model.vae_batch_size, model.vae_cache = 0, 0.0, 1, False
+        model.pretrain_steps, model.pretrain_lr, model.pretrain_batch_size = 0, 0.0, 64
         model._assemble(*cls._load_parts(Path(path)), ready=True)
         record = Path(path) / "privdiff_model.json"
         if record.is_file():
@@ -270,6 +288,11 @@ class LatentTextToImage(DiffusionModel):
 
     # -- what it is -------------------------------------------------------------------------
     @property
+    def max_tokens(self) -> int:
+        """The text encoder's context length: captions are padded or truncated to it."""
+        return int(self.tokenizer.model_max_length)
+
+    @property
     def calls_per_sampling_step(self) -> int:
         return 1 if self.guidance_scale == 1.0 else 2
 
@@ -301,7 +324,7 @@ class LatentTextToImage(DiffusionModel):
                 "latent_shape": list(self.latent_shape), "vae": self.vae_record}
 
     # -- the autoencoder --------------------------------------------------------------------
-    def prepare(self, public: ImageTable | None, members: ImageTable) -> dict[str, Any] | None:
+    def prepare(self, public: ImageTable | None, members: ImageTable | None) -> dict[str, Any] | None:
         """Teach the tiny VAE to reconstruct before the diffusion training (nothing for a pretrained one).
 
         It learns from ``public`` images (of the source, neither members nor held out) so that it
@@ -311,11 +334,32 @@ class LatentTextToImage(DiffusionModel):
         of the latents (Stable Diffusion's scaling factor) and returns the record: images, steps,
         reconstruction l2 (Carlini et al.'s, on [0, 1]) on images it did not train on.
         """
+        self._warn_truncated(members)
         if bool(self.vae_ready):
             return self.vae_record or None
         unused = public is not None and len(public) >= 16
         source = NON_MEMBERS if unused else "member images (no other images in the source: outside any DP guarantee)"
-        images = (public if unused else members).unit()
+        table = public if unused else members
+        cache = self._vae_cache_path(table) if unused and self.vae_cache else None
+        if cache is not None and cache.is_file():
+            self.vae_record = self._load_vae(cache)
+        else:
+            self.vae_record = {"trained_on": source, **self._train_vae(table.unit())}
+            if cache is not None:
+                self._save_vae(cache)
+                self.vae_record["cache"] = str(cache)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Under DDP every process trains (or loads) the same autoencoder; rank 0's weights make sure they agree
+            # bit for bit (GPU kernels need not be deterministic).
+            for tensor in [*self.vae.parameters(), self.latent_scale]:
+                torch.distributed.broadcast(tensor.data, src=0)
+        if self.pretrain_steps:
+            self.vae_record["pretrained"] = self._pretrain(public if unused else None)
+        self.vae_ready.fill_(True)
+        return self.vae_record
+
+    def _train_vae(self, images: Tensor) -> dict[str, Any]:
+        """Train the VAE on ``images`` (seeded), set the latent scale; the record without its source."""
         g = torch.Generator().manual_seed(0)
         order = torch.randperm(len(images), generator=g)
         cut = max(1, int(len(images) * 0.9))
@@ -337,17 +381,58 @@ class LatentTextToImage(DiffusionModel):
             self.latent_scale.fill_(float(1.0 / latents.std().clamp(min=1e-6)))
             recon = self.decode(self.encode(check.to(device)))
             l2 = float((recon.cpu() - check).pow(2).flatten(1).mean(1).sqrt().mean())
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Under DDP every process trains the same autoencoder; rank 0's weights make sure they agree
-            # bit for bit (GPU kernels need not be deterministic).
-            for tensor in [*vae.parameters(), self.latent_scale]:
-                torch.distributed.broadcast(tensor.data, src=0)
-        self.vae_record = {"trained_on": source, "num_images": int(cut), "steps": int(self.vae_steps),
-                           "reconstruction_l2": l2, "num_checked": int(len(check)), "latent_scale": float(self.latent_scale)}
-        if self.pretrain_steps:
-            self.vae_record["pretrained"] = self._pretrain(public if unused else None)
-        self.vae_ready.fill_(True)
-        return self.vae_record
+        return {"num_images": int(cut), "steps": int(self.vae_steps), "reconstruction_l2": l2, "num_checked": int(len(check)),
+                "latent_scale": float(self.latent_scale)}
+
+    # The VAE learns from public images only, so every run of the same source, split and model trains the same
+    # one (a comparison's settings, a repeated command): it is kept by content, as the FID classifier is.
+    def _vae_cache_path(self, table: ImageTable) -> Path:
+        digest = hashlib.sha256()
+        # diffusers' private config keys are left out: `_use_default_values` lists a set, in another order per process
+        config = {k: v for k, v in self.vae.config.items() if not k.startswith("_")}
+        digest.update(json.dumps({"version": 1, "vae": config, "steps": self.vae_steps, "lr": self.vae_lr,
+                                  "batch_size": self.vae_batch_size}, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.vae.state_dict().items()):  # the initial weights (the run's seed)
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(table.images.contiguous().numpy().tobytes())
+        home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        return home / "privdiff" / "vae" / f"{digest.hexdigest()[:32]}.safetensors"
+
+    def _save_vae(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")  # several processes may train it at once
+        tensors = {f"vae.{k}": v.detach().cpu().contiguous() for k, v in self.vae.state_dict().items()}
+        save_file({**tensors, "latent_scale": self.latent_scale.detach().cpu().reshape(1)}, str(tmp),
+                  metadata={"privdiff.vae_record": json.dumps(self.vae_record)})
+        tmp.replace(path)
+
+    def _load_vae(self, path: Path) -> dict[str, Any]:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            record = json.loads((f.metadata() or {}).get("privdiff.vae_record", "{}"))
+            self.vae.load_state_dict({k[len("vae."):]: f.get_tensor(k) for k in f.keys() if k.startswith("vae.")})
+            self.latent_scale.fill_(float(f.get_tensor("latent_scale")[0]))
+        self.vae.eval().requires_grad_(False)
+        return {**record, "cache": str(path)}
+
+    def _warn_truncated(self, members: ImageTable | None) -> None:
+        """Warn, before training, when member captions are longer than the text encoder's context."""
+        if members is None or members.captions is None:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(list(members.captions), verbose=False).input_ids]
+        long = [(n, caption) for n, caption in zip(lengths, members.captions) if n > self.max_tokens]
+        if long:
+            n, caption = max(long)
+            rank_zero_warn(
+                f"{len(long)} of {len(lengths)} member captions are longer than the text encoder's {self.max_tokens} tokens "
+                f"and are truncated (the longest has {n}: {caption[:80]!r}); the model sees only their first "
+                f"{self.max_tokens} tokens, so captions that begin alike look alike to it. For the tiny model, raise "
+                f"model.diffusion.init_args.max_tokens (at most {MAX_TOKENS})"
+            )
 
     def _pretrain(self, public: ImageTable | None) -> dict[str, Any]:
         """Train the UNet and text encoder (not the adapters) on public captioned images: the base a DP-LoRA fine-tune starts from.
@@ -373,7 +458,7 @@ class LatentTextToImage(DiffusionModel):
         images = public.unit()
         loss = torch.tensor(float("nan"))
         for _ in range(self.pretrain_steps):
-            rows = torch.randint(0, len(images), (min(64, len(images)),), generator=g)
+            rows = torch.randint(0, len(images), (min(self.pretrain_batch_size, len(images)),), generator=g)
             caps = ["" if float(torch.rand(1, generator=g)) < self.caption_dropout else public.captions[i] for i in rows.tolist()]
             x0 = self.encode(images[rows].to(device))
             t = torch.randint(0, self.num_train_timesteps, (len(rows),), generator=g).to(device)
@@ -391,7 +476,8 @@ class LatentTextToImage(DiffusionModel):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for p in base:
                 torch.distributed.broadcast(p.data, src=0)
-        return {"trained_on": NON_MEMBERS, "num_images": len(images), "steps": int(self.pretrain_steps), "final_loss": float(loss)}
+        return {"trained_on": NON_MEMBERS, "num_images": len(images), "steps": int(self.pretrain_steps),
+                "batch_size": min(self.pretrain_batch_size, len(images)), "final_loss": float(loss)}
 
     # -- between pixels and latents ---------------------------------------------------------
     def encode(self, images: Tensor) -> Tensor:
@@ -403,7 +489,7 @@ class LatentTextToImage(DiffusionModel):
             return self.vae.decode(x0 / self.latent_scale).sample.clamp(-1, 1).add(1).div(2)
 
     def embed_condition(self, cond: Tensor | Sequence[str] | None) -> Tensor | None:
-        """Captions -> CLIP token ids (B, 77), on the model's device; a prompt embedding (B, 77, W) passes unchanged."""
+        """Captions -> CLIP token ids (B, max_tokens), on the model's device; a prompt embedding (B, max_tokens, W) passes unchanged."""
         if cond is None:
             return None
         if isinstance(cond, Tensor) and cond.is_floating_point() and cond.ndim == 3:
@@ -411,11 +497,11 @@ class LatentTextToImage(DiffusionModel):
         if isinstance(cond, Tensor):
             raise ValueError("a text-to-image model is conditioned on captions, got a tensor (class labels?): "
                              "give the data captions (data.caption_column, or data.source: captioned_digits)")
-        ids = self.tokenizer(list(cond), padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(list(cond), padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt").input_ids
         return ids.to(self.device)
 
     def condition_embedding(self, cond: Tensor | Sequence[str] | None) -> Tensor | None:
-        """Captions -> the text encoder's last hidden states (B, 77, W): what the UNet attends to."""
+        """Captions -> the text encoder's last hidden states (B, max_tokens, W): what the UNet attends to."""
         ids = self.embed_condition(cond)
         if ids is None or ids.is_floating_point():
             return ids
@@ -426,7 +512,7 @@ class LatentTextToImage(DiffusionModel):
         return (ids, float(batch.cond_noise)) if batch.cond_noise else ids
 
     def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        """``cond``: token ids (B, 77), or (ids, std of the noise on their embedding) as :meth:`embed_batch_condition` gives."""
+        """``cond``: token ids (B, max_tokens), or (ids, std of the noise on their embedding) as :meth:`embed_batch_condition` gives."""
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         if cond is None:

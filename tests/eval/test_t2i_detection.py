@@ -121,3 +121,15 @@ def test_the_cases_grid_shows_the_caption_under_each_pair(tmp_path: Path) -> Non
     fig = cases_figure(cases)
     text = fig.axes[2].get_xlabel() + fig.axes[3].get_xlabel()
     assert "coral otter" in text and "prompted" in text
+
+
+def test_a_verified_screen_is_the_full_searchs_draws_of_the_captions_it_passed() -> None:
+    from privdiff.eval.prompt_extraction import _Search
+
+    hit = {"image": 0, "distance": 0.03, "sample": 37}
+    full = _Search([True, False, True, False], [hit, None, None, None], [True, False, True, False],
+                   torch.zeros(64, 1, 8, 8), torch.arange(4).repeat_interleave(16), calls=4 * 16 * 25 + 100)  # 100: redraws
+    screened = full.restricted([2, 0])
+    assert screened.flagged == [True, True] and screened.confirmed == [None, hit] and screened.copies_member == [True, True]
+    assert screened.samples is full.samples  # the confirmed copy's sample index still points at its image
+    assert screened.calls == round(full.calls / 2) and full.restricted([]).calls == 0

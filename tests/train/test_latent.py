@@ -4,6 +4,9 @@ fine-tuning a saved Stable Diffusion folder through ``privdiff fit``, and the ex
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -51,6 +54,28 @@ def test_the_offline_tokenizer_is_clips_real_vocabulary() -> None:
     ours = tok(text).input_ids
     assert ours[0] == 49406 and ours[-1] == 49407  # <|startoftext|>, <|endoftext|>
     assert ours == [49406, *oc.SimpleTokenizer().encode(text), 49407]  # the same BPE as CLIP's own tokenizer
+
+
+def test_a_shorter_text_context_pads_to_it_saves_with_it_and_warns_before_training_of_captions_it_truncates(tmp_path) -> None:
+    from privdiff.train.data import load_builtin
+
+    pool = load_builtin("captioned_digits", 8, 1)
+    model = tiny(max_tokens=24)
+    ids = model.embed_condition(["a cat", pool.captions[0]])
+    assert ids.shape == (2, 24) and model.condition_embedding(["a cat"]).shape == (1, 24, 16)
+    x0 = model.encode(pool.unit()[:2])
+    assert model.predict_noise(x0, torch.tensor([5, 500]), ids).shape == x0.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the built-in captions (17-20 tokens) fit in 24
+        model.prepare(None, pool.select(range(32)))
+    short = tiny(max_tokens=12)
+    with pytest.warns(UserWarning, match=r"32 of 32 member captions are longer than the text encoder's 12 tokens.*max_tokens"):
+        short.prepare(None, pool.select(range(32)))
+    model.save_pretrained(tmp_path / "sd")
+    loaded = load_model(tmp_path / "sd")
+    assert loaded.max_tokens == 24 and loaded.embed_condition(["a cat"]).shape == (1, 24)
+    with pytest.raises(ValueError, match="max_tokens must be in"):
+        tiny(max_tokens=100)
 
 
 def break_lora_zero_init(model: LatentTextToImage) -> None:
@@ -129,7 +154,7 @@ def test_public_pretraining_trains_the_base_not_the_adapters_and_lowers_the_loss
 
     pool = load_builtin("captioned_digits", 8, 1)
     public, members = pool.select(range(200, 600)), pool.select(range(32))
-    model = tiny(vae_steps=2, lora_rank=2, pretrain_steps=60)
+    model = tiny(vae_steps=2, lora_rank=2, pretrain_steps=60, pretrain_batch_size=16)
     names = lambda: sorted(n for n, p in model.net.named_parameters() if p.requires_grad)  # noqa: E731
     trainable = names()
     assert trainable and all("lora_" in n for n in trainable)
@@ -140,7 +165,8 @@ def test_public_pretraining_trains_the_base_not_the_adapters_and_lowers_the_loss
     before = float(model.per_example_loss(batch, generator=g()).mean())
     record = model.prepare(public, members)
     after = float(model.per_example_loss(batch, generator=g()).mean())
-    assert record["pretrained"]["steps"] == 60 and record["pretrained"]["trained_on"].startswith("non-member images")
+    assert record["pretrained"]["steps"] == 60 and record["pretrained"]["batch_size"] == 16
+    assert record["pretrained"]["trained_on"].startswith("non-member images")
     assert after < before
     changed = {n for n, p in model.net.named_parameters() if not torch.equal(p, base[n])}
     assert changed and not any("lora_" in n for n in changed)  # the base moved, the adapters did not
@@ -166,6 +192,39 @@ def test_the_tiny_vae_learns_to_reconstruct_from_public_images_before_training()
     assert model.prepare(None, pool) == record  # prepared once: a resume does not train it again
     fallback = tiny(vae_steps=2).prepare(None, pool.select(range(32)))
     assert "member images" in fallback["trained_on"] and "outside any DP guarantee" in fallback["trained_on"]
+    assert "cache" not in fallback  # a VAE trained on members is not kept
+
+
+def test_a_vae_trained_on_public_images_is_kept_by_content_and_reused_only_for_the_same_start(tmp_path, monkeypatch) -> None:
+    from privdiff.train.data import load_builtin
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    pool = load_builtin("captioned_digits", 8, 1)
+    public, members = pool.select(range(200, 400)), pool.select(range(64))
+    first = tiny(seed=4, vae_steps=20)
+    record = first.prepare(public, members)
+    assert len(list((tmp_path / "privdiff" / "vae").glob("*.safetensors"))) == 1
+    again = tiny(seed=4, vae_steps=20)
+    assert again.prepare(public, members) == record and record["cache"].endswith(".safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(first.vae.state_dict().values(), again.vae.state_dict().values()))
+    assert float(again.latent_scale) == float(first.latent_scale)
+    for other in (tiny(seed=5, vae_steps=20), tiny(seed=4, vae_steps=21)):  # another start, other settings: trained anew
+        other.prepare(public, members)
+    other_images = tiny(seed=4, vae_steps=20)
+    other_images.prepare(pool.select(range(400, 600)), members)
+    assert len(list((tmp_path / "privdiff" / "vae").glob("*.safetensors"))) == 4
+    # the key is the same in another process (another hash seed): the settings of a comparison share it
+    script = ("import sys, torch; sys.path.insert(0, %r); from test_latent import tiny; "
+              "from privdiff.train.data import load_builtin; "
+              "print(tiny(seed=4, vae_steps=20)._vae_cache_path(load_builtin('captioned_digits', 8, 1).select(range(200, 400))))"
+              % str(Path(__file__).parent))
+    for hash_seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed}).stdout.strip().splitlines()[-1]
+        assert out == record["cache"]
+    uncached = tiny(seed=4, vae_steps=20, vae_cache=False)
+    assert "cache" not in uncached.prepare(public, members)
+    assert all(torch.equal(a, b) for a, b in zip(first.vae.state_dict().values(), uncached.vae.state_dict().values()))
 
 
 @pytest.fixture(scope="module")
