@@ -48,7 +48,7 @@ def _fit(tmp: Path, name: str, *extra: str) -> dict:
     audit = tmp / "audit.yaml"
     audit.write_text(AUDIT)
     run_dir = tmp / name
-    # The demo's regime (64 members, 4 image-caption pairs planted 20x, 1000 steps of batch 64: each pair seen ~8900
+    # The earlier demo regime (64 members, 4 image-caption pairs planted 20x, 1000 steps of batch 64, 77 tokens: each pair seen ~8900
     # times, each single ~440) on a split of the digits nothing was chosen on: the demo is split 0, min_clique was
     # chosen on splits 0 and 3, this is split 7.
     args = ["fit", "-c", "configs/base.yaml", "-c", "configs/data/captioned_digits.yaml", "-c", "configs/model/t2i_tiny.yaml",

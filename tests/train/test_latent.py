@@ -201,28 +201,27 @@ def test_a_vae_trained_on_public_images_is_kept_by_content_and_reused_only_for_t
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     pool = load_builtin("captioned_digits", 8, 1)
     public, members = pool.select(range(200, 400)), pool.select(range(64))
-    first = tiny(seed=4, vae_steps=20)
+    first = tiny(seed=4, vae_steps=5)
     record = first.prepare(public, members)
     assert len(list((tmp_path / "privdiff" / "vae").glob("*.safetensors"))) == 1
-    again = tiny(seed=4, vae_steps=20)
+    again = tiny(seed=4, vae_steps=5)
     assert again.prepare(public, members) == record and record["cache"].endswith(".safetensors")
     assert all(torch.equal(a, b) for a, b in zip(first.vae.state_dict().values(), again.vae.state_dict().values()))
     assert float(again.latent_scale) == float(first.latent_scale)
-    for other in (tiny(seed=5, vae_steps=20), tiny(seed=4, vae_steps=21)):  # another start, other settings: trained anew
+    for other in (tiny(seed=5, vae_steps=5), tiny(seed=4, vae_steps=6)):  # another start, other settings: trained anew
         other.prepare(public, members)
-    other_images = tiny(seed=4, vae_steps=20)
+    other_images = tiny(seed=4, vae_steps=5)
     other_images.prepare(pool.select(range(400, 600)), members)
     assert len(list((tmp_path / "privdiff" / "vae").glob("*.safetensors"))) == 4
-    # the key is the same in another process (another hash seed): the settings of a comparison share it
+    # the key is the same in another process (another hash seed than this one's): the settings of a comparison share it
     script = ("import sys, torch; sys.path.insert(0, %r); from test_latent import tiny; "
               "from privdiff.train.data import load_builtin; "
-              "print(tiny(seed=4, vae_steps=20)._vae_cache_path(load_builtin('captioned_digits', 8, 1).select(range(200, 400))))"
+              "print(tiny(seed=4, vae_steps=5)._vae_cache_path(load_builtin('captioned_digits', 8, 1).select(range(200, 400))))"
               % str(Path(__file__).parent))
-    for hash_seed in ("1", "2"):
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                             env={**os.environ, "PYTHONHASHSEED": hash_seed}).stdout.strip().splitlines()[-1]
-        assert out == record["cache"]
-    uncached = tiny(seed=4, vae_steps=20, vae_cache=False)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "1"}).stdout.strip().splitlines()[-1]
+    assert out == record["cache"]
+    uncached = tiny(seed=4, vae_steps=5, vae_cache=False)
     assert "cache" not in uncached.prepare(public, members)
     assert all(torch.equal(a, b) for a, b in zip(first.vae.state_dict().values(), uncached.vae.state_dict().values()))
 
