@@ -34,7 +34,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
-from privdiff.weights import cached_or_downloaded, load_checked_weights
+from privdiff.weights import cached_or_downloaded, load_checked_weights, privdiff_cache
 
 from .plugin import AuditContext, AuditPlugin, AuditResult, Column, Privacy
 
@@ -427,9 +427,7 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3, block: int = 1024) 
 
 
 def _cache_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "privdiff" / "feature_classifiers"
+    return privdiff_cache("feature_classifiers")
 
 
 def cached_feature_classifier(

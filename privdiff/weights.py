@@ -20,6 +20,13 @@ import torch
 __all__ = ["cached_or_downloaded", "hash_prefix", "load_checked_weights"]
 
 
+def privdiff_cache(kind: str) -> Path:
+    """The folder where privdiff keeps what it trains or builds once (``$XDG_CACHE_HOME/privdiff/<kind>``)."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "privdiff" / kind
+
+
 def hash_prefix(url: str) -> str:
     """The SHA-256 prefix in a published weight file's name: ``.../NAME-<prefix>.pth`` -> ``<prefix>``."""
     return url.rsplit("/", 1)[-1].rsplit("-", 1)[-1].split(".", 1)[0]

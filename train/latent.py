@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from privdiff.membership import ImageTable
 from privdiff.model import Batch, DiffusionModel
-from privdiff.weights import require_safetensors
+from privdiff.weights import privdiff_cache, require_safetensors
 
 from .denoiser import build_scheduler, reverse_process, unwrap
 
@@ -43,7 +43,7 @@ def offline_clip_tokenizer(cache_dir: str | Path | None = None, max_tokens: int 
     from open_clip import tokenizer as open_clip_tokenizer
     from transformers import CLIPTokenizer
 
-    folder = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "privdiff" / "clip_tokenizer"
+    folder = Path(cache_dir) if cache_dir else privdiff_cache("clip_tokenizer")
     vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
     if not (vocab_file.is_file() and merges_file.is_file()):
         merges = gzip.open(open_clip_tokenizer.default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
@@ -396,8 +396,7 @@ class LatentTextToImage(DiffusionModel):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         digest.update(table.images.contiguous().numpy().tobytes())
-        home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        return home / "privdiff" / "vae" / f"{digest.hexdigest()[:32]}.safetensors"
+        return privdiff_cache("vae") / f"{digest.hexdigest()[:32]}.safetensors"
 
     def _save_vae(self, path: Path) -> None:
         from safetensors.torch import save_file
