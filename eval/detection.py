@@ -202,14 +202,28 @@ class DetectionReport(SummaryResult):
 
     def notes(self) -> list[str]:
         s = self.summary
-        return [
+        notes = [
             f"Detection: Webster 2023's one-step consistency (the same x0 estimate whatever the seed, taken after the first "
             f"{s['first_steps']} of {s['steps']} steps) and Wen et al. 2024's magnitude of the text-conditional minus "
             f"unconditional noise prediction over those steps, from {s['seeds']} seeds per caption ({s['calls_per_caption']} "
             f"noise-predictor calls per caption). Threshold: {s['one_step']['threshold']['description']}. Positives are the "
             "captions of duplicated training pairs, the ones Carlini et al. 2023 find memorized; a single-copy caption may be "
-            "memorized too and then counts against the AUC."
+            "memorized too and then counts against the AUC.",
         ]
+        if s.get("num_duplicated_captions") and s.get("training_rows"):
+            text = (f"Both scores compare each caption with the empty prompt and assume what web-scale data has: the duplicated "
+                    f"images are a small share of the training rows (here {s['duplicated_rows']} of {s['training_rows']}, "
+                    f"{s['duplicated_rows'] / s['training_rows']:.0%}), so the model does not generate them unprompted")
+            u = s.get("unconditional")
+            if u:
+                text += (f". Of {u['samples']} samples for the empty prompt, {u['copy_duplicated']} "
+                         f"({u['copy_duplicated'] / u['samples']:.0%}) copy a duplicated member (l2 <= delta = {u['delta']:.3g})")
+                if u["copy_duplicated"]:
+                    text += (": the unconditional prediction is drawn toward those images too, which shrinks their magnitude "
+                             "(on the models measured, the more such copies, the lower Wen et al.'s AUC; under 0.5 can come "
+                             "from that)")
+            notes.append(text + ". Prompt extraction without the screen rests on neither premise.")
+        return notes
 
 
 class MemorizationDetection(AuditPlugin):
@@ -219,20 +233,24 @@ class MemorizationDetection(AuditPlugin):
         seeds: start noises per caption.
         first_steps: steps of the trajectory the magnitude averages over (Wen et al. average the first steps; on the
             1000-step demo model the first step alone gave AUC 0.95, steps 1-10 0.99 at step 10).
-        steps: the sampler's step count the timesteps are spaced for.
+        steps: the sampler's step count the timesteps are spaced for (and the unconditional samples' steps).
         max_heldout: held-out captions scored, of the calibration images (the threshold) and of the others (its
             false-flag rate) each.
         flag_rate: share of held-out calibration captions the thresholds may flag (None: the audit's).
+        unconditional_samples: samples drawn for the empty prompt, through the audit's sampler, to check both scores'
+            premise: that the model does not generate the duplicated images unprompted (0: not checked).
     """
 
     name = "detection"
     needs_samples = False
 
     def __init__(self, seeds: int = 4, first_steps: int = 10, steps: int = 50, max_heldout: int = 100,
-                 flag_rate: float | None = None) -> None:
-        if seeds < 2 or first_steps < 1 or max_heldout < 1:
-            raise ValueError(f"detection needs seeds >= 2, first_steps >= 1 and max_heldout >= 1, got {seeds}, {first_steps}, {max_heldout}")
+                 flag_rate: float | None = None, unconditional_samples: int = 64) -> None:
+        if seeds < 2 or first_steps < 1 or max_heldout < 1 or unconditional_samples < 0:
+            raise ValueError(f"detection needs seeds >= 2, first_steps >= 1, max_heldout >= 1 and unconditional_samples >= 0, "
+                             f"got {seeds}, {first_steps}, {max_heldout}, {unconditional_samples}")
         self.seeds, self.first_steps, self.steps, self.max_heldout, self.flag_rate = seeds, first_steps, steps, max_heldout, flag_rate
+        self.unconditional_samples = unconditional_samples
 
     def run(self, context: AuditContext) -> DetectionReport | None:
         model = context.model
@@ -246,8 +264,11 @@ class MemorizationDetection(AuditPlugin):
         n, c = len(captions), len(calibration)
         rate = self.flag_rate if self.flag_rate is not None else context.flag_rate
         duplicated = copies > 1
+        rows = context.data.copies.long()
+        duplicated_rows = int(rows[context.data.group_copies() > 1].sum())
         summary: dict[str, Any] = {"seeds": self.seeds, "first_steps": self.first_steps, "steps": self.steps, "num_member_captions": n,
                                    "num_duplicated_captions": int(duplicated.sum()), "num_heldout_captions": len(heldout),
+                                   "training_rows": int(rows.sum()), "duplicated_rows": duplicated_rows,
                                    "calls_per_caption": 2 * self.seeds * self.first_steps, "calls": scored.calls,
                                    "calls_spent": scored.calls_spent}
         rates = {}
@@ -270,4 +291,25 @@ class MemorizationDetection(AuditPlugin):
             }
             if threshold.heldout_rate is not None:
                 rates[f"detection {name}"] = threshold.heldout_rate
+        if self.unconditional_samples and context.sampler is not None and bool(duplicated.any()):
+            summary["unconditional"] = self._unconditional(context)
         return DetectionReport(summary, rates)
+
+    def _unconditional(self, context: AuditContext) -> dict[str, Any]:
+        """How many samples for the empty prompt copy a duplicated member (l2 <= the extraction attack's delta).
+
+        Both scores compare a caption with the empty prompt. On three demo models the share of unconditional samples
+        that copied a planted image was 78%, 74% and 33%, and Wen et al.'s AUC 0.35, 0.49 and 0.995 (2026-12-02).
+        """
+        from privdiff.distances import nearest_two
+
+        from .extraction import ExtractionAttack
+
+        delta = ExtractionAttack().thresholds(context)["delta"]  # the audit's flag rate: prompt extraction's delta
+        # its own seed: not the audit's samples nor prompt extraction's (seed, seed + 1)
+        drawn = context.sampler([""] * self.unconditional_samples, seed=context.seed + 3, steps=self.steps).images
+        nearest, _, index = nearest_two(drawn, context.members, shard=context.shard)
+        copies = delta.flags(nearest)
+        duplicated = context.data.group_copies()[index] > 1
+        return {"samples": len(drawn), "copy_duplicated": int((copies & duplicated).sum()), "copy_any": int(copies.sum()),
+                "delta": float(delta.value), "calls": len(drawn) * self.steps}

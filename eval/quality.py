@@ -20,6 +20,7 @@ their own conversion; each carries an integer ``num_features`` so torchmetrics d
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -464,7 +465,8 @@ def cached_feature_classifier(
     record = {"classes": source, "num_classes": int(classes.max()) + 1, "num_train": len(train), "num_test": len(test),
               "test_accuracy": accuracy, "chance_accuracy": float(torch.bincount(classes).max()) / len(classes)}
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # compare's settings audit side by side and may train the same classifier at once: one tmp file each
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
     save_classifier(clf, tmp, extra=record)
     tmp.replace(path)
     return clf, {**record, "cached": False, "cache": str(path)}

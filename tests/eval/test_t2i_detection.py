@@ -133,3 +133,43 @@ def test_a_verified_screen_is_the_full_searchs_draws_of_the_captions_it_passed()
     assert screened.flagged == [True, True] and screened.confirmed == [None, hit] and screened.copies_member == [True, True]
     assert screened.samples is full.samples  # the confirmed copy's sample index still points at its image
     assert screened.calls == round(full.calls / 2) and full.restricted([]).calls == 0
+
+
+def test_the_detection_report_checks_its_premise_that_the_duplicated_images_are_not_generated_unprompted() -> None:
+    from privdiff.eval.detection import MemorizationDetection
+    from privdiff.eval.plugin import AuditContext, AuditData
+    from privdiff.membership import ImageTable
+
+    def table(captions: list[str], prefix: str) -> ImageTable:
+        n = len(captions)
+        return ImageTable(torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8), torch.full((n,), -1),
+                          [f"{prefix}/{i}" for i in range(n)], captions)
+
+    torch.manual_seed(0)
+    members = table(["a cat on a mat", "two dogs in the snow", "an empty room", "a red kite"], "m")
+    calibration, heldout = table(["a blue door", "a tall tree", "a small boat"], "c"), table(["a green hat", "a cold lake"], "h")
+    asked = []
+
+    def sampler(prompts, seed, steps=None):
+        # a model that, unprompted, gives the planted image 3 times, a single member once and a blank image 4 times
+        asked.append((list(prompts), steps))
+        x = members.unit()
+        return SimpleNamespace(images=torch.cat([x[[0, 0, 0, 2]], torch.zeros(4, 1, 8, 8)]))
+
+    def context(copies: torch.Tensor) -> AuditContext:
+        return AuditContext(model=tiny(), data=AuditData(members, heldout, copies), samples=torch.zeros(0, 1, 8, 8),
+                            calibration=calibration, heldout=heldout, flag_rate=0.34, sampler=sampler)
+
+    plugin = MemorizationDetection(seeds=2, first_steps=1, steps=10, max_heldout=3, unconditional_samples=8)
+    report = plugin.run(context(torch.tensor([6, 1, 1, 1])))  # one image planted 6x: 6 of 9 training rows
+    s = report.summary
+    assert asked == [([""] * 8, 10)]
+    assert (s["training_rows"], s["duplicated_rows"], s["num_duplicated_captions"]) == (9, 6, 1)
+    assert (s["unconditional"]["copy_duplicated"], s["unconditional"]["copy_any"]) == (3, 4)
+    notes = " ".join(report.notes())
+    assert "here 6 of 9, 67%" in notes and "8 samples for the empty prompt, 3 (38%) copy a duplicated member" in notes
+    # no duplicated image: no AUC, nothing sampled, no premise to state
+    asked.clear()
+    plain = plugin.run(context(torch.ones(4, dtype=torch.long)))
+    assert plain.summary["duplicated_rows"] == 0 and "unconditional" not in plain.summary and not asked
+    assert len(plain.notes()) == 1
