@@ -313,7 +313,7 @@ def details_of(audit: Mapping[str, Any]) -> dict[str, Any]:
     sampling, data, run, env = audit.get("sampling") or {}, audit.get("data") or {}, audit.get("run") or {}, audit.get("environment") or {}
     sanity = sampling.get("sanity") or {}
     facts = {
-        "training steps": run.get("steps"),
+        "training steps": "—" if run.get("steps") is None else run["steps"],  # — : an audit of a saved model
         "samples / solver": f"{sampling.get('num_samples')} ({sampling.get('num_drawn')} drawn) / {sampling.get('solver')} {sampling.get('steps')} steps",
         "sample sanity": "—" if not sanity else (
             f"{sanity['saturated_low']:.1%} of pixels at 0, {sanity['saturated_high']:.1%} at 1 (members: "
@@ -349,10 +349,15 @@ def _markdown(title: str, table: str, notes: list[str], details: Mapping[str, An
 
 
 def _notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    notes: list[str] = []
-    for audit in runs.values():
+    # A plugin's note that differs between settings (its counts, its thresholds) is named by the settings that gave it;
+    # one that all settings give (how the attack works) is said once.
+    said: dict[str, list[str]] = {}
+    for name, audit in runs.items():
         for plugin in (audit.get("plugins") or {}).values():
-            notes += [n for n in plugin.get("notes", []) if n not in notes]
+            for n in plugin.get("notes", []):
+                if name not in said.setdefault(n, []):
+                    said[n].append(name)
+    notes = [n if len(names) == len(runs) else f"{', '.join(names)}: {n}" for n, names in said.items()]
     for name, audit in runs.items():
         for key, value in (audit.get("defense_metrics") or {}).items():
             # A defense without a formal guarantee says what it does give in its "guarantee" metric.

@@ -84,3 +84,15 @@ def test_the_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -
         pixels = image.convert("L").resize((65, 120))
         values = list(pixels.getdata())
     assert max(values) - min(values) > 100  # text and figures drawn, not a blank page
+
+
+def test_a_note_that_differs_between_settings_names_them_and_one_they_share_is_said_once() -> None:
+    from privdiff.eval.report import _notes
+
+    def audit(*notes: str) -> dict:
+        return {"plugins": {"detection": {"notes": list(notes)}}}
+
+    runs = {"none": audit("How it works.", "3 copies."), "dedup": audit("How it works.", "0 copies."),
+            "mitigation": audit("How it works.", "3 copies.")}
+    assert _notes(runs) == ["How it works.", "none, mitigation: 3 copies.", "dedup: 0 copies."]
+    assert _notes({"none": audit("How it works.", "3 copies.")}) == ["How it works.", "3 copies."]
