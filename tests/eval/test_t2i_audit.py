@@ -17,7 +17,7 @@ import pytest
 from privdiff.cli import run_fit_cli
 
 REPO = Path(__file__).resolve().parents[2]
-# Opt-in (`make test-t2i`): two trainings (1000 and 460 steps of batch 64) and their audits take 15–18 min with 2 threads
+# Opt-in (`make test-t2i`): two trainings (1000 and 460 steps of batch 64) and their audits take 15–18 min with 2 threads (6 min 36 s on a faster machine, 2026-12-02)
 # here, on top of the ~16 min `make test` already takes in CI, whose whole run must stay under 30 minutes.
 pytestmark = [
     pytest.mark.slow,
