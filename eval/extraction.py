@@ -28,6 +28,7 @@ from privdiff.distances import (
     _pairwise_tiled,
     _tile_shape,
     calibrated_l2,
+    l2,
     nearest_neighbors,
     resolve_tile_size,
 )
@@ -404,8 +405,12 @@ class ExtractionReport(SummaryResult):
 
     def columns(self) -> list[Column]:
         union = self.summary["union"]
-        return [Column("extracted", "extracted", "distinct member images extracted (near-copies count once; count, % of them)",
-                       union["extracted"], f"{union['extracted']} ({100 * union['fraction_of_members']:.1f}%)", Privacy.PRIVACY)]
+        text = f"{union['extracted']} ({100 * union['fraction_of_members']:.1f}%)"
+        if (self.summary.get("reconstruction_floor") or {}).get("beyond_delta"):
+            text += ", lower bound"  # some members lie beyond delta from the model's own decoding of them (notes)
+        return [Column("extracted", "extracted", "distinct member images extracted (near-copies count once; count, % of them; "
+                       "a lower bound where the model's decoder cannot come within delta of some members)",
+                       union["extracted"], text, Privacy.PRIVACY)]
 
     def scalars(self) -> dict[str, float]:
         union = self.summary["union"]
@@ -414,6 +419,9 @@ class ExtractionReport(SummaryResult):
     def notes(self) -> list[str]:
         notes = ["Extracted: union of Carlini et al. 2023's generate-and-filter attack and the calibrated-l2 white-box check, "
                  "counted by group of near-copies (members that are near-copies of each other are one image)."]
+        floor = floor_note(self.summary.get("reconstruction_floor"))
+        if floor:
+            notes.append(floor)
         chance = self.summary["union"].get("chance_flags_per_criterion", 0)
         if chance >= 0.5:
             notes.append(
@@ -425,6 +433,34 @@ class ExtractionReport(SummaryResult):
 
 
 PUBLISHED = {"tau": 0.15, "delta": 0.15, "calibrated_threshold": 1.0}  # Carlini et al. 2023 (CIFAR-10, 50k images)
+
+
+def reconstruction_floor(model: Any, members: Tensor, delta: float, batch_size: int = 256) -> dict[str, Any]:
+    """How close the model's output can come to each member: the l2 between a member and the model's decoding of it.
+
+    A latent model generates through its decoder, so a sample that copies a member exactly in latent space decodes
+    to ``decode(encode(member))``, not to the member. Where that is farther than ``delta``, no copy of the member can
+    be confirmed by l2: an extraction count is then a lower bound, and 0 says nothing. (Measured 2026-12-02 on
+    crops of natural photographs: a VAE reconstructing at l2 0.059 against delta 0.023, so 0 of 4 planted pairs could
+    be confirmed.) A pixel model's floor is 0.
+    """
+    with torch.no_grad():
+        decoded = torch.cat([model.decode(model.encode(members[i : i + batch_size].to(model.device))).float().cpu()
+                             for i in range(0, len(members), batch_size)])
+    d = l2(decoded.clamp(0, 1), members.float())
+    return {"median_l2": float(d.median()), "max_l2": float(d.max()), "beyond_delta": int((d > delta).sum()),
+            "num_members": len(d), "delta": float(delta)}
+
+
+def floor_note(floor: Mapping[str, Any] | None) -> str | None:
+    """The report's warning when some members lie farther from the model's own decoding of them than delta."""
+    if not floor or not floor["beyond_delta"]:
+        return None
+    return (f"The model's decoder reconstructs the members at l2 {floor['median_l2']:.3g} (median; max {floor['max_l2']:.3g}), "
+            f"and {floor['beyond_delta']} of {floor['num_members']} lie farther than delta = {floor['delta']:.3g} from their own "
+            "reconstruction: even a perfect copy of those in the model's latent space cannot be confirmed, so the "
+            "extraction counts (by shared samples and by prompt) are lower bounds there. Train the VAE longer "
+            "(model.diffusion.init_args.vae_steps) or on more public images.")
 
 
 def _tiled_nearest(queries: Tensor, members: Tensor, tile_size: int | None, block: int = 64) -> Tensor:
@@ -509,7 +545,8 @@ class ExtractionAttack(AuditPlugin):
         samples, members, ids, shard = context.samples, context.members, context.data.members.ids, context.shard
         found = self.thresholds(context)
         tau, delta, cal_t = (found[k].value for k in ("tau", "delta", "calibrated_threshold"))
-        summary: dict[str, Any] = {"thresholds": {k: t.to_dict() for k, t in found.items()}}
+        summary: dict[str, Any] = {"thresholds": {k: t.to_dict() for k, t in found.items()},
+                                   "reconstruction_floor": reconstruction_floor(context.model, members, delta)}
         results = []
         if len(samples):
             gf = generate_and_filter(samples, members, context.sample_labels, tau=tau, min_clique=self.min_clique,

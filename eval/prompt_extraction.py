@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .detection import caption_scores, member_captions
-from .extraction import ExtractionAttack, generate_and_filter
+from .extraction import ExtractionAttack, floor_note, generate_and_filter, reconstruction_floor
 from .plugin import AuditContext, AuditPlugin, Cases, Column, Privacy, SummaryResult
 from .thresholds import calibrate
 
@@ -67,6 +67,8 @@ class PromptExtractionReport(SummaryResult):
         extracted = f"{s['extracted']}/{s['searched_member_captions']}"
         if verified:
             extracted += f" ({screen['unscreened_extracted']} unscreened)"
+        if (s.get("reconstruction_floor") or {}).get("beyond_delta"):
+            extracted += ", lower bound"  # some members lie beyond delta from the model's own decoding of them (notes)
         cols = [Column("extracted_captions", "captions extracted", "member captions whose generations form a clique that "
                        "copies the caption's training image (of the captions searched; in brackets, every caption sampled "
                        "without the screen)", s["extracted"], extracted, Privacy.PRIVACY)]
@@ -74,6 +76,8 @@ class PromptExtractionReport(SummaryResult):
             recalled = f"{s['planted_found']}/{s['planted']}"
             if verified:
                 recalled += f" ({screen['unscreened_planted_found']} unscreened)"
+            if (s.get("reconstruction_floor") or {}).get("beyond_delta"):
+                recalled += ", lower bound"
             cols.append(Column("planted_recall", "duplicated pairs recalled", "share of the captions of duplicated "
                                "image-caption pairs that prompt extraction recovers (in brackets: without the screen)",
                                s["planted_recall"], recalled, Privacy.PRIVACY))
@@ -98,6 +102,9 @@ class PromptExtractionReport(SummaryResult):
             f"{s['searched_heldout_captions']} held-out captions searched the same way against their own image: "
             f"{s['heldout_flagged']} flagged; {s['heldout_copies_member']} of them return a near-copy of some member instead."
         ]
+        floor = floor_note(s.get("reconstruction_floor"))
+        if floor:
+            notes.append(floor)
         screen = s.get("screen")
         if screen and screen["kind"] != "none":
             text = (f"Screen ({screen['kind']} score above the threshold that passes at most {screen['rate']:.0%} of held-out "
@@ -273,6 +280,7 @@ class PromptExtraction(AuditPlugin):
             "heldout_flagged": sum(1 for hit in held.confirmed if hit is not None),
             "heldout_cliques": int(sum(held.flagged)), "heldout_copies_member": int(sum(held.copies_member)),
             "member_calls": search.calls, "heldout_calls": held.calls, "screen": screen,
+            "reconstruction_floor": reconstruction_floor(model, members, delta),
             "records": [
                 {"caption": captions[i], "rows": int(copies[i]), "member": context.data.members.ids[member_rows[i][hit["image"]]],
                  "distance": hit["distance"], "screened": i in extracted}

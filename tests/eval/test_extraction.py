@@ -172,3 +172,42 @@ def test_validation():
         generate_and_filter(x, x, tile_size=3)
     with pytest.raises(ValueError, match="threshold"):
         calibrated_extraction(x, x, threshold=0)
+
+
+def test_extraction_counts_are_called_lower_bounds_where_the_models_decoder_cannot_reach_the_members():
+    from privdiff.eval.extraction import ExtractionAttack
+    from privdiff.eval.plugin import AuditContext, AuditData
+    from privdiff.train.data import load_builtin
+
+    class Decoder:
+        """A model whose decoder returns its latent shifted by ``offset`` (0: a pixel model)."""
+
+        device = torch.device("cpu")
+
+        def __init__(self, offset: float) -> None:
+            self.offset = offset
+
+        def encode(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        def decode(self, z: torch.Tensor) -> torch.Tensor:
+            return (z + self.offset).clamp(0, 1)
+
+    pool = load_builtin("digits", 16, 1)
+    members, calibration, heldout = pool.select(range(64)), pool.select(range(64, 264)), pool.select(range(264, 464))
+    samples = members.unit()[:4].repeat_interleave(6, 0)  # 4 members, each copied 6 times
+    attack = ExtractionAttack(min_clique=5)
+
+    def run(offset: float):
+        context = AuditContext(model=Decoder(offset), data=AuditData(members, heldout, torch.ones(64, dtype=torch.long)),
+                               samples=samples, calibration=calibration, heldout=heldout)
+        return attack.run(context)
+
+    exact = run(0.0)
+    assert exact.summary["union"]["extracted"] == 4 and exact.summary["reconstruction_floor"]["beyond_delta"] == 0
+    assert exact.columns()[0].text == "4 (6.2%)" and not any("decoder" in n for n in exact.notes())
+    blurred = run(0.3)  # every decoding lies 0.3 (before clipping) from its member, far beyond delta
+    floor = blurred.summary["reconstruction_floor"]
+    assert floor["beyond_delta"] == 64 and floor["median_l2"] > floor["delta"]
+    assert blurred.columns()[0].text.endswith(", lower bound")
+    assert any("64 of 64 lie farther than delta" in n for n in blurred.notes())
