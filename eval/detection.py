@@ -215,7 +215,7 @@ class DetectionReport(SummaryResult):
                     f"images are a small share of the training rows (here {s['duplicated_rows']} of {s['training_rows']}, "
                     f"{s['duplicated_rows'] / s['training_rows']:.0%}), so the model does not generate them unprompted")
             u = s.get("unconditional")
-            if u:
+            if u and u["samples"]:
                 text += (f". Of {u['samples']} samples for the empty prompt, {u['copy_duplicated']} "
                          f"({u['copy_duplicated'] / u['samples']:.0%}) copy a duplicated member (l2 <= delta = {u['delta']:.3g})")
                 if u["copy_duplicated"]:
@@ -308,6 +308,8 @@ class MemorizationDetection(AuditPlugin):
         delta = ExtractionAttack().thresholds(context)["delta"]  # the audit's flag rate: prompt extraction's delta
         # its own seed: not the audit's samples nor prompt extraction's (seed, seed + 1)
         drawn = context.sampler([""] * self.unconditional_samples, seed=context.seed + 3, steps=self.steps).images
+        if not len(drawn):  # a generation-side filter rejected them all
+            return {"samples": 0, "copy_duplicated": 0, "copy_any": 0, "delta": float(delta.value), "calls": 0}
         nearest, _, index = nearest_two(drawn, context.members, shard=context.shard)
         copies = delta.flags(nearest)
         duplicated = context.data.group_copies()[index] > 1

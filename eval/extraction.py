@@ -435,15 +435,17 @@ class ExtractionReport(SummaryResult):
 PUBLISHED = {"tau": 0.15, "delta": 0.15, "calibrated_threshold": 1.0}  # Carlini et al. 2023 (CIFAR-10, 50k images)
 
 
-def reconstruction_floor(model: Any, members: Tensor, delta: float, batch_size: int = 256) -> dict[str, Any]:
+def reconstruction_floor(model: Any, members: Tensor, delta: float, batch_size: int = 256, max_members: int = 1024) -> dict[str, Any]:
     """How close the model's output can come to each member: the l2 between a member and the model's decoding of it.
 
     A latent model generates through its decoder, so a sample that copies a member exactly in latent space decodes
     to ``decode(encode(member))``, not to the member. Where that is farther than ``delta``, no copy of the member can
     be confirmed by l2: an extraction count is then a lower bound, and 0 says nothing. (Measured 2026-12-02 on
     crops of natural photographs: a VAE reconstructing at l2 0.059 against delta 0.023, so 0 of 4 planted pairs could
-    be confirmed.) A pixel model's floor is 0.
+    be confirmed.) A pixel model's floor is 0. The first ``max_members`` members are checked (an encode and a decode
+    each: a Stable Diffusion VAE on 50k images would cost more than the check is worth).
     """
+    members = members[:max_members]
     with torch.no_grad():
         decoded = torch.cat([model.decode(model.encode(members[i : i + batch_size].to(model.device))).float().cpu()
                              for i in range(0, len(members), batch_size)])
@@ -457,7 +459,7 @@ def floor_note(floor: Mapping[str, Any] | None) -> str | None:
     if not floor or not floor["beyond_delta"]:
         return None
     return (f"The model's decoder reconstructs the members at l2 {floor['median_l2']:.3g} (median; max {floor['max_l2']:.3g}), "
-            f"and {floor['beyond_delta']} of {floor['num_members']} lie farther than delta = {floor['delta']:.3g} from their own "
+            f"and {floor['beyond_delta']} of {floor['num_members']} checked lie farther than delta = {floor['delta']:.3g} from their own "
             "reconstruction: even a perfect copy of those in the model's latent space cannot be confirmed, so the "
             "extraction counts (by shared samples and by prompt) are lower bounds there. Train the VAE longer "
             "(model.diffusion.init_args.vae_steps) or on more public images.")

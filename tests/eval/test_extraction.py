@@ -210,4 +210,4 @@ def test_extraction_counts_are_called_lower_bounds_where_the_models_decoder_cann
     floor = blurred.summary["reconstruction_floor"]
     assert floor["beyond_delta"] == 64 and floor["median_l2"] > floor["delta"]
     assert blurred.columns()[0].text.endswith(", lower bound")
-    assert any("64 of 64 lie farther than delta" in n for n in blurred.notes())
+    assert any("64 of 64 checked lie farther than delta" in n for n in blurred.notes())
