@@ -38,8 +38,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from privdiff.distances import nearest_two
 from privdiff.model import DiffusionModel
 
+from .extraction import ExtractionAttack
 from .mia_stats import auc
 from .plugin import AuditContext, AuditPlugin, Column, Privacy, SummaryResult
 from .thresholds import calibrate
@@ -301,10 +303,6 @@ class MemorizationDetection(AuditPlugin):
         Both scores compare a caption with the empty prompt. On three demo models the share of unconditional samples
         that copied a planted image was 78%, 74% and 33%, and Wen et al.'s AUC 0.35, 0.49 and 0.995 (2026-12-02).
         """
-        from privdiff.distances import nearest_two
-
-        from .extraction import ExtractionAttack
-
         delta = ExtractionAttack().thresholds(context)["delta"]  # the audit's flag rate: prompt extraction's delta
         # its own seed: not the audit's samples nor prompt extraction's (seed, seed + 1)
         drawn = context.sampler([""] * self.unconditional_samples, seed=context.seed + 3, steps=self.steps).images

@@ -15,6 +15,7 @@ with one record per extracted training image.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -405,9 +406,7 @@ class ExtractionReport(SummaryResult):
 
     def columns(self) -> list[Column]:
         union = self.summary["union"]
-        text = f"{union['extracted']} ({100 * union['fraction_of_members']:.1f}%)"
-        if (self.summary.get("reconstruction_floor") or {}).get("beyond_delta"):
-            text += ", lower bound"  # some members lie beyond delta from the model's own decoding of them (notes)
+        text = f"{union['extracted']} ({100 * union['fraction_of_members']:.1f}%)" + lower_bound(self.summary.get("reconstruction_floor"))
         return [Column("extracted", "extracted", "distinct member images extracted (near-copies count once; count, % of them; "
                        "a lower bound where the model's decoder cannot come within delta of some members)",
                        union["extracted"], text, Privacy.PRIVACY)]
@@ -435,7 +434,7 @@ class ExtractionReport(SummaryResult):
 PUBLISHED = {"tau": 0.15, "delta": 0.15, "calibrated_threshold": 1.0}  # Carlini et al. 2023 (CIFAR-10, 50k images)
 
 
-def reconstruction_floor(model: Any, members: Tensor, delta: float, batch_size: int = 256, max_members: int = 1024) -> dict[str, Any]:
+def reconstruction_floor(context: AuditContext, delta: float, batch_size: int = 256, max_members: int = 1024) -> dict[str, Any]:
     """How close the model's output can come to each member: the l2 between a member and the model's decoding of it.
 
     A latent model generates through its decoder, so a sample that copies a member exactly in latent space decodes
@@ -443,15 +442,23 @@ def reconstruction_floor(model: Any, members: Tensor, delta: float, batch_size: 
     be confirmed by l2: an extraction count is then a lower bound, and 0 says nothing. (Measured 2026-12-02 on
     crops of natural photographs: a VAE reconstructing at l2 0.059 against delta 0.023, so 0 of 4 planted pairs could
     be confirmed.) A pixel model's floor is 0. The first ``max_members`` members are checked (an encode and a decode
-    each: a Stable Diffusion VAE on 50k images would cost more than the check is worth).
+    each: a Stable Diffusion VAE on 50k images would cost more than the check is worth), once per audit.
     """
-    members = members[:max_members]
-    with torch.no_grad():
-        decoded = torch.cat([model.decode(model.encode(members[i : i + batch_size].to(model.device))).float().cpu()
-                             for i in range(0, len(members), batch_size)])
-    d = l2(decoded.clamp(0, 1), members.float())
+    def distances() -> Tensor:
+        model, members = context.model, context.members[:max_members]
+        with torch.no_grad():
+            decoded = torch.cat([model.decode(model.encode(members[i : i + batch_size].to(model.device))).float().cpu()
+                                 for i in range(0, len(members), batch_size)])
+        return l2(decoded.clamp(0, 1), members.float())
+
+    d = context.memoized(("reconstruction floor", batch_size, max_members), distances)
     return {"median_l2": float(d.median()), "max_l2": float(d.max()), "beyond_delta": int((d > delta).sum()),
             "num_members": len(d), "delta": float(delta)}
+
+
+def lower_bound(floor: Mapping[str, Any] | None) -> str:
+    """What a count's table text gets where some members lie beyond delta from their own decoding (see the note)."""
+    return ", lower bound" if floor and floor["beyond_delta"] else ""
 
 
 def floor_note(floor: Mapping[str, Any] | None) -> str | None:
@@ -509,11 +516,20 @@ class ExtractionAttack(AuditPlugin):
         self.flag_rate, self.max_cases = flag_rate, max_cases
 
     def thresholds(self, context: AuditContext) -> dict[str, Threshold]:
-        """tau, delta and the calibrated-l2 threshold: given, or calibrated on the calibration images."""
+        """tau, delta and the calibrated-l2 threshold: given, or calibrated on the calibration images.
+
+        Computed once per audit for these settings (prompt extraction and detection ask for them too); each caller
+        gets its own copies.
+        """
+        rate = self.flag_rate if self.flag_rate is not None else context.flag_rate
+        key = ("extraction thresholds", self.tau, self.delta, self.calibrated_threshold, rate, self.tile_size,
+               self.calibrated_n, self.calibrated_alpha)
+        return copy.deepcopy(context.memoized(key, lambda: self._thresholds(context, rate)))
+
+    def _thresholds(self, context: AuditContext, rate: float) -> dict[str, Threshold]:
         from privdiff.distances import nearest_two
 
         members, shard = context.members, context.shard
-        rate = self.flag_rate if self.flag_rate is not None else context.flag_rate
 
         def scores(table: ImageTable) -> dict[str, Tensor]:
             x = table.unit()
@@ -548,7 +564,7 @@ class ExtractionAttack(AuditPlugin):
         found = self.thresholds(context)
         tau, delta, cal_t = (found[k].value for k in ("tau", "delta", "calibrated_threshold"))
         summary: dict[str, Any] = {"thresholds": {k: t.to_dict() for k, t in found.items()},
-                                   "reconstruction_floor": reconstruction_floor(context.model, members, delta)}
+                                   "reconstruction_floor": reconstruction_floor(context, delta)}
         results = []
         if len(samples):
             gf = generate_and_filter(samples, members, context.sample_labels, tau=tau, min_clique=self.min_clique,

@@ -77,6 +77,15 @@ class AuditContext:
     # per-caption detection scores already computed in this audit, keyed by scoring settings and caption
     # (eval.detection.caption_scores): the detection plugin and the prompt-extraction screen share them
     caption_scores: dict[Any, tuple[float, float]] = field(default_factory=dict)
+    # what several plugins compute from the same inputs (the extraction thresholds, the model's reconstruction
+    # floor), keyed by what computes it: see ``memoized``
+    memo: dict[Any, Any] = field(default_factory=dict)
+
+    def memoized(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per audit for ``key`` (a hashable of everything the result depends on but the context)."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
     @cached_property
     def members(self) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .detection import caption_scores, member_captions
-from .extraction import ExtractionAttack, floor_note, generate_and_filter, reconstruction_floor
+from .extraction import ExtractionAttack, floor_note, generate_and_filter, lower_bound, reconstruction_floor
 from .plugin import AuditContext, AuditPlugin, Cases, Column, Privacy, SummaryResult
 from .thresholds import calibrate
 
@@ -67,8 +67,7 @@ class PromptExtractionReport(SummaryResult):
         extracted = f"{s['extracted']}/{s['searched_member_captions']}"
         if verified:
             extracted += f" ({screen['unscreened_extracted']} unscreened)"
-        if (s.get("reconstruction_floor") or {}).get("beyond_delta"):
-            extracted += ", lower bound"  # some members lie beyond delta from the model's own decoding of them (notes)
+        extracted += lower_bound(s.get("reconstruction_floor"))
         cols = [Column("extracted_captions", "captions extracted", "member captions whose generations form a clique that "
                        "copies the caption's training image (of the captions searched; in brackets, every caption sampled "
                        "without the screen)", s["extracted"], extracted, Privacy.PRIVACY)]
@@ -76,8 +75,7 @@ class PromptExtractionReport(SummaryResult):
             recalled = f"{s['planted_found']}/{s['planted']}"
             if verified:
                 recalled += f" ({screen['unscreened_planted_found']} unscreened)"
-            if (s.get("reconstruction_floor") or {}).get("beyond_delta"):
-                recalled += ", lower bound"
+            recalled += lower_bound(s.get("reconstruction_floor"))
             cols.append(Column("planted_recall", "duplicated pairs recalled", "share of the captions of duplicated "
                                "image-caption pairs that prompt extraction recovers (in brackets: without the screen)",
                                s["planted_recall"], recalled, Privacy.PRIVACY))
@@ -280,7 +278,7 @@ class PromptExtraction(AuditPlugin):
             "heldout_flagged": sum(1 for hit in held.confirmed if hit is not None),
             "heldout_cliques": int(sum(held.flagged)), "heldout_copies_member": int(sum(held.copies_member)),
             "member_calls": search.calls, "heldout_calls": held.calls, "screen": screen,
-            "reconstruction_floor": reconstruction_floor(model, members, delta),
+            "reconstruction_floor": reconstruction_floor(context, delta),
             "records": [
                 {"caption": captions[i], "rows": int(copies[i]), "member": context.data.members.ids[member_rows[i][hit["image"]]],
                  "distance": hit["distance"], "screened": i in extracted}
