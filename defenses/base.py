@@ -139,6 +139,11 @@ class Defense:
         """Raise ``ValueError`` when a checkpoint of ``steps_done`` steps cannot be resumed with this defense
         (``state``: what this defense saved in it, None when it was not in that run)."""
 
+    def account_redone(self, steps: int) -> str | None:
+        """A resume will train ``steps`` steps again whose first results already left the process (an export, a
+        checkpoint): count what they spent, and say so (None: nothing to count, the default)."""
+        return None
+
     # -- generation ---------------------------------------------------------------------------
     def adjust_condition(self, model: Any, cond: Any, generator: torch.Generator, context: GenerationContext) -> Any:
         """Return the conditioning to sample a batch from (``model`` a ``privdiff.model.DiffusionModel``; ``cond``
@@ -261,11 +266,17 @@ class DefenseStack:
             if d.name in state:
                 d.load_state_dict(state[d.name])
 
-    def resume(self, state: dict[str, Any], steps_done: int) -> None:
-        """Check, then restore, what a checkpoint of ``steps_done`` steps saved (``state_dict``'s output)."""
+    def resume(self, state: dict[str, Any], steps_done: int, redone: int = 0) -> list[str]:
+        """Check, then restore, what a checkpoint of ``steps_done`` steps saved (``state_dict``'s output).
+
+        ``redone``: steps after the checkpoint whose results were already released (exported or checkpointed); each
+        defense counts them (:meth:`Defense.account_redone`). Returns what the defenses said they counted.
+        """
         for d in self.defenses:
             d.check_resume(state.get(d.name), steps_done)
         self.load_state_dict(state)
+        said = [d.account_redone(redone) for d in self.defenses] if redone > 0 else []
+        return [f"{d.name}: {text}" for d, text in zip(self.defenses, said) if text]
 
     def adjust_condition(self, model: Any, cond: Any, generator: torch.Generator, context: GenerationContext) -> Any:
         for d in self.defenses:

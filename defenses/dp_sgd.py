@@ -563,6 +563,20 @@ class DPSGDDefense(Defense):
                 "to start accounting here"
             )
 
+    def account_redone(self, steps: int) -> str | None:
+        """Count ``steps`` released steps the resume trains again: their first run's weights left the process, so
+        epsilon covers both runs of them (at the sigma and sample rate they ran with: the history's last)."""
+        history = [tuple(h) for h in self.accountant.history]
+        if steps <= 0 or not history:
+            return None
+        sigma, rate, _ = history[-1]
+        history.append((sigma, rate, int(steps)))
+        self.accountant.history = history
+        self._ok_until = None
+        self._epsilon_cache = None
+        return (f"the {steps} steps after the checkpoint were already released (an export or a checkpoint of them is "
+                f"on disk) and run again now: both runs are counted, the accountant holds {self.steps} steps")
+
     # -- the budget -----------------------------------------------------------------------------
     @property
     def steps(self) -> int:

@@ -27,10 +27,10 @@ from privdiff.shard import Shard, check_shard
 
 from ..defenses.base import DEFENSES_RECORD, Defense, DefenseRecord, DefenseStack, GenerationContext, Guarantee, as_stack
 from .plugin import AuditContext, AuditData, AuditPlugin, AuditResult, Cases
-from .sampling import generate, member_prompts, sample_sanity
+from .sampling import generate, member_prompts, sample_sanity, solver_sanity
 from .thresholds import split_heldout
 
-AUDIT_SCHEMA = "privdiff.audit/2"
+AUDIT_SCHEMA = "privdiff.audit/3"  # 3: controls beside every count, decoded comparison, threshold status
 FLAG_RATE_LIMIT = 0.01  # a criterion that flags more real held-out images than this is too loose for the data
 UNKNOWN = "unknown"
 CALIBRATION_SHARE = 0.5  # of the held-out images, set aside to take thresholds from
@@ -170,13 +170,7 @@ def run_audit(
         sampling = {"num_samples": len(samples), "num_drawn": generated.num_drawn, "num_rejected": generated.num_rejected,
                     "reject_rate": generated.reject_rate, "sanity": sample_sanity(samples, data.members.unit())}
         if not sampling["sanity"]["ok"]:
-            sanity = sampling["sanity"]
-            rank_zero_warn(
-                f"the audit's samples are saturated ({sanity['saturated_low']:.0%} of pixels at 0 and {sanity['saturated_high']:.0%} "
-                f"at 1, against {sanity['real_saturated_low']:.0%} and {sanity['real_saturated_high']:.0%} in the members): the "
-                f"solver ({config.solver}, {config.steps} steps) may not fit this model; extractions and FID are suspect. "
-                "Try audit.solver: ddim with more steps, or ddpm"
-            )
+            sampling["solver_check"] = check_solvers(model, config, sampling["sanity"], data.members.unit(), prompts)
     else:
         samples, labels = torch.empty(0, *data.members.image_shape), None
         sampling = {"num_samples": 0, "num_drawn": 0, "num_rejected": 0, "reject_rate": 0.0}
@@ -239,6 +233,35 @@ def run_audit(
     return result
 
 
+SANITY_SOLVERS = ("ancestral", "ddim", "dpmsolver++")
+SANITY_SAMPLES = 32
+
+
+def check_solvers(model: DiffusionModel, config: AuditConfig, sanity: dict[str, Any], real: torch.Tensor,
+                  prompts: Sequence[str] | None) -> dict[str, Any]:
+    """Where the audit's samples are saturated, the other solvers on the same weights: the solver's fault or the model's.
+
+    Returns each solver's sanity, ``model_saturated`` (every solver saturates) and ``sane`` (the solvers that do
+    not), and warns with the right advice.
+    """
+    others = [s for s in SANITY_SOLVERS if s != config.solver]
+    checked = {config.solver: sanity, **solver_sanity(model, others, real, num_samples=SANITY_SAMPLES, steps=config.steps,
+                                                      prompts=prompts, seed=config.seed)}
+    sane = [s for s, v in checked.items() if v["ok"]]
+    shares = ", ".join(f"{s} {v['saturated_low']:.0%} / {v['saturated_high']:.0%}" for s, v in checked.items())
+    measured = (f"pixels at 0 / at 1: {shares}, against {sanity['real_saturated_low']:.0%} / {sanity['real_saturated_high']:.0%} "
+                "in the members")
+    if sane:
+        rank_zero_warn(f"the audit's samples are saturated with {config.solver} ({config.steps} steps) but not with "
+                       f"{', '.join(sane)} on the same weights ({measured}): the solver does not fit this model; extractions "
+                       f"and FID are suspect. Set audit.solver: {sane[0]}")
+    else:
+        rank_zero_warn(f"the model's samples are saturated: every solver gives saturated samples on these weights ({measured}), "
+                       "so the solver is not the cause; extractions and FID are suspect. Train longer or check the data and "
+                       "the model (a text-to-image model's VAE, its guidance scale)")
+    return {"solvers": checked, "sane": sane, "model_saturated": not sane}
+
+
 def environment(seed: int) -> dict[str, Any]:
     """What reproduces this audit: the seed, the versions of the packages that compute it, privdiff's git commit."""
     import importlib.metadata
@@ -267,23 +290,29 @@ def environment(seed: int) -> dict[str, Any]:
 def threshold_check(results: dict[str, AuditResult], num_heldout: int, limit: float = FLAG_RATE_LIMIT) -> dict[str, Any]:
     """How often each criterion flags held-out *real* images, which no model copied (a false-positive rate).
 
-    Measured on the evaluation held-out images (not those thresholds were calibrated on). A
-    criterion is too loose for the data when its rate is above ``limit`` beyond its 95% binomial
-    interval (a calibrated one lands near its target; the published thresholds often do not): a
-    warning says so.
+    Measured on the evaluation held-out images (not those thresholds were calibrated on), with its exact 95%
+    interval. Each criterion's ``status`` is ``within`` (the interval lies at or below ``limit``), ``above`` (beyond
+    it: too loose for the data; a warning says so) or ``unresolved`` (the interval holds both: 0 of 40 flagged
+    cannot show <= 1%; ``needed`` held-out images flagging none could). ``ok`` only when every criterion is within.
     """
-    from .thresholds import _interval
+    from .thresholds import _interval, heldout_needed
 
     rates = {k: v for r in results.values() for k, v in r.heldout_flag_rates().items()}
     if not rates:
         return {}
-    too_loose = [k for k, v in rates.items() if _interval(round(v * num_heldout), num_heldout)[0] > limit]
+    status = {}
+    for k, v in rates.items():
+        lo, hi = _interval(round(v * num_heldout), num_heldout)
+        status[k] = "above" if lo > limit else "within" if hi <= limit else "unresolved"
+    too_loose = [k for k, v in status.items() if v == "above"]
+    unresolved = [k for k, v in status.items() if v == "unresolved"]
     if too_loose:
         rank_zero_warn(
             f"audit thresholds flag real held-out images as copies ({', '.join(f'{k}={rates[k]:.1%}' for k in too_loose)}); "
             "leave the thresholds of audit.attacks to the data (null) or lower them"
         )
-    return {"heldout_flag_rate": rates, "num_heldout": num_heldout, "limit": limit, "ok": not too_loose}
+    return {"heldout_flag_rate": rates, "num_heldout": num_heldout, "limit": limit, "status": status, "too_loose": too_loose,
+            "unresolved": unresolved, "needed": heldout_needed(limit), "ok": not too_loose and not unresolved}
 
 
 def privacy_summary(guarantees: Sequence[Guarantee], known: bool = True) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from .mia_stats import auc
 from .plugin import AuditContext, AuditPlugin, Column, Privacy, SummaryResult
 from .thresholds import calibrate
 
-__all__ = ["CaptionScores", "MemorizationDetection", "caption_scores", "first_timesteps", "member_captions"]
+__all__ = ["CaptionScores", "MemorizationDetection", "caption_scores", "first_timesteps", "member_captions", "natural_near_copies"]
 
 SCORES = ("magnitude", "one_step")
 
@@ -154,19 +154,37 @@ def _score(model: DiffusionModel, captions: list[str], seeds: int, first_steps: 
 def member_captions(context: AuditContext) -> tuple[list[str], Tensor, list[list[int]]]:
     """The members' distinct captions, most training rows first: (captions, rows of each, member rows of each).
 
-    A caption's training rows are the summed copies of the groups of near-copies its members belong to
-    (a planted pair duplicated 10x has 10 rows).
+    A caption's training rows are those of one image with that caption: the most, over the groups of near-copies,
+    of the summed copies of the group's members that carry the caption (a planted pair duplicated 10x has 10 rows;
+    two photos of one person with different captions are a near-copy group but 1 row each, not a duplicated pair).
     """
     captions = context.data.members.captions
     if captions is None:
         raise ValueError("the members have no captions")
-    copies = context.data.group_copies()
+    copies, groups = context.data.copies.long(), context.data.group_of()
     rows: dict[str, list[int]] = {}
+    pair_rows: dict[tuple[str, int], int] = {}
     for i, c in enumerate(captions):
         rows.setdefault(c, []).append(i)
-    top = {c: max(int(copies[i]) for i in members) for c, members in rows.items()}
+        key = (c, int(groups[i]))
+        pair_rows[key] = pair_rows.get(key, 0) + int(copies[i])
+    top: dict[str, int] = {}
+    for (c, _), k in pair_rows.items():
+        top[c] = max(top.get(c, 0), k)
     ordered = sorted(rows, key=lambda c: -top[c])  # stable: ties keep the order of first appearance
     return ordered, torch.tensor([top[c] for c in ordered]), [rows[c] for c in ordered]
+
+
+def natural_near_copies(context: AuditContext) -> int:
+    """Groups of near-copies among the members whose captions differ (two photos of one person, captioned apart):
+    near-copies of one image, but no duplicated image-caption pair."""
+    captions = context.data.members.captions
+    if captions is None:
+        return 0
+    by_group: dict[int, set[str]] = {}
+    for i, g in enumerate(context.data.group_of().tolist()):
+        by_group.setdefault(int(g), set()).add(captions[i])
+    return sum(1 for c in by_group.values() if len(c) > 1)
 
 
 def _auc(positive: Tensor, negative: Tensor) -> float | None:
@@ -271,6 +289,7 @@ class MemorizationDetection(AuditPlugin):
         summary: dict[str, Any] = {"seeds": self.seeds, "first_steps": self.first_steps, "steps": self.steps, "num_member_captions": n,
                                    "num_duplicated_captions": int(duplicated.sum()), "num_heldout_captions": len(heldout),
                                    "training_rows": int(rows.sum()), "duplicated_rows": duplicated_rows,
+                                   "natural_near_copies": natural_near_copies(context),
                                    "calls_per_caption": 2 * self.seeds * self.first_steps, "calls": scored.calls,
                                    "calls_spent": scored.calls_spent}
         rates = {}

@@ -16,6 +16,7 @@ with one record per extracted training image.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -35,8 +36,8 @@ from privdiff.distances import (
 )
 from privdiff.shard import Shard, check_shard, gather, rows_of
 
-from privdiff.membership import ImageTable
 
+from .controls import ChanceControl, chance_text
 from .plugin import AuditContext, AuditPlugin, Cases, Column, Privacy, SummaryResult
 from .thresholds import Threshold, calibrate, given
 
@@ -229,6 +230,55 @@ def _clique_members(adj: Tensor, min_clique: int) -> Tensor:
     return torch.tensor(done, dtype=torch.bool, device=adj.device)
 
 
+
+def clique_flags(
+    samples: Tensor,
+    labels: Tensor | None,
+    tau: float,
+    min_clique: int,
+    tile_size: int | None = None,
+    *,
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    shard: Shard | None = None,
+) -> Tensor:
+    """(N,) bool: the samples that lie in a clique of ``min_clique`` under tiled l2 <= ``tau``, within one label.
+
+    The first half of :func:`generate_and_filter`; it never looks at the training set, so the same flags can be
+    matched to the members and, as a control, to held-out images (:func:`match_flagged`).
+    """
+    n = samples.shape[0]
+    tile = _tile_shape(samples, resolve_tile_size(samples.shape[-2], samples.shape[-1], tile_size))
+    flagged = torch.zeros(n, dtype=torch.bool, device=samples.device)
+    groups = [None] if labels is None else torch.unique(labels).tolist()
+    for g in groups:
+        idx = torch.arange(n, device=samples.device) if g is None else (labels == g).nonzero().squeeze(1)
+        if idx.numel() < min_clique:
+            continue
+        adj = _adjacency(samples[idx], float(tau), tile, max_block_bytes, shard)
+        flagged[idx[_clique_members(adj, min_clique)]] = True
+    return flagged
+
+
+def match_flagged(
+    samples: Tensor,
+    flagged: Tensor,
+    references: Tensor,
+    delta: float,
+    *,
+    block_size: int | None = None,
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    shard: Shard | None = None,
+) -> list[ExtractionRecord]:
+    """The references some flagged sample lies within plain l2 ``delta`` of (its nearest reference), the closest sample each."""
+    sample_idx = flagged.nonzero().squeeze(1)
+    if not sample_idx.numel() or not len(references):
+        return []
+    nb = nearest_neighbors(samples[sample_idx], references, k=1, block_size=block_size, max_block_bytes=max_block_bytes, shard=shard)
+    dist, train_idx = nb.distances[:, 0], nb.indices[:, 0]
+    hit = dist <= delta
+    return _closest_per_train(train_idx[hit], sample_idx[hit], dist[hit])
+
+
 def generate_and_filter(
     samples: Tensor,
     references: Tensor,
@@ -301,26 +351,10 @@ def generate_and_filter(
             raise ValueError(f"labels must be an integer tensor of shape ({n},), got {labels!r:.80}")
         labels = labels.to(samples.device)
     tile_size = resolve_tile_size(samples.shape[-2], samples.shape[-1], tile_size)
-    tile = _tile_shape(samples, tile_size)
 
-    flagged = torch.zeros(n, dtype=torch.bool, device=samples.device)
-    groups = [None] if labels is None else torch.unique(labels).tolist()
-    for g in groups:
-        idx = torch.arange(n, device=samples.device) if g is None else (labels == g).nonzero().squeeze(1)
-        if idx.numel() < min_clique:
-            continue
-        adj = _adjacency(samples[idx], float(tau), tile, max_block_bytes, shard)
-        flagged[idx[_clique_members(adj, min_clique)]] = True
-
+    flagged = clique_flags(samples, labels, tau, min_clique, tile_size, max_block_bytes=max_block_bytes, shard=shard)
     sample_idx = flagged.nonzero().squeeze(1)
-    records: list[ExtractionRecord] = []
-    if sample_idx.numel():
-        nb = nearest_neighbors(
-            samples[sample_idx], references, k=1, block_size=block_size, max_block_bytes=max_block_bytes, shard=shard
-        )
-        dist, train_idx = nb.distances[:, 0], nb.indices[:, 0]
-        hit = dist <= delta
-        records = _closest_per_train(train_idx[hit], sample_idx[hit], dist[hit])
+    records = match_flagged(samples, flagged, references, delta, block_size=block_size, max_block_bytes=max_block_bytes, shard=shard)
     return ExtractionResult(
         method="generate_and_filter",
         records=records,
@@ -386,6 +420,9 @@ def calibrated_extraction(
 
 # -- the audit plugin ---------------------------------------------------------------------------------
 
+METHODS = ("generate_and_filter", "calibrated_l2")
+SPACES = ("pixel", "decoded")
+
 
 def _summary(res: ExtractionResult, ids: list[str]) -> dict[str, Any]:
     return {
@@ -402,74 +439,124 @@ def _summary(res: ExtractionResult, ids: list[str]) -> dict[str, Any]:
 
 @dataclass
 class ExtractionReport(SummaryResult):
-    """Both attacks' records, their union by group of near-copies, extraction by copy count, the thresholds and the cases."""
+    """Both attacks' records (pixel space, and through the decoder for a latent model), their union by group of
+    near-copies beside its control, extraction by copy count, the thresholds and the cases."""
 
     def columns(self) -> list[Column]:
         union = self.summary["union"]
-        text = f"{union['extracted']} ({100 * union['fraction_of_members']:.1f}%)" + lower_bound(self.summary.get("reconstruction_floor"))
-        return [Column("extracted", "extracted", "distinct member images extracted (near-copies count once; count, % of them; "
-                       "a lower bound where the model's decoder cannot come within delta of some members)",
+        text = (f"{union['extracted']} ({100 * union['fraction_of_members']:.1f}%)" + chance_text(union.get("control"))
+                + lower_bound(self.summary.get("reconstruction_floor")))
+        return [Column("extracted", "extracted · chance", "distinct member images extracted (near-copies count once; count, % "
+                       "of them), beside what the same attacks flag with held-out images in the members' place, scaled to "
+                       "the members (95% interval) and whether the count exceeds it (one-sided Fisher exact test)",
                        union["extracted"], text, Privacy.PRIVACY)]
 
     def scalars(self) -> dict[str, float]:
         union = self.summary["union"]
-        return {"extracted": float(union["extracted"]), "extracted_fraction": float(union["fraction_of_members"])}
+        out = {"extracted": float(union["extracted"]), "extracted_fraction": float(union["fraction_of_members"])}
+        control = union.get("control") or {}
+        if control.get("expected") is not None:
+            out.update(extracted_chance=float(control["expected"]), extracted_above_chance=float(control["excess"]))
+        return out
 
     def notes(self) -> list[str]:
+        s = self.summary
+        spaces = s.get("spaces", ["pixel"])
         notes = ["Extracted: union of Carlini et al. 2023's generate-and-filter attack and the calibrated-l2 white-box check, "
-                 "counted by group of near-copies (members that are near-copies of each other are one image)."]
-        floor = floor_note(self.summary.get("reconstruction_floor"))
+                 "counted by group of near-copies (members that are near-copies of each other are one image)"
+                 + (", each run on pixels and against the members' own decodings (thresholds calibrated on decoded held-out "
+                    "images), so that a copy in the model's latent space is confirmed whatever its decoder's floor."
+                    if "decoded" in spaces else ".")]
+        control = s["union"].get("control")
+        if control:
+            notes.append("Control (extracted): " + ChanceControl.from_dict(control).sentence())
+            for method in METHODS:
+                c = (s.get("controls") or {}).get(method)
+                if c and c["flagged"] and not c["above_chance"]:
+                    notes.append(f"Control ({method}): " + ChanceControl.from_dict(c).sentence())
+        floor = floor_note(s.get("reconstruction_floor"))
         if floor:
             notes.append(floor)
-        chance = self.summary["union"].get("chance_flags_per_criterion", 0)
-        if chance >= 0.5:
-            notes.append(
-                f"A threshold that flags a share r of real held-out images flags about r x N of N samples that copy nothing: "
-                f"here up to {chance:.1f} of the samples per criterion. The generate-and-filter attack needs a clique of "
-                "near-identical samples as well, so its extractions are far less exposed to this; look at the cases grid."
-            )
+        unresolved = [f"{key} ({t['status_text']})" for key, t in (s.get("thresholds") or {}).items() if t.get("status") in ("unresolved", "above")]
+        if unresolved:
+            notes.append("Thresholds whose held-out flag rate does not show the asked rate: " + "; ".join(unresolved)
+                         + ". The control above measures what they flag on these samples.")
         return notes
 
 
 PUBLISHED = {"tau": 0.15, "delta": 0.15, "calibrated_threshold": 1.0}  # Carlini et al. 2023 (CIFAR-10, 50k images)
+ROUND_TRIP_TOLERANCE = 1e-3  # l2 below which a model's decode(encode(x)) is taken to be x (a pixel model: rounding only)
 
 
-def reconstruction_floor(context: AuditContext, delta: float, batch_size: int = 256, max_members: int = 1024) -> dict[str, Any]:
+def round_trip(context: AuditContext, which: str, batch_size: int = 256) -> Tensor:
+    """``decode(encode(x))`` of the members, the calibration or the held-out images in [0, 1], once per audit.
+
+    A latent model's samples are decodings, so a copy of a member in its latent space is a copy of the member's own
+    decoding; comparing samples with these (and calibrating on held-out images passed through the same round trip)
+    confirms such copies whatever the decoder's floor.
+    """
+    if which not in ("members", "calibration", "heldout"):
+        raise ValueError(f"round trip of members, calibration or heldout, got {which!r}")
+
+    def compute() -> Tensor:
+        images = context.members if which == "members" else getattr(context, which).unit()
+        model = context.model
+        with torch.no_grad():
+            out = [model.decode(model.encode(images[i : i + batch_size].to(model.device))).float().cpu()
+                   for i in range(0, len(images), batch_size)]
+        return torch.cat(out).clamp(0, 1) if out else images.float()
+
+    return context.memoized(("round trip", which, batch_size), compute)
+
+
+def has_decoder(context: AuditContext) -> bool:
+    """Whether the model's decoding changes images (a latent model) rather than being the identity (a pixel model)."""
+    members = context.members
+    return bool(len(members)) and float(l2(round_trip(context, "members"), members.float()).max()) > ROUND_TRIP_TOLERANCE
+
+
+def reconstruction_floor(context: AuditContext, delta: float, decoded: bool = False, max_listed: int = 20) -> dict[str, Any]:
     """How close the model's output can come to each member: the l2 between a member and the model's decoding of it.
 
     A latent model generates through its decoder, so a sample that copies a member exactly in latent space decodes
     to ``decode(encode(member))``, not to the member. Where that is farther than ``delta``, no copy of the member can
-    be confirmed by l2: an extraction count is then a lower bound, and 0 says nothing. (Measured 2026-12-02 on
-    crops of natural photographs: a VAE reconstructing at l2 0.059 against delta 0.023, so 0 of 4 planted pairs could
-    be confirmed.) A pixel model's floor is 0. The first ``max_members`` members are checked (an encode and a decode
-    each: a Stable Diffusion VAE on 50k images would cost more than the check is worth), once per audit.
+    be confirmed by pixel l2. With ``decoded`` the samples are also compared with each member's own decoding, where
+    such a copy lies at 0: then no member is out of reach. ``unconfirmable`` counts the members neither comparison
+    can confirm (an extraction count is a lower bound for them), ``unconfirmable_ids`` names the first ``max_listed``.
+    A pixel model's floor is 0.
     """
-    def distances() -> Tensor:
-        model, members = context.model, context.members[:max_members]
-        with torch.no_grad():
-            decoded = torch.cat([model.decode(model.encode(members[i : i + batch_size].to(model.device))).float().cpu()
-                                 for i in range(0, len(members), batch_size)])
-        return l2(decoded.clamp(0, 1), members.float())
-
-    d = context.memoized(("reconstruction floor", batch_size, max_members), distances)
-    return {"median_l2": float(d.median()), "max_l2": float(d.max()), "beyond_delta": int((d > delta).sum()),
-            "num_members": len(d), "delta": float(delta)}
+    members = context.members
+    d = l2(round_trip(context, "members"), members.float())
+    beyond = (d > delta).nonzero().squeeze(1).tolist()
+    unreachable = [] if decoded else beyond
+    ids = context.data.members.ids
+    return {"median_l2": float(d.median()), "max_l2": float(d.max()), "beyond_delta": len(beyond),
+            "num_members": len(d), "delta": float(delta), "decoded": decoded, "unconfirmable": len(unreachable),
+            "unconfirmable_ids": [ids[i] for i in unreachable[:max_listed]]}
 
 
 def lower_bound(floor: Mapping[str, Any] | None) -> str:
-    """What a count's table text gets where some members lie beyond delta from their own decoding (see the note)."""
-    return ", lower bound" if floor and floor["beyond_delta"] else ""
+    """What a count's table text gets where some members can be confirmed in neither space (see the note)."""
+    return ", lower bound" if floor and floor.get("unconfirmable", floor.get("beyond_delta")) else ""
 
 
 def floor_note(floor: Mapping[str, Any] | None) -> str | None:
-    """The report's warning when some members lie farther from the model's own decoding of them than delta."""
+    """The report's note when some members lie farther from the model's own decoding of them than delta."""
     if not floor or not floor["beyond_delta"]:
         return None
-    return (f"The model's decoder reconstructs the members at l2 {floor['median_l2']:.3g} (median; max {floor['max_l2']:.3g}), "
-            f"and {floor['beyond_delta']} of {floor['num_members']} checked lie farther than delta = {floor['delta']:.3g} from their own "
-            "reconstruction: even a perfect copy of those in the model's latent space cannot be confirmed, so the "
-            "extraction counts (by shared samples and by prompt) are lower bounds there. Train the VAE longer "
-            "(model.diffusion.init_args.vae_steps) or on more public images.")
+    text = (f"The model's decoder reconstructs the members at l2 {floor['median_l2']:.3g} (median; max {floor['max_l2']:.3g}), "
+            f"and {floor['beyond_delta']} of {floor['num_members']} lie farther than delta = {floor['delta']:.3g} from their own "
+            "reconstruction: ")
+    if floor.get("decoded"):
+        return text + ("a copy of those in the model's latent space could not be confirmed on pixels alone, so every sample "
+                       "is also compared with the members' own decodings (where such a copy lies at 0) and the counts cover "
+                       "every member.")
+    listed = ", ".join(floor.get("unconfirmable_ids") or [])
+    return text + ("even a perfect copy of those in the model's latent space cannot be confirmed, so the extraction counts "
+                   f"(by shared samples and by prompt) are lower bounds for these {floor['beyond_delta']} members"
+                   + (f" ({listed}{', ...' if floor['beyond_delta'] > len(floor.get('unconfirmable_ids') or []) else ''})" if listed else "")
+                   + ". Leave decoded comparison on (audit.attacks.extraction.init_args.decoded), train the VAE longer "
+                   "(model.diffusion.init_args.vae_steps) or on more public images.")
 
 
 def _tiled_nearest(queries: Tensor, members: Tensor, tile_size: int | None, block: int = 64) -> Tensor:
@@ -479,13 +566,35 @@ def _tiled_nearest(queries: Tensor, members: Tensor, tile_size: int | None, bloc
     return torch.cat(out) if out else torch.empty(0)
 
 
+def _keep_closest(into: dict[int, float], found: Mapping[int, float]) -> None:
+    """Merge ``found`` (row -> distance) into ``into``, keeping each row's smallest distance."""
+    for row, d in found.items():
+        if d < into.get(row, math.inf):
+            into[row] = d
+
+
+@dataclass
+class _SpaceRun:
+    """One space's attacks: their results against the members, and per attack the evidence of each member flagged
+    and of each held-out image flagged in the members' place (row -> its closest flagged sample's calibrated l2)."""
+
+    results: list[ExtractionResult]
+    evidence: dict[str, dict[int, float]]
+    control: dict[str, dict[int, float]]
+
+
 class ExtractionAttack(AuditPlugin):
-    """Carlini et al. 2023's generate-and-filter attack and calibrated-l2 check, against the members.
+    """Carlini et al. 2023's generate-and-filter attack and calibrated-l2 check, against the members, with a control.
 
     Every threshold left at None is taken from the data (``privdiff.eval.thresholds``): the largest
     value at which at most ``flag_rate`` of the held-out calibration images would be flagged against
     the members; a number sets it by hand. The published values (tau = delta = 0.15, calibrated
     l2 < 1) are reported beside, with their false-flag rate on these data.
+
+    Every count stands beside its control (:mod:`privdiff.eval.controls`): the same samples, thresholds and cliques
+    with the evaluation held-out images (not those that set the thresholds) in the members' place. For a model with a
+    decoder (a latent model) both attacks also run against each member's own decoding, with thresholds calibrated on
+    held-out images passed through the same round trip (``decoded``); a member counts once whichever space found it.
 
     Args:
         tau: tiled-l2 edge threshold of the clique of generations (§4.2).
@@ -494,6 +603,7 @@ class ExtractionAttack(AuditPlugin):
         tile_size: tile side of the tiled l2 (None: see :func:`generate_and_filter`).
         calibrated_threshold, calibrated_n, calibrated_alpha: the calibrated-l2 check (§5.1).
         flag_rate: share of real held-out images a calibrated threshold may flag (None: the audit's).
+        decoded: for a model with a decoder, also compare with the members' own decodings.
         max_cases: extracted cases kept (on local disk) for the report's grid.
     """
 
@@ -509,37 +619,55 @@ class ExtractionAttack(AuditPlugin):
         calibrated_n: int = 50,
         calibrated_alpha: float = 0.5,
         flag_rate: float | None = None,
+        decoded: bool = True,
         max_cases: int = 16,
     ) -> None:
         self.tau, self.min_clique, self.delta, self.tile_size = tau, min_clique, delta, tile_size
         self.calibrated_threshold, self.calibrated_n, self.calibrated_alpha = calibrated_threshold, calibrated_n, calibrated_alpha
-        self.flag_rate, self.max_cases = flag_rate, max_cases
+        self.flag_rate, self.decoded, self.max_cases = flag_rate, decoded, max_cases
 
-    def thresholds(self, context: AuditContext) -> dict[str, Threshold]:
-        """tau, delta and the calibrated-l2 threshold: given, or calibrated on the calibration images.
+    def spaces(self, context: AuditContext) -> list[str]:
+        """``["pixel"]``, and ``"decoded"`` where the model has a decoder and ``decoded`` is on."""
+        return ["pixel", "decoded"] if self.decoded and has_decoder(context) else ["pixel"]
 
-        Computed once per audit for these settings (prompt extraction and detection ask for them too); each caller
-        gets its own copies.
+    def thresholds(self, context: AuditContext, space: str = "pixel") -> dict[str, Threshold]:
+        """tau, delta and the calibrated-l2 threshold of one space: given, or calibrated on the calibration images.
+
+        In the ``decoded`` space the members, the calibration and the held-out images are all passed through the
+        model's round trip. Computed once per audit for these settings (prompt extraction and detection ask for them
+        too); each caller gets its own copies.
         """
+        if space not in SPACES:
+            raise ValueError(f"extraction space must be one of {SPACES}, got {space!r}")
         rate = self.flag_rate if self.flag_rate is not None else context.flag_rate
-        key = ("extraction thresholds", self.tau, self.delta, self.calibrated_threshold, rate, self.tile_size,
+        key = ("extraction thresholds", space, self.tau, self.delta, self.calibrated_threshold, rate, self.tile_size,
                self.calibrated_n, self.calibrated_alpha)
-        return copy.deepcopy(context.memoized(key, lambda: self._thresholds(context, rate)))
+        return copy.deepcopy(context.memoized(key, lambda: self._thresholds(context, rate, space)))
 
-    def _thresholds(self, context: AuditContext, rate: float) -> dict[str, Threshold]:
+    def _images(self, context: AuditContext, which: str, space: str) -> Tensor | None:
+        """The members, calibration or held-out images of a space (None: there are none)."""
+        if which == "members":
+            return context.members if space == "pixel" else round_trip(context, "members")
+        table = getattr(context, which)
+        if table is None or not len(table):
+            return None
+        return table.unit() if space == "pixel" else round_trip(context, which)
+
+    def _thresholds(self, context: AuditContext, rate: float, space: str) -> dict[str, Threshold]:
         from privdiff.distances import nearest_two
 
-        members, shard = context.members, context.shard
+        members, shard = self._images(context, "members", space), context.shard
 
-        def scores(table: ImageTable) -> dict[str, Tensor]:
-            x = table.unit()
+        def scores(x: Tensor) -> dict[str, Tensor]:
             d1, _, _ = nearest_two(x, members, shard=shard)
             cal = calibrated_l2(x, members, n=self.calibrated_n, alpha=self.calibrated_alpha, shard=shard).score
             return {"tau": _tiled_nearest(x, members, self.tile_size), "delta": d1, "calibrated_threshold": cal}
 
-        criteria = {"tau": ("tiled l2 <= tau (clique edge)", True), "delta": ("l2 <= delta (match to a member)", True),
-                    "calibrated_threshold": ("calibrated l2 < threshold", False)}
-        calibration = scores(context.calibration) if context.calibration is not None and len(context.calibration) else None
+        where = "" if space == "pixel" else ", against the members' decodings"
+        criteria = {"tau": (f"tiled l2 <= tau (clique edge{where})", True), "delta": (f"l2 <= delta (match to a member{where})", True),
+                    "calibrated_threshold": (f"calibrated l2 < threshold{where}", False)}
+        calibration_images = self._images(context, "calibration", space)
+        calibration = scores(calibration_images) if calibration_images is not None else None
         out = {}
         for key, (criterion, inclusive) in criteria.items():
             value = getattr(self, key)
@@ -552,51 +680,114 @@ class ExtractionAttack(AuditPlugin):
                 )
             else:
                 out[key] = calibrate(criterion, calibration[key], rate, inclusive=inclusive, published=PUBLISHED[key])
-        if context.heldout is not None and len(context.heldout):
-            for key, held in scores(context.heldout).items():
+        heldout = self._images(context, "heldout", space)
+        if heldout is not None:
+            for key, held in scores(heldout).items():
                 out[key].evaluate(held)
         return out
+
+    def _attack(self, context: AuditContext, space: str, found: Mapping[str, Threshold]) -> _SpaceRun:
+        """Both attacks in one space, and the held-out images each flags with the same samples and thresholds."""
+        samples, shard = context.samples, context.shard
+        members, heldout = self._images(context, "members", space), self._images(context, "heldout", space)
+        tau, delta, cal_t = (found[k].value for k in ("tau", "delta", "calibrated_threshold"))
+        flags = clique_flags(samples, context.sample_labels, tau, self.min_clique, self.tile_size, shard=shard)
+        gf = ExtractionResult(
+            "generate_and_filter", match_flagged(samples, flags, members, delta, shard=shard), int(flags.sum()), len(samples),
+            len(members), {"tau": tau, "min_clique": self.min_clique, "delta": delta, "space": space,
+                           "tile_size": resolve_tile_size(samples.shape[-2], samples.shape[-1], self.tile_size)})
+        cal = calibrated_l2(samples, members, n=self.calibrated_n, alpha=self.calibrated_alpha, shard=shard)
+        hit = cal.score < cal_t
+        cal_result = ExtractionResult(
+            "calibrated_l2", _closest_per_train(cal.nearest_index[hit], hit.nonzero().squeeze(1), cal.nearest_l2[hit], cal.score[hit]),
+            int(hit.sum()), len(samples), len(members),
+            {"threshold": cal_t, "n": self.calibrated_n, "n_used": cal.n, "alpha": self.calibrated_alpha, "space": space})
+        # Evidence for the rank test: a pair's l2 over the sample's scale (its calibrated l2), whichever attack flagged
+        # it. Plain l2 would rank a patch of dark sky, close to every dark member by chance, above a real copy.
+        def evidence(records: list[ExtractionRecord]) -> dict[int, float]:
+            found: dict[int, float] = {}
+            for r in records:
+                _keep_closest(found, {r.train_index: r.distance / max(float(cal.scale[r.sample_index]), 1e-12)})
+            return found
+
+        control: dict[str, dict[int, float]] = {m: {} for m in METHODS}
+        if heldout is not None:
+            control["generate_and_filter"] = evidence(match_flagged(samples, flags, heldout, delta, shard=shard))
+            # The calibrated test against the members is l2 < threshold x the sample's scale (its neighbourhood among the
+            # members); a held-out image passes in a member's place when it is the sample's nearest and within that radius.
+            nb = nearest_neighbors(samples, heldout, k=1, shard=shard)
+            passed = nb.distances[:, 0] < cal_t * cal.scale
+            control["calibrated_l2"] = evidence(_closest_per_train(nb.indices[passed, 0], passed.nonzero().squeeze(1), nb.distances[passed, 0]))
+        return _SpaceRun([gf, cal_result], {r.method: evidence(r.records) for r in (gf, cal_result)}, control)
 
     def run(self, context: AuditContext) -> ExtractionReport:
         from .memorization import by_copies
 
-        samples, members, ids, shard = context.samples, context.members, context.data.members.ids, context.shard
-        found = self.thresholds(context)
-        tau, delta, cal_t = (found[k].value for k in ("tau", "delta", "calibrated_threshold"))
-        summary: dict[str, Any] = {"thresholds": {k: t.to_dict() for k, t in found.items()},
-                                   "reconstruction_floor": reconstruction_floor(context, delta)}
-        results = []
-        if len(samples):
-            gf = generate_and_filter(samples, members, context.sample_labels, tau=tau, min_clique=self.min_clique,
-                                     delta=delta, tile_size=self.tile_size, shard=shard)
-            cal = calibrated_extraction(samples, members, threshold=cal_t, n=self.calibrated_n, alpha=self.calibrated_alpha, shard=shard)
-            results = [gf, cal]
-            summary.update({r.method: _summary(r, ids) for r in results})
+        samples, ids = context.samples, context.data.members.ids
         groups = context.data.group_of()
         reps = sorted(set(groups.tolist()))
-        extracted_members = sorted({i for r in results for i in r.extracted_indices})
+        num_control = len(context.heldout) if context.heldout is not None else 0
+        spaces = self.spaces(context)
+        found = {space: self.thresholds(context, space) for space in spaces}
+        summary: dict[str, Any] = {
+            "spaces": spaces, "thresholds": {k: t.to_dict() for k, t in found["pixel"].items()},
+            "reconstruction_floor": reconstruction_floor(context, found["pixel"]["delta"].value, decoded="decoded" in spaces),
+        }
+        hits: dict[str, dict[int, float]] = {m: {} for m in METHODS}  # member row -> its evidence (see _SpaceRun)
+        control: dict[str, dict[int, float]] = {m: {} for m in METHODS}
+        labelled: list[tuple[ExtractionRecord, str]] = []
+        if len(samples):
+            for space in spaces:
+                ran = self._attack(context, space, found[space])
+                where = summary if space == "pixel" else summary.setdefault(
+                    "decoded", {"thresholds": {k: t.to_dict() for k, t in found[space].items()}})
+                where.update({r.method: _summary(r, ids) for r in ran.results})
+                for method, rows in ran.evidence.items():
+                    _keep_closest(hits[method], rows)
+                for r in ran.results:
+                    labelled += [(rec, r.method if space == "pixel" else f"{r.method} (decoded)") for rec in r.records]
+                for method, rows in ran.control.items():
+                    _keep_closest(control[method], rows)
+
+        def chance(criterion: str, members_hit: dict[int, float], heldout_hit: dict[int, float]) -> ChanceControl:
+            by_group: dict[int, float] = {}
+            _keep_closest(by_group, {int(groups[i]): d for i, d in members_hit.items()})
+            closest_chance = min(heldout_hit.values(), default=math.inf)
+            beyond = sum(1 for d in by_group.values() if d < closest_chance) if num_control else None
+            return ChanceControl(criterion, len(by_group), len(reps), len(heldout_hit), num_control, beyond)
+
+        summary["controls"] = {m: chance(m, hits[m], control[m]).to_dict() for m in METHODS}
+        union_hits: dict[int, float] = {}
+        union_control: dict[int, float] = {}
+        for m in METHODS:
+            _keep_closest(union_hits, hits[m])
+            _keep_closest(union_control, control[m])
+        extracted_members = sorted(union_hits)
         extracted_groups = sorted({int(groups[i]) for i in extracted_members})
         summary["union"] = {
             "extracted": len(extracted_groups), "fraction_of_members": len(extracted_groups) / len(reps),
-            # a criterion that flags a share r of novel real images flags about r * N of N novel samples by chance
-            "chance_flags_per_criterion": max(t.target_rate or 0.0 for t in found.values()) * len(samples) if found else 0.0,
             "num_groups": len(reps), "ids": [ids[i] for i in extracted_groups], "member_ids": [ids[i] for i in extracted_members],
+            "control": chance("union", union_hits, union_control).to_dict(),
+            "control_ids": [context.heldout.ids[i] for i in sorted(union_control)] if num_control else [],
+            # the members a flagged sample lies closer to than to any held-out image: the strongest evidence of copying
+            "beyond_control_ids": sorted(ids[g] for g in {int(groups[i]) for i, d in union_hits.items()
+                                                          if d < min(union_control.values(), default=math.inf)}) if num_control else [],
         }
         copies = context.data.group_copies()[reps]
         position = {g: i for i, g in enumerate(reps)}
         summary["by_copies"] = {str(k): v for k, v in by_copies([position[g] for g in extracted_groups], copies).items()}
-        rates = {f"extraction {k}": t.heldout_rate for k, t in found.items() if t.heldout_rate is not None}
-        grid = self._cases(samples, members, ids, results, context.data.group_copies(), context.data.members.captions)
+        rates = {f"extraction {k}": t.heldout_rate for k, t in found["pixel"].items() if t.heldout_rate is not None}
+        rates.update({f"extraction {k} (decoded)": t.heldout_rate for k, t in found.get("decoded", {}).items() if t.heldout_rate is not None})
+        grid = self._cases(samples, context.members, ids, labelled, context.data.group_copies(), context.data.members.captions)
         return ExtractionReport(summary, rates, grid)
 
-    def _cases(self, samples: Tensor, members: Tensor, ids: list[str], results: list[ExtractionResult], copies: Tensor,
-               captions: list[str] | None = None) -> Cases:
+    def _cases(self, samples: Tensor, members: Tensor, ids: list[str], labelled: list[tuple[ExtractionRecord, str]],
+               copies: Tensor, captions: list[str] | None = None) -> Cases:
         """The closest extracted pair of each extracted member, closest first, at most ``max_cases``."""
         best: dict[int, tuple[ExtractionRecord, str]] = {}
-        for res in results:
-            for r in res.records:
-                if r.train_index not in best or r.distance < best[r.train_index][0].distance:
-                    best[r.train_index] = (r, res.method)
+        for r, method in labelled:
+            if r.train_index not in best or r.distance < best[r.train_index][0].distance:
+                best[r.train_index] = (r, method)
         chosen = sorted(best.values(), key=lambda rm: rm[0].distance)[: self.max_cases]
         shape = (0, *members.shape[1:])
         return Cases(

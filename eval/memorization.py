@@ -9,6 +9,7 @@ the normalisation does not change it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from privdiff.distances import nearest_two
+from privdiff.distances import nearest_neighbors, nearest_two
 from privdiff.shard import Shard
 
+from .controls import ChanceControl, chance_text
 from .plugin import AuditContext, AuditPlugin, Column, Privacy, SummaryResult
-from .thresholds import calibrate, given
+from .thresholds import Threshold, calibrate, given
 
 PUBLISHED = 1 / 3  # Gu et al. 2023
 
@@ -206,14 +208,24 @@ class MemorizationReport(SummaryResult):
 
     def columns(self) -> list[Column]:
         value = self.summary.get("fraction_memorized")
-        return [Column("nn_memorized", "NN-ratio mem.", "fraction of samples whose nearest member is much closer than the second nearest (Gu et al. 2023; threshold from the data)",
-                       value, "—" if value is None else f"{value:.3g}", Privacy.PRIVACY)]
+        text = "—" if value is None else f"{value:.3g}"
+        control = self.summary.get("control")
+        if control:
+            text += f" ({control['flagged']} images{chance_text(control)})"
+        return [Column("nn_memorized", "NN-ratio mem.", "fraction of samples whose nearest member is much closer than the second "
+                       "nearest (Gu et al. 2023; threshold from the data); in brackets the member images they copy beside "
+                       "what the same test gives with held-out images in the members' place",
+                       value, text, Privacy.PRIVACY)]
 
     def scalars(self) -> dict[str, float]:
         return {} if "fraction_memorized" not in self.summary else {"nn_ratio_memorized": float(self.summary["fraction_memorized"])}
 
     def notes(self) -> list[str]:
-        return ["NN-ratio: Gu et al. 2023 (nearest member / nearest member of another group below a threshold taken from the held-out images; the paper's is 1/3)."]
+        notes = ["NN-ratio: Gu et al. 2023 (nearest member / nearest member of another group below a threshold taken from the held-out images; the paper's is 1/3)."]
+        control = self.summary.get("control")
+        if control:
+            notes.append("Control (NN-ratio): " + ChanceControl.from_dict(control).sentence())
+        return notes
 
 
 def grouped_ratio(samples: Tensor, members: Tensor, groups: Tensor, shard: Shard | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -278,6 +290,31 @@ class NNRatioMemorization(AuditPlugin):
                 threshold=threshold.value, ratio=ratio, nearest_index=nearest, nearest_l2=d1, memorized=memorized,
                 matched_indices=matched, num_references=len(set(groups.tolist())),
             ).to_dict()
+            summary["control"] = self._control(context, threshold, groups, nearest, d1, memorized).to_dict()
         summary["thresholds"] = {"threshold": threshold.to_dict()}
         rates = {"memorization NN-ratio": threshold.heldout_rate} if threshold.heldout_rate is not None else {}
         return MemorizationReport(summary, rates)
+
+    @staticmethod
+    def _control(context: AuditContext, threshold: Threshold, groups: Tensor, nearest: Tensor, d1: Tensor, memorized: Tensor) -> ChanceControl:
+        """The member groups matched beside the held-out images matched with them in a member's place.
+
+        A held-out image h in the members' place is matched by a sample x when it is x's nearest image and the ratio
+        l2(x, h) / l2(x, nearest member) passes the same threshold (below 1, the second implies the first).
+        """
+        reps = len(set(groups.tolist()))
+        best: dict[int, float] = {}
+        for i, d in zip(nearest[memorized].tolist(), d1[memorized].tolist()):
+            g = int(groups[i])
+            best[g] = min(best.get(g, math.inf), d)
+        heldout = context.heldout
+        if heldout is None or not len(heldout):
+            return ChanceControl("NN-ratio", len(best), reps, 0, 0)
+        nb = nearest_neighbors(context.samples, heldout.unit(), k=1, shard=context.shard)
+        d_h, h = nb.distances[:, 0], nb.indices[:, 0]
+        passed = threshold.flags(_ratio(d_h, d1))
+        chance: dict[int, float] = {}
+        for i, d in zip(h[passed].tolist(), d_h[passed].tolist()):
+            chance[i] = min(chance.get(i, math.inf), d)
+        closest = min(chance.values(), default=math.inf)
+        return ChanceControl("NN-ratio", len(best), reps, len(chance), len(heldout), sum(1 for d in best.values() if d < closest))

@@ -18,14 +18,16 @@ dropped and not the luck of other draws; its cost is still counted as a screened
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .detection import caption_scores, member_captions
-from .extraction import ExtractionAttack, floor_note, generate_and_filter, lower_bound, reconstruction_floor
+from .controls import ChanceControl, chance_text
+from .detection import caption_scores, member_captions, natural_near_copies
+from .extraction import ExtractionAttack, floor_note, generate_and_filter, lower_bound, reconstruction_floor, round_trip
 from .plugin import AuditContext, AuditPlugin, Cases, Column, Privacy, SummaryResult
 from .thresholds import calibrate
 
@@ -67,10 +69,11 @@ class PromptExtractionReport(SummaryResult):
         extracted = f"{s['extracted']}/{s['searched_member_captions']}"
         if verified:
             extracted += f" ({screen['unscreened_extracted']} unscreened)"
-        extracted += lower_bound(s.get("reconstruction_floor"))
-        cols = [Column("extracted_captions", "captions extracted", "member captions whose generations form a clique that "
-                       "copies the caption's training image (of the captions searched; in brackets, every caption sampled "
-                       "without the screen)", s["extracted"], extracted, Privacy.PRIVACY)]
+        extracted += chance_text(s.get("control")) + lower_bound(s.get("reconstruction_floor"))
+        cols = [Column("extracted_captions", "captions extracted · chance", "member captions whose generations form a clique "
+                       "that copies the caption's training image (of the captions searched; in brackets, every caption "
+                       "sampled without the screen), beside what the held-out captions searched the same way give, scaled "
+                       "to the member captions", s["extracted"], extracted, Privacy.PRIVACY)]
         if s.get("planted_recall") is not None:
             recalled = f"{s['planted_found']}/{s['planted']}"
             if verified:
@@ -100,6 +103,12 @@ class PromptExtractionReport(SummaryResult):
             f"{s['searched_heldout_captions']} held-out captions searched the same way against their own image: "
             f"{s['heldout_flagged']} flagged; {s['heldout_copies_member']} of them return a near-copy of some member instead."
         ]
+        if s.get("control"):
+            notes.append("Control (prompt extraction, by caption): " + ChanceControl.from_dict(s["control"]).sentence("member captions"))
+        if s.get("natural_near_copies"):
+            notes.append(f"{s['natural_near_copies']} groups of near-copies among the members carry different captions (e.g. two "
+                         "photos of one person): natural near-copies, not duplicated image-caption pairs, so they are not "
+                         "counted among the duplicated pairs.")
         floor = floor_note(s.get("reconstruction_floor"))
         if floor:
             notes.append(floor)
@@ -142,6 +151,8 @@ class PromptExtraction(AuditPlugin):
         screen_calibration: held-out calibration captions the screen's threshold is taken from (each costs a score).
         verify_screen: also search every caption without the screen and compare (costs the full search).
         flag_rate: share of held-out images tau and delta may flag (None: the audit's).
+        decoded: for a model with a decoder, also confirm a copy against the caption's image's own decoding (with
+            the extraction attack's thresholds of that space), so the decoder's floor does not decide the verdict.
         max_cases: extracted cases kept for the report's grid.
     """
 
@@ -164,6 +175,7 @@ class PromptExtraction(AuditPlugin):
         screen_calibration: int = 100,
         verify_screen: bool = False,
         flag_rate: float | None = None,
+        decoded: bool = True,
         max_cases: int = 16,
     ) -> None:
         if screen not in SCREENS:
@@ -176,7 +188,7 @@ class PromptExtraction(AuditPlugin):
         self.heldout_captions, self.steps, self.tau, self.delta = heldout_captions, steps, tau, delta
         self.screen, self.screen_rate, self.screen_seeds, self.verify_screen = screen, screen_rate, screen_seeds, verify_screen
         self.screen_first_steps, self.screen_calibration = screen_first_steps, screen_calibration
-        self.flag_rate, self.max_cases = flag_rate, max_cases
+        self.flag_rate, self.decoded, self.max_cases = flag_rate, decoded, max_cases
 
     def check(self, num_members: int, num_heldout: int) -> None:
         if num_heldout < 1:
@@ -184,31 +196,42 @@ class PromptExtraction(AuditPlugin):
                              "give data.num_heldout > 0")
 
     # -- the search -------------------------------------------------------------------------
-    def _search(self, context: AuditContext, captions: list[str], own: list[Tensor], tau: float, delta: float, seed: int) -> _Search:
-        """Sample every caption ``samples_per_caption`` times; clique, then match to its own images and to any member."""
+    def _search(self, context: AuditContext, captions: list[str], own: dict[str, list[Tensor]], limits: dict[str, tuple[float, float]],
+                seed: int) -> _Search:
+        """Sample every caption ``samples_per_caption`` times; clique, then match to its own images and to any member.
+
+        ``own[space][i]`` are caption i's images in each space (pixels; for a latent model also their decodings) and
+        ``limits[space]`` that space's (tau, delta): a copy is confirmed in whichever space finds it, pixels first.
+        """
         k = self.samples_per_caption
-        members = context.members
         if not captions:
-            empty = torch.empty(0, *members.shape[1:])
+            empty = torch.empty(0, *context.members.shape[1:])
             return _Search([], [], [], empty, torch.empty(0, dtype=torch.long), 0)
         prompts = [c for c in captions for _ in range(k)]
         generated = context.sampler(prompts, seed, self.steps)
         samples = generated.images
         labels = generated.labels if generated.labels is not None else torch.zeros(len(samples), dtype=torch.long)
+        anyone_images = {"pixel": context.members, "decoded": round_trip(context, "members") if "decoded" in own else None}
         # generate() numbers distinct prompts in order of appearance, which is the order of `captions`
         flagged, confirmed, copies_member = [], [], []
-        for i, images in enumerate(own):
+        for i in range(len(captions)):
             rows = (labels == i).nonzero().squeeze(1)
             group = samples[rows]
-            mine = anyone = None
-            if len(group) >= self.min_clique:
-                mine = generate_and_filter(group, images, None, tau=tau, min_clique=self.min_clique, delta=delta)
-                anyone = generate_and_filter(group, members, None, tau=tau, min_clique=self.min_clique, delta=delta)
-            best = min(mine.records, key=lambda r: r.distance) if mine is not None and mine.records else None
-            flagged.append(mine is not None and mine.num_samples_flagged > 0)
-            confirmed.append(None if best is None else {"image": best.train_index, "distance": best.distance,
-                                                        "sample": int(rows[best.sample_index])})
-            copies_member.append(anyone is not None and bool(anyone.records))
+            hit, clique, anyone = None, False, False
+            for space, images in own.items():
+                if len(group) < self.min_clique:
+                    break
+                tau, delta = limits[space]
+                mine = generate_and_filter(group, images[i], None, tau=tau, min_clique=self.min_clique, delta=delta)
+                clique |= mine.num_samples_flagged > 0
+                anyone |= bool(generate_and_filter(group, anyone_images[space], None, tau=tau, min_clique=self.min_clique,
+                                                   delta=delta).records)
+                if hit is None and mine.records:
+                    best = min(mine.records, key=lambda r: r.distance)
+                    hit = {"image": best.train_index, "distance": best.distance, "sample": int(rows[best.sample_index]), "space": space}
+            flagged.append(clique)
+            confirmed.append(hit)
+            copies_member.append(anyone)
         calls = generated.num_drawn * (self.steps or context.steps) * context.model.calls_per_sampling_step
         return _Search(flagged, confirmed, copies_member, samples, labels, calls)
 
@@ -218,17 +241,23 @@ class PromptExtraction(AuditPlugin):
             return None
         if context.heldout is None or context.heldout.captions is None or context.calibration is None:
             raise ValueError("prompt_extraction needs held-out images with captions (data.num_heldout > 0)")
-        found = ExtractionAttack(tau=self.tau, delta=self.delta, flag_rate=self.flag_rate).thresholds(context)
-        tau, delta = found["tau"].value, found["delta"].value
+        attack = ExtractionAttack(tau=self.tau, delta=self.delta, flag_rate=self.flag_rate, decoded=self.decoded)
+        spaces = attack.spaces(context)
+        found = {space: attack.thresholds(context, space) for space in spaces}
+        limits = {space: (f["tau"].value, f["delta"].value) for space, f in found.items()}
+        tau, delta = limits["pixel"]
         captions, copies, member_rows = member_captions(context)
         if self.max_captions is not None:
             captions, copies, member_rows = captions[: self.max_captions], copies[: self.max_captions], member_rows[: self.max_captions]
-        members = context.members
-        own = [members[rows] for rows in member_rows]
         held_rows = list(range(min(self.heldout_captions, len(context.heldout))))
         held_captions = [context.heldout.captions[i] for i in held_rows]
-        held_images = context.heldout.unit()  # converted once, not once per caption
-        held_own = [held_images[[i]] for i in held_rows]
+        own: dict[str, list[Tensor]] = {}
+        held_own: dict[str, list[Tensor]] = {}
+        for space in spaces:
+            members = context.members if space == "pixel" else round_trip(context, "members")
+            held_images = context.heldout.unit() if space == "pixel" else round_trip(context, "heldout")  # converted once
+            own[space] = [members[rows] for rows in member_rows]
+            held_own[space] = [held_images[[i]] for i in held_rows]
 
         screen: dict[str, Any] = {"kind": self.screen}
         chosen = list(range(len(captions)))
@@ -246,10 +275,10 @@ class PromptExtraction(AuditPlugin):
                           screen_calls=scored.calls, screen_calls_spent=scored.calls_spent)
 
         verified = self.screen != "none" and self.verify_screen
-        full = self._search(context, captions, own, tau, delta, context.seed) if verified else None
+        full = self._search(context, captions, own, limits, context.seed) if verified else None
         search = full.restricted(chosen) if full is not None else \
-            self._search(context, [captions[i] for i in chosen], [own[i] for i in chosen], tau, delta, context.seed)
-        held = self._search(context, held_captions, held_own, tau, delta, context.seed + 1)
+            self._search(context, [captions[i] for i in chosen], {sp: [o[i] for i in chosen] for sp, o in own.items()}, limits, context.seed)
+        held = self._search(context, held_captions, held_own, limits, context.seed + 1)
         extracted = {chosen[j]: hit for j, hit in enumerate(search.confirmed) if hit is not None}
         # What the report's grid and records show: the screened search's finds, or, where every caption was also
         # searched (verify_screen), everything the full search recovered (the screen's finds are among them).
@@ -267,9 +296,15 @@ class PromptExtraction(AuditPlugin):
 
         planted = [i for i in range(len(captions)) if int(copies[i]) > 1]
         planted_found = sum(1 for i in planted if i in extracted)
+        heldout_hits = [hit["distance"] for hit in held.confirmed if hit is not None]
+        # Distances of different spaces are not comparable: the rank test reads them only where one space was searched.
+        closest_chance = min(heldout_hits, default=math.inf)
+        beyond = sum(1 for hit in extracted.values() if hit["distance"] < closest_chance) if len(spaces) == 1 else None
+        control = ChanceControl("prompt extraction", len(extracted), len(captions), len(heldout_hits), len(held_captions), beyond)
         summary: dict[str, Any] = {
             "samples_per_caption": self.samples_per_caption, "min_clique": self.min_clique, "tau": tau, "delta": delta,
-            "thresholds": {k: found[k].to_dict() for k in ("tau", "delta")},
+            "spaces": spaces, "control": control.to_dict(), "natural_near_copies": natural_near_copies(context),
+            "thresholds": {k: found["pixel"][k].to_dict() for k in ("tau", "delta")},
             "searched_member_captions": len(captions), "sampled_member_captions": len(chosen),
             "extracted": len(extracted), "flagged": int(sum(search.flagged)),
             "planted": len(planted), "planted_found": planted_found,
@@ -278,14 +313,14 @@ class PromptExtraction(AuditPlugin):
             "heldout_flagged": sum(1 for hit in held.confirmed if hit is not None),
             "heldout_cliques": int(sum(held.flagged)), "heldout_copies_member": int(sum(held.copies_member)),
             "member_calls": search.calls, "heldout_calls": held.calls, "screen": screen,
-            "reconstruction_floor": reconstruction_floor(context, delta),
+            "reconstruction_floor": reconstruction_floor(context, delta, decoded="decoded" in spaces),
             "records": [
                 {"caption": captions[i], "rows": int(copies[i]), "member": context.data.members.ids[member_rows[i][hit["image"]]],
-                 "distance": hit["distance"], "screened": i in extracted}
+                 "distance": hit["distance"], "space": hit["space"], "screened": i in extracted}
                 for i, hit in sorted(shown.items(), key=lambda kv: kv[1]["distance"])
             ],
             "heldout_records": [
-                {"caption": c, "distance": hit["distance"]} for c, hit in zip(held_captions, held.confirmed) if hit is not None
+                {"caption": c, "distance": hit["distance"], "space": hit["space"]} for c, hit in zip(held_captions, held.confirmed) if hit is not None
             ],
         }
         rates = {"prompt extraction (held-out captions)": summary["heldout_flagged"] / len(held_captions)} if held_captions else {}
@@ -301,7 +336,7 @@ class PromptExtraction(AuditPlugin):
             nearest=members[rows] if chosen else torch.empty(shape),
             distance=torch.tensor([float(hit["distance"]) for _, hit in chosen]),
             member_ids=[context.data.members.ids[r] for r in rows],
-            flagged_by=["prompt"] * len(chosen),
+            flagged_by=["prompt" if hit["space"] == "pixel" else "prompt (decoded)" for _, hit in chosen],
             copies=[int(copies[i]) for i, _ in chosen],
             captions=[captions[i] for i, _ in chosen],
         )

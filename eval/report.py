@@ -288,17 +288,29 @@ def _model_text(model: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _saturation_text(sampling: Mapping[str, Any]) -> str:
+    check = sampling.get("solver_check") or {}
+    if check.get("model_saturated"):
+        return " — SATURATED with every solver (" + ", ".join(check["solvers"]) + "): the model's samples, not the solver's"
+    if check.get("sane"):
+        return f" — SATURATED with this solver, not with {', '.join(check['sane'])} on the same weights: change audit.solver"
+    return " — SATURATED: the solver may not fit the model"
+
+
 def details_of(audit: Mapping[str, Any]) -> dict[str, Any]:
     """What the report shows of one run beyond its table row: thresholds, MIA per attack, sampling, data, provenance."""
     thresholds = []
-    for name, plugin in (audit.get("plugins") or {}).items():
-        for key, t in ((audit.get(name) or {}).get("thresholds") or {}).items():
+    found = [(name, (audit.get(name) or {}).get("thresholds") or {}) for name in (audit.get("plugins") or {})]
+    found += [(f"{name} (decoded)", ((audit.get(name) or {}).get("decoded") or {}).get("thresholds") or {}) for name in (audit.get("plugins") or {})]
+    for name, criteria in found:
+        for key, t in criteria.items():
             lo_hi = t.get("heldout_interval") or [None, None]
             thresholds.append({
                 "attack": name, "criterion": t["criterion"], "value": t["value"], "how": t.get("how", t["description"]),
                 "heldout": "—" if t.get("heldout_rate") is None else f"{t['heldout_rate']:.1%} [{lo_hi[0]:.1%}, {lo_hi[1]:.1%}] of {t['num_heldout']}",
                 "published": "—" if t.get("published") is None else f"{t['published']:.4g}",
                 "published_rate": "—" if t.get("published_rate") is None else f"{t['published_rate']:.1%}",
+                "status": t.get("status_text") or "—",
             })
     mia = []
     for attack, r in (audit.get("mia") or {}).items():
@@ -317,7 +329,7 @@ def details_of(audit: Mapping[str, Any]) -> dict[str, Any]:
         "samples / solver": f"{sampling.get('num_samples')} ({sampling.get('num_drawn')} drawn) / {sampling.get('solver')} {sampling.get('steps')} steps",
         "sample sanity": "—" if not sanity else (
             f"{sanity['saturated_low']:.1%} of pixels at 0, {sanity['saturated_high']:.1%} at 1 (members: "
-            f"{sanity['real_saturated_low']:.1%}, {sanity['real_saturated_high']:.1%})" + ("" if sanity["ok"] else " — SATURATED: the solver may not fit the model")
+            f"{sanity['real_saturated_low']:.1%}, {sanity['real_saturated_high']:.1%})" + ("" if sanity["ok"] else _saturation_text(sampling))
         ),
         "model": _model_text(audit.get("model") or {}),
         "members (groups of near-copies) / training rows": f"{data.get('num_members')} ({data.get('num_member_groups', data.get('num_members'))}) / {data.get('num_train_rows')}",
@@ -339,8 +351,8 @@ def _markdown(title: str, table: str, notes: list[str], details: Mapping[str, An
         lines += ["", f"## {name}" + (f" ([report]({links[name]}))" if name in links else ""), ""]
         lines += [f"- {k}: {v}" for k, v in d["facts"].items()]
         if d["thresholds"]:
-            lines += ["", "| attack | criterion | threshold | how | held-out flagged [95%] | published | its rate |", "|---|---|---|---|---|---|---|"]
-            lines += [f"| {t['attack']} | {t['criterion']} | {t['value']:.4g} | {t['how']} | {t['heldout']} | {t['published']} | {t['published_rate']} |"
+            lines += ["", "| attack | criterion | threshold | how | held-out flagged [95%] | the asked rate | published | its rate |", "|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {t['attack']} | {t['criterion']} | {t['value']:.4g} | {t['how']} | {t['heldout']} | {t['status']} | {t['published']} | {t['published_rate']} |"
                       for t in d["thresholds"]]
         if d["mia"]:
             lines += ["", "| MIA attack | AUC [95%] | TPR [95%] | verdict | chosen on the other half |", "|---|---|---|---|---|"]
@@ -416,8 +428,8 @@ def _html(
         link = f" <a href='{html.escape(links[name])}'>(its report)</a>" if name in links else ""
         facts = _html_table(["", ""], [[k, v] for k, v in d["facts"].items()])
         thr = "" if not d["thresholds"] else "<h3>Thresholds</h3>" + _html_table(
-            ["attack", "criterion", "threshold", "how it was obtained", "held-out flagged [95%]", "published", "its rate"],
-            [[t["attack"], t["criterion"], f"{t['value']:.4g}", t["how"], t["heldout"], t["published"], t["published_rate"]] for t in d["thresholds"]],
+            ["attack", "criterion", "threshold", "how it was obtained", "held-out flagged [95%]", "the asked rate", "published", "its rate"],
+            [[t["attack"], t["criterion"], f"{t['value']:.4g}", t["how"], t["heldout"], t["status"], t["published"], t["published_rate"]] for t in d["thresholds"]],
         )
         mia = "" if not d["mia"] else "<h3>Membership inference</h3>" + _html_table(
             ["attack", "AUC [95%]", "TPR [95%]", "verdict", "chosen on the other half"],

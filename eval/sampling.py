@@ -155,3 +155,28 @@ def sample_sanity(samples: torch.Tensor, real: torch.Tensor) -> dict:
     ok = low - real_low <= SATURATION_EXCESS and high - real_high <= SATURATION_EXCESS
     return {"saturated_low": low, "saturated_high": high, "real_saturated_low": real_low, "real_saturated_high": real_high,
             "excess_limit": SATURATION_EXCESS, "ok": ok}
+
+
+def solver_sanity(
+    model: DiffusionModel,
+    solvers: Sequence[str],
+    real: torch.Tensor,
+    *,
+    num_samples: int = 32,
+    steps: int = 50,
+    prompts: Sequence[str] | None = None,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """:func:`sample_sanity` of a few samples from each solver on the same weights (no defenses).
+
+    Saturated samples are the solver's fault only when another solver on the same weights gives sane ones; where
+    every solver saturates, the model does (measured on a text-to-image model of colour photographs: 16-23% of
+    pixels at 1 with ancestral, DDIM and DPM-Solver++ alike).
+    """
+    out = {}
+    for solver in solvers:
+        drawn = generate(model, num_samples, solver=solver, steps=min(steps, 20) if solver == "dpmsolver++" else steps,
+                         batch_size=num_samples, prompts=list(prompts[:num_samples]) if prompts is not None else None,
+                         seed=seed, progress=False)
+        out[solver] = sample_sanity(drawn.images, real)
+    return out

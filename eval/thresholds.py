@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Threshold", "calibrate", "flag_rate"]
+__all__ = ["Threshold", "calibrate", "flag_rate", "heldout_needed"]
 
 DEFAULT_RATE = 0.01
 
@@ -35,6 +35,17 @@ def _interval(flagged: int, n: int, confidence: float = 0.95) -> tuple[float, fl
 
     ci = binomtest(flagged, n).proportion_ci(confidence_level=confidence, method="exact")
     return (float(ci.low), float(ci.high))
+
+
+def heldout_needed(rate: float, confidence: float = 0.95) -> int:
+    """Held-out images a criterion must flag none of for its exact interval to show a flag rate <= ``rate``.
+
+    The upper end of the two-sided Clopper-Pearson interval of 0 of n is ``1 - ((1 - confidence) / 2) ** (1 / n)``;
+    this is the smallest n that brings it to ``rate`` (368 for 1% at 95%).
+    """
+    if not 0 < rate < 1:
+        raise ValueError(f"a flag rate must be in (0, 1), got {rate}")
+    return math.ceil(math.log((1 - confidence) / 2) / math.log1p(-rate))
 
 
 def flag_rate(scores: Tensor, threshold: float, inclusive: bool) -> tuple[int, int]:
@@ -69,6 +80,28 @@ class Threshold:
     published_interval: tuple[float, float] | None = None
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def status(self) -> str | None:
+        """Whether the measured false-flag rate shows the asked one: ``within`` (its interval lies at or below it),
+        ``above`` (beyond its interval), ``unresolved`` (the interval holds both), None before :meth:`evaluate` or
+        for a threshold set in the config (it asked no rate)."""
+        if self.target_rate is None or self.heldout_interval is None or not self.num_heldout:
+            return None
+        lo, hi = self.heldout_interval
+        if lo > self.target_rate:
+            return "above"
+        return "within" if hi <= self.target_rate else "unresolved"
+
+    def status_text(self) -> str:
+        """The status in words, with the held-out images an unresolved one would need."""
+        status = self.status
+        if status == "unresolved":
+            return (f"unresolved: {self.num_heldout} held-out images cannot show <= {self.target_rate:.1%} "
+                    f"(needs {heldout_needed(self.target_rate)} flagging none)")
+        if status == "above":
+            return f"above the asked {self.target_rate:.1%}"
+        return "within the asked rate" if status == "within" else "—"
+
     def flags(self, scores: Tensor) -> Tensor:
         return scores <= self.value if self.inclusive else scores < self.value
 
@@ -93,7 +126,8 @@ class Threshold:
             return (f"calibrated to flag at most {self.target_rate:.1%} of {self.num_calibration} held-out calibration images "
                     f"({self.flagged_in_calibration} flagged)")
         return (f"the strictest the data support: {self.num_calibration} calibration images cannot resolve "
-                f"{self.target_rate:.1%} (it needs {math.ceil(1 / self.target_rate)}), so it flags none of them")
+                f"{self.target_rate:.1%} (it needs {math.ceil(1 / self.target_rate)}), so it flags none of them and is "
+                f"expected to flag about 1/{self.num_calibration + 1} = {1 / (self.num_calibration + 1):.1%} of other novel images")
 
     def describe(self) -> str:
         """The value, how it was obtained and its false-flag rates, in one sentence for the report."""
@@ -101,12 +135,15 @@ class Threshold:
         if self.heldout_rate is not None:
             lo, hi = self.heldout_interval
             text += f"; flags {self.heldout_rate:.1%} [{lo:.1%}, {hi:.1%}] of {self.num_heldout} other held-out images"
+            if self.status in ("unresolved", "above"):
+                text += f" ({self.status_text()})"
         if self.published is not None and self.published_rate is not None:
             text += f"; the published {self.published:g} would flag {self.published_rate:.1%}"
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "how": self.how(), "description": self.describe()}
+        return {**asdict(self), "how": self.how(), "description": self.describe(), "status": self.status,
+                "status_text": self.status_text()}
 
 
 def calibrate(

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from privdiff.eval.audit import AuditCallback, AuditConfig
-from privdiff.train.callbacks import StepProgressBar, TidyResume
+from privdiff.train.callbacks import FinalCheckpoint, StepProgressBar, TidyResume
 from privdiff.train.checkpoint_io import SafeCheckpointIO
 from privdiff.train.data import DiffusionDataModule
 from privdiff.train.loggers import LoggingOptions, build_loggers
@@ -60,7 +60,7 @@ class PrivdiffCLI(LightningCLI):
         callbacks = list(configured) if isinstance(configured, (list, tuple)) else [configured]
         if trainer_config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())
-        kwargs["callbacks"] = [*callbacks, TidyResume()]
+        kwargs["callbacks"] = [*callbacks, TidyResume(), FinalCheckpoint()]
         trainer = super().instantiate_trainer(**kwargs)
         audit = self._get(self.config_init, "audit")
         if audit is not None:

@@ -514,6 +514,9 @@ class Calibrated:
         nearest_l2: (N,) plain l2 to that reference.
         n: number of nearest references averaged in the denominator (``min(n, M)``).
         alpha: the calibration factor used.
+        scale: (N,) each sample's denominator, ``alpha`` x its mean l2 to the ``n`` nearest references: the
+            score is ``l2 / scale``, so any other image within ``threshold x scale`` of the sample passes the
+            same test (what a control with other references in the members' place applies).
     """
 
     score: Tensor
@@ -521,6 +524,7 @@ class Calibrated:
     nearest_l2: Tensor
     n: int
     alpha: float
+    scale: Tensor | None = None
 
     def to_dict(self) -> dict:
         """JSON-able copy (lists of python numbers)."""
@@ -577,4 +581,4 @@ def calibrated_l2(
     d1 = nb.distances[:, 0]
     denom = alpha * nb.distances.mean(dim=1)
     score = torch.where(denom > 0, d1 / denom.clamp(min=torch.finfo(denom.dtype).tiny), torch.zeros_like(d1))
-    return Calibrated(score=score, nearest_index=nb.indices[:, 0], nearest_l2=d1, n=n_used, alpha=float(alpha))
+    return Calibrated(score=score, nearest_index=nb.indices[:, 0], nearest_l2=d1, n=n_used, alpha=float(alpha), scale=denom)

@@ -209,7 +209,7 @@ def test_the_readme_command_with_no_audit_file_flags_at_most_the_asked_share_of_
                  "--run_dir", str(tmp_path)])
     audit = json.loads((tmp_path / "audit.json").read_text())
     check = audit["threshold_check"]
-    assert check["ok"] and check["num_heldout"] == 200 and audit["data"]["num_calibration"] == 200
+    assert not check["too_loose"] and check["num_heldout"] == 200 and audit["data"]["num_calibration"] == 200
     for criterion, rate in check["heldout_flag_rate"].items():
         assert _interval(round(rate * 200), 200)[0] <= 0.01, (criterion, rate)
     thresholds = {**audit["extraction"]["thresholds"], **audit["memorization"]["thresholds"]}

@@ -110,7 +110,7 @@ def test_a_toy_attack_added_by_config_alone_gets_its_column(tmp_path, monkeypatc
     assert audit["config"]["attacks"]["brightness"] == {"class_path": "toy_attacks.BrightnessMetric", "init_args": {"scale": 2.0}}
     markdown = (tmp_path / "run" / "report.md").read_text()
     header = markdown.splitlines()[2]
-    assert "| extracted | mean brightness |" in header and f"{audit['brightness']['mean']:.3f}" in markdown
+    assert "| extracted · chance | mean brightness |" in header and f"{audit['brightness']['mean']:.3f}" in markdown
 
 
 # -- any defense's guarantee reaches the ε column -----------------------------------------------------

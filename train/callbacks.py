@@ -45,6 +45,22 @@ class StepProgressBar(TQDMProgressBar):
             bar.refresh()
 
 
+class FinalCheckpoint(pl.Callback):
+    """Save ``last.ckpt`` at the final step when training ends.
+
+    Lightning's ModelCheckpoint with ``every_n_train_steps`` saves ``last.ckpt`` at the last multiple of it: a run of
+    160 steps saved every 50 left step 150 as "last", and ``--ckpt_path last`` after it trained steps 151-160
+    again (released already by the export) without counting them. Here the last checkpoint is the final step.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+                path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+                trainer.save_checkpoint(path)  # every process calls it; the strategy writes once
+                callback.last_model_path = str(path)
+
+
 _TEMP_CHECKPOINT = re.compile(r"^\..+\.(\d+)\.tmp$")  # SafeCheckpointIO's temporary files: .NAME.PID.tmp
 
 

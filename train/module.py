@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,6 +20,7 @@ from ..defenses.base import DEFENSES_RECORD, Defense, DefenseStack, as_stack
 from .denoiser import unwrap
 from .pixel import PixelDiffusion
 
+RELEASED_LEDGER = "released.json"
 WRAPPED = "._module."  # how Opacus's GradSampleModule (a defense's wrapper) names the module it wraps
 
 
@@ -124,6 +127,8 @@ class DiffusionModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.ema.to(self.device)
+        if not self.trainer.ckpt_path and self.trainer.is_global_zero:
+            self._ledger.unlink(missing_ok=True)  # a new run in this folder: no step of it was released yet
         # What the model needs from data before diffusion training (a latent model's autoencoder),
         # from images of the source that are neither members nor held out.
         dm = self.trainer.datamodule
@@ -142,11 +147,34 @@ class DiffusionModule(pl.LightningModule):
         # Here rather than in on_fit_end, which Lightning calls after the callbacks' (the audit's):
         # the model and what the defenses spent are on disk before anything can fail in the audit.
         if self.trainer.is_global_zero:
+            self._note_released(self.trainer.global_step)
             self.export(self.export_path)
             self.defenses.record().save(Path(self.trainer.default_root_dir) / DEFENSES_RECORD)
 
+    # -- released steps ------------------------------------------------------------------------
+    # The ledger of the last step whose weights left the process (a checkpoint written, the export): a resume from
+    # an earlier checkpoint trains those steps again, and the defenses must count their first run too.
+    @property
+    def _ledger(self) -> Path:
+        return Path(self.trainer.default_root_dir) / RELEASED_LEDGER
+
+    def _released(self) -> int:
+        try:
+            return int(json.loads(self._ledger.read_text())["global_step"])
+        except (FileNotFoundError, KeyError, ValueError):
+            return 0
+
+    def _note_released(self, step: int) -> None:
+        if step > self._released():
+            self._ledger.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._ledger.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"global_step": int(step)}))
+            os.replace(tmp, self._ledger)
+
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.trainer.is_global_zero:
+            self._note_released(int(checkpoint.get("global_step", self.trainer.global_step)))
         checkpoint["ema"] = self.ema.state_dict()
         checkpoint["defenses"] = self.defenses.state_dict()
         # A defense's wrapper renames the wrapped module's parameters: store the plain names only.
@@ -155,7 +183,10 @@ class DiffusionModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
-        self.defenses.resume(checkpoint.get("defenses", {}), int(checkpoint.get("global_step", 0)))
+        steps_done = int(checkpoint.get("global_step", 0))
+        redone = max(0, self._released() - steps_done)
+        for said in self.defenses.resume(checkpoint.get("defenses", {}), steps_done, redone):
+            rank_zero_info(f"privdiff: resuming at step {steps_done} after step {steps_done + redone} was released: {said}")
         if unwrap(self.diffusion.trainable) is not self.diffusion.trainable:
             plain, wrapped = "diffusion.trainable.", "diffusion.trainable" + WRAPPED
             checkpoint["state_dict"] = {

@@ -174,40 +174,81 @@ def test_validation():
         calibrated_extraction(x, x, threshold=0)
 
 
-def test_extraction_counts_are_called_lower_bounds_where_the_models_decoder_cannot_reach_the_members():
-    from privdiff.eval.extraction import ExtractionAttack
-    from privdiff.eval.plugin import AuditContext, AuditData
+class Decoder:
+    """A model whose decoder returns its latent shifted by ``offset`` (0: a pixel model)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return (z + self.offset).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def digit_split():
     from privdiff.train.data import load_builtin
 
-    class Decoder:
-        """A model whose decoder returns its latent shifted by ``offset`` (0: a pixel model)."""
-
-        device = torch.device("cpu")
-
-        def __init__(self, offset: float) -> None:
-            self.offset = offset
-
-        def encode(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
-        def decode(self, z: torch.Tensor) -> torch.Tensor:
-            return (z + self.offset).clamp(0, 1)
-
     pool = load_builtin("digits", 16, 1)
-    members, calibration, heldout = pool.select(range(64)), pool.select(range(64, 264)), pool.select(range(264, 464))
-    samples = members.unit()[:4].repeat_interleave(6, 0)  # 4 members, each copied 6 times
-    attack = ExtractionAttack(min_clique=5)
+    return pool.select(range(64)), pool.select(range(64, 264)), pool.select(range(264, 464)), pool.select(range(464, 1464))
 
-    def run(offset: float):
-        context = AuditContext(model=Decoder(offset), data=AuditData(members, heldout, torch.ones(64, dtype=torch.long)),
-                               samples=samples, calibration=calibration, heldout=heldout)
-        return attack.run(context)
 
-    exact = run(0.0)
+def _run(attack, model, split, samples):
+    from privdiff.eval.plugin import AuditContext, AuditData
+
+    members, calibration, heldout, _ = split
+    context = AuditContext(model=model, data=AuditData(members, heldout, torch.ones(len(members), dtype=torch.long)),
+                           samples=samples, calibration=calibration, heldout=heldout)
+    return attack.run(context)
+
+
+def test_a_latent_copy_is_confirmed_through_the_decoder_and_a_count_without_it_is_a_lower_bound_per_member(digit_split):
+    from privdiff.eval.extraction import ExtractionAttack
+
+    members = digit_split[0]
+    exact = _run(ExtractionAttack(min_clique=5), Decoder(0.0), digit_split, members.unit()[:4].repeat_interleave(6, 0))
     assert exact.summary["union"]["extracted"] == 4 and exact.summary["reconstruction_floor"]["beyond_delta"] == 0
-    assert exact.columns()[0].text == "4 (6.2%)" and not any("decoder" in n for n in exact.notes())
-    blurred = run(0.3)  # every decoding lies 0.3 (before clipping) from its member, far beyond delta
-    floor = blurred.summary["reconstruction_floor"]
-    assert floor["beyond_delta"] == 64 and floor["median_l2"] > floor["delta"]
-    assert blurred.columns()[0].text.endswith(", lower bound")
-    assert any("64 of 64 checked lie farther than delta" in n for n in blurred.notes())
+    assert exact.summary["spaces"] == ["pixel"]  # a pixel model's round trip is the identity: one space
+    assert exact.columns()[0].text.startswith("4 (6.2%) · chance 0.0 [0.0, ") and not any("decoder" in n for n in exact.notes())
+
+    blurred = Decoder(0.3)  # every decoding lies 0.3 (before clipping) from its member, far beyond delta
+    latent_copies = blurred.decode(blurred.encode(members.unit()[:4])).repeat_interleave(6, 0)
+    blind = _run(ExtractionAttack(min_clique=5, decoded=False), blurred, digit_split, latent_copies)
+    floor = blind.summary["reconstruction_floor"]
+    assert floor["beyond_delta"] == 64 and floor["unconfirmable"] == 64 and floor["median_l2"] > floor["delta"]
+    assert blind.summary["union"]["extracted"] == 0 and blind.columns()[0].text.endswith(", lower bound")
+    assert any("lower bounds for these 64 members (digits/00000" in n for n in blind.notes())
+
+    seen = _run(ExtractionAttack(min_clique=5), blurred, digit_split, latent_copies)
+    assert seen.summary["spaces"] == ["pixel", "decoded"]
+    assert seen.summary["union"]["extracted"] == 4 and seen.summary["union"]["control"]["above_chance"]
+    assert seen.summary["reconstruction_floor"]["unconfirmable"] == 0 and not seen.columns()[0].text.endswith("lower bound")
+    assert {m for m in seen.cases().flagged_by} <= {"generate_and_filter (decoded)", "calibrated_l2 (decoded)"}
+    assert any("compared with the members' own decodings" in n for n in seen.notes())
+
+
+def test_chance_flags_are_counted_in_the_control_not_presented_as_extractions(digit_split):
+    """Novel samples from the members' own distribution: the members' count stays within what the control gives,
+    and planted copies among them are counted with no more beside them than the control allows."""
+    from privdiff.eval.extraction import ExtractionAttack
+
+    members, _, _, novel = digit_split
+    attack = ExtractionAttack(min_clique=5)
+    chance = _run(attack, Decoder(0.0), digit_split, novel.unit())
+    control = chance.summary["union"]["control"]
+    assert control["num_control"] == 200 and control["num_members"] == 64
+    assert not control["above_chance"] and control["flagged"] <= control["interval"][1] + 1
+    assert "not above" in chance.columns()[0].text
+    planted = torch.cat([members.unit()[:3].repeat_interleave(8, 0), novel.unit()])
+    found = _run(attack, Decoder(0.0), digit_split, planted)
+    union = found.summary["union"]
+    assert {members.ids[i] for i in range(3)} <= set(union["ids"])
+    assert union["extracted"] - 3 <= union["control"]["interval"][1]
+    assert union["control"]["control_flagged"] == control["control_flagged"]  # the copies change nothing held out
+    # 3 of 64 against chance flags of 8 of 200 is no count evidence; exact copies are closer than every chance flag
+    assert union["control"]["p_value"] > 0.05 and union["control"]["beyond_control"] == 3 and union["control"]["above_chance"]
+    assert "3 closer than any held-out · above" in found.columns()[0].text

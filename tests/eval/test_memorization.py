@@ -89,3 +89,26 @@ def test_validation():
     assert by_copies([1], torch.tensor([0, 2, 1]))[0] == {"num_images": 1, "num_extracted": 0, "fraction_extracted": 0.0}
     with pytest.raises(ValueError, match="integer"):
         by_copies([0], torch.tensor([1.0, 2.0]))
+
+
+def test_the_nn_ratio_count_stands_beside_its_control_of_held_out_images() -> None:
+    """Novel digits as samples: the member images they 'copy' by the ratio test stay within what held-out images in
+    the members' place give; three exact copies among them are beyond chance."""
+    from privdiff.eval.memorization import NNRatioMemorization
+    from privdiff.eval.plugin import AuditContext, AuditData
+    from privdiff.train.data import load_builtin
+    from privdiff.train.pixel import PixelDiffusion
+
+    pool = load_builtin("digits", 16, 1)
+    members, calibration, heldout, novel = (pool.select(range(a, b)) for a, b in ((0, 64), (64, 264), (264, 464), (464, 1464)))
+    model = PixelDiffusion(16, 1, block_out_channels=(8, 16), attention_levels=(), num_train_timesteps=100)
+
+    def run(samples: torch.Tensor) -> dict:
+        context = AuditContext(model=model, data=AuditData(members, heldout, torch.ones(64, dtype=torch.long)), samples=samples,
+                               calibration=calibration, heldout=heldout)
+        return NNRatioMemorization().run(context).summary["control"]
+
+    chance = run(novel.unit())
+    assert chance["num_control"] == 200 and chance["num_members"] == 64 and chance["above_chance"] is False
+    copied = run(torch.cat([members.unit()[:3].repeat_interleave(4, 0), novel.unit()]))
+    assert copied["flagged"] >= 3 and copied["beyond_control"] == 3 and copied["above_chance"] is True

@@ -26,7 +26,7 @@ def test_shrunk_compare_writes_every_column_and_reuses_finished_runs(tmp_path, m
     assert set(audits) == {"none", "output_filter"}
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["schema"] == "privdiff.report/2"
-    headers = ["setting", "defense", "ε (δ, accountant)", "FID", "KID", "precision / recall", "extracted", "NN-ratio mem.",
+    headers = ["setting", "defense", "ε (δ, accountant)", "FID", "KID", "precision / recall", "extracted · chance", "NN-ratio mem.",
                "best MIA AUC", "TPR@low FPR", "rows removed", "reject rate", "train time"]
     assert [c["header"] for c in report["columns"].values()] == headers  # the attacks' columns, in config order
     for row in report["rows"]:

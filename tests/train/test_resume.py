@@ -250,3 +250,27 @@ def test_two_dp_runs_with_the_same_seed_draw_different_batches_and_noise(tmp_pat
     wa = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     wb = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert any(not torch.equal(wa[key], wb[key]) for key in wa)
+
+
+def test_a_finished_runs_last_checkpoint_is_its_final_step_and_a_resume_that_trains_released_steps_again_counts_them(tmp_path, monkeypatch) -> None:
+    """Checkpoints every 3 steps, 10 steps: last.ckpt holds step 10, not 9. Resuming from step 9 trains step 10
+    again after its first run was exported: the accountant counts both runs (11 steps), and says so."""
+    monkeypatch.chdir(REPO)
+    args, run = dp_args(tmp_path, defense="configs/defense/dp_sgd.yaml"), tmp_path / "run"
+    first = fit(args, run, 10)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 10 and last["defenses"]["dp_sgd"]["steps"] == 10 == first.model.defenses.find("dp_sgd").steps
+    assert json.loads((run / "released.json").read_text()) == {"global_step": 10}
+
+    again = fit(args, run, 10, "--ckpt_path", "last")  # a finished run resumed: nothing is trained again or counted twice
+    assert again.trainer.global_step == 10 and again.model.defenses.find("dp_sgd").steps == 10
+
+    older = run / "checkpoints" / "step000009.ckpt"
+    assert torch.load(older, weights_only=True)["global_step"] == 9
+    resumed = fit(args, run, 10, "--ckpt_path", str(older))
+    assert resumed.trainer.global_step == 10 and resumed.model.defenses.find("dp_sgd").steps == 11
+    assert json.loads((run / "defenses.json").read_text())["metrics"]["defense/dp_sgd/steps"] == 11
+
+    fresh = fit(args, tmp_path / "fresh", 4)  # a new run's ledger starts empty
+    assert json.loads((tmp_path / "fresh" / "released.json").read_text()) == {"global_step": 4}
+    assert fresh.model.defenses.find("dp_sgd").steps == 4

@@ -1,0 +1,109 @@
+"""Copies through a latent model's decoder, on the built-in faces and photos: a tiny VAE trained on the other source
+reconstructs these images far beyond the copy threshold, so only a comparison with each member's own decoding can
+confirm a latent copy. Prompt extraction's duplicated pairs are one image with one caption, never a near-copy group
+whose captions differ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from privdiff.eval.extraction import ExtractionAttack, round_trip
+from privdiff.eval.plugin import AuditContext, AuditData
+from privdiff.eval.prompt_extraction import PromptExtraction
+from privdiff.eval.sampling import Generated
+from privdiff.eval.thresholds import _interval
+from privdiff.membership import ImageTable
+from privdiff.train.data import load_builtin
+from privdiff.train.latent import LatentTextToImage
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+OTHER = {"faces": "photos", "photos": "faces"}
+
+
+def captioned(table: ImageTable, prefix: str) -> ImageTable:
+    return ImageTable(table.images, table.labels, table.ids, [f"{prefix} number {i}" for i in range(len(table))])
+
+
+def latent_model_and_split(source: str, size: int, channels: int):
+    """A tiny latent model whose VAE learned from the other built-in source; members, calibration, held-out of ``source``."""
+    pool = load_builtin(source, size, channels)
+    rows = torch.randperm(len(pool), generator=torch.Generator().manual_seed(11))
+    members, calibration, heldout = (captioned(pool.select(rows[a:b]), name) for a, b, name in
+                                     ((0, 40, "member"), (40, 70, "calibration"), (70, 100, "held-out")))
+    torch.manual_seed(0)
+    model = LatentTextToImage(image_size=size, channels=channels, vae_block_out_channels=(8, 16), block_out_channels=(8, 16),
+                              attention_head_dim=4, text_width=16, text_layers=1, vae_steps=60, vae_batch_size=32).eval()
+    model.prepare(load_builtin(OTHER[source], size, channels).select(range(100)), members)
+    return model, members, calibration, heldout
+
+
+def context_of(model, members, calibration, heldout, samples, copies=None, groups=None, sampler=None) -> AuditContext:
+    copies = torch.ones(len(members), dtype=torch.long) if copies is None else copies
+    return AuditContext(model=model, data=AuditData(members, heldout, copies, groups=groups), samples=samples,
+                        calibration=calibration, heldout=heldout, sampler=sampler, steps=5)
+
+
+@pytest.mark.parametrize("source,size,channels", [("faces", 24, 1), ("photos", 16, 3)])
+def test_every_members_own_decoding_is_confirmed_and_held_out_decodings_are_flagged_at_the_asked_rate(source, size, channels) -> None:
+    model, members, calibration, heldout = latent_model_and_split(source, size, channels)
+    probe = context_of(model, members, calibration, heldout, torch.empty(0, channels, size, size))
+    attack = ExtractionAttack(min_clique=3)
+    delta = attack.thresholds(probe)["delta"].value
+    floor = ((round_trip(probe, "members") - members.unit()).pow(2).flatten(1).mean(1).sqrt())
+    assert (floor > delta).float().mean() > 0.5  # the decoder's floor lies beyond the pixel copy threshold for most members
+
+    perfect = context_of(model, members, calibration, heldout, round_trip(probe, "members"))
+    found = attack.run(perfect)
+    assert found.summary["spaces"] == ["pixel", "decoded"]
+    assert found.summary["union"]["extracted"] == len(members)  # recall 100%: every member's latent copy is confirmed
+    assert found.summary["union"]["control"]["above_chance"] and found.summary["reconstruction_floor"]["unconfirmable"] == 0
+    assert "lower bound" not in found.columns()[0].text
+
+    novel = context_of(model, members, calibration, heldout, round_trip(probe, "heldout"))
+    chance = attack.run(novel)
+    flagged = chance.summary["decoded"]["calibrated_l2"]["num_samples_flagged"]
+    assert _interval(flagged, len(heldout))[0] <= 0.01, flagged  # held-out decodings: at most the asked rate, within its interval
+    decoded = chance.summary["decoded"]["thresholds"]
+    assert all(t["status"] in ("within", "unresolved") for t in decoded.values())
+    assert not chance.summary["union"]["control"]["above_chance"]
+
+    blind = ExtractionAttack(min_clique=3, decoded=False).run(perfect)
+    assert blind.summary["union"]["extracted"] < len(members) and blind.columns()[0].text.endswith(", lower bound")
+
+
+def test_prompt_extraction_confirms_latent_copies_and_counts_only_same_caption_duplicates_as_pairs() -> None:
+    model, members, calibration, heldout = latent_model_and_split("faces", 24, 1)
+    decoded = context_of(model, members, calibration, heldout, torch.empty(0, 1, 24, 24))
+    own = round_trip(decoded, "members")
+    planted = [0, 1, 2]  # image-caption pairs the training set held 10 times each
+    copies = torch.ones(len(members), dtype=torch.long)
+    copies[planted] = 10
+    groups = torch.arange(len(members))
+    groups[4] = 3  # members 3 and 4: two photos of one person, captioned differently (a natural near-copy group)
+    member_caption = {c: i for i, c in enumerate(members.captions)}
+    noise = torch.Generator().manual_seed(5)
+
+    def sampler(prompts, seed, steps=None):
+        distinct = list(dict.fromkeys(prompts))
+        labels = torch.tensor([distinct.index(p) for p in prompts])
+        images = []
+        for p in prompts:
+            row = member_caption.get(p)
+            if row in planted:  # the model reproduces the pair's latent: its decoding, up to tiny noise
+                images.append((own[row] + 0.002 * torch.randn(own[row].shape, generator=noise)).clamp(0, 1))
+            else:
+                images.append(torch.rand(1, 24, 24, generator=noise))
+        return Generated(torch.stack(images), labels, len(prompts), 0)
+
+    context = context_of(model, members, calibration, heldout, torch.empty(0, 1, 24, 24), copies, groups, sampler)
+    result = PromptExtraction(samples_per_caption=6, min_clique=3, heldout_captions=16, screen="none").run(context)
+    s = result.summary
+    assert s["planted"] == 3 and s["planted_found"] == 3 and s["natural_near_copies"] == 1  # not 0 of 5
+    assert "decoded" in {r["space"] for r in s["records"]} and s["heldout_flagged"] == 0
+    assert s["control"]["flagged"] == 3 and s["control"]["control_flagged"] == 0
+    assert any("natural near-copies" in n for n in result.notes())
+    assert "lower bound" not in result.columns()[1].text
+
+    pixel_only = PromptExtraction(samples_per_caption=6, min_clique=3, heldout_captions=16, screen="none", decoded=False).run(context)
+    assert pixel_only.summary["planted_found"] < 3 and pixel_only.columns()[1].text.endswith("lower bound")
