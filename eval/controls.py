@@ -113,14 +113,18 @@ class ChanceControl:
         return "no control" if above is None else "above chance" if above else "within chance"
 
     def text(self) -> str:
-        """``chance 0.8 [0.0, 4.4] · above (p 0.001)``: the control and the test, for a table cell beside the count."""
+        """``chance 0.8 [0.0, 4.4] · above (p 0.001)``: the control and the tests, for a table cell beside the count
+        (how many members are closer than any held-out image is in :meth:`sentence`)."""
         if self.expected is None:
             return "no control"
         lo, hi = self.interval
-        text = f"chance {self.expected:.1f} [{lo:.1f}, {hi:.1f}]"
-        if self.beyond_control:
-            text += f" · {self.beyond_control} closer than any held-out"
-        return text + f" · {'above' if self.above_chance else 'not above'} (p {self.combined_p_value:.2g})"
+        return f"chance {self.expected:.1f} [{lo:.1f}, {hi:.1f}] · {'above' if self.above_chance else 'not above'} (p {self.combined_p_value:.2g})"
+
+    def verdict_text(self) -> str:
+        """``above chance (p 0.001)``: the verdict alone, for a narrow table cell."""
+        if self.expected is None:
+            return "no control"
+        return f"{'above' if self.above_chance else 'not above'} chance (p {self.combined_p_value:.2g})"
 
     def sentence(self, what: str = "member images") -> str:
         """The comparison in one sentence for the report's notes."""
@@ -148,4 +152,5 @@ class ChanceControl:
     def to_dict(self) -> dict[str, Any]:
         interval = list(self.interval) if self.interval is not None else None  # JSON has no tuples: equal after a round trip
         return {**asdict(self), "expected": self.expected, "interval": interval, "p_value": self.p_value,
-                "rank_p_value": self.rank_p_value, "combined_p_value": self.combined_p_value, "above_chance": self.above_chance, "excess": self.excess, "verdict": self.verdict(), "text": self.text()}
+                "rank_p_value": self.rank_p_value, "combined_p_value": self.combined_p_value, "above_chance": self.above_chance, "excess": self.excess, "verdict": self.verdict(), "text": self.text(),
+                "verdict_text": self.verdict_text()}

@@ -20,7 +20,7 @@ from torch import Tensor
 from privdiff.distances import nearest_neighbors, nearest_two
 from privdiff.shard import Shard
 
-from .controls import ChanceControl, chance_text
+from .controls import ChanceControl
 from .plugin import AuditContext, AuditPlugin, Column, Privacy, SummaryResult
 from .thresholds import Threshold, calibrate, given
 
@@ -211,10 +211,10 @@ class MemorizationReport(SummaryResult):
         text = "—" if value is None else f"{value:.3g}"
         control = self.summary.get("control")
         if control:
-            text += f" ({control['flagged']} images{chance_text(control)})"
+            text += f" · {control['flagged']} image{'' if control['flagged'] == 1 else 's'} · {control['verdict_text']}"
         return [Column("nn_memorized", "NN-ratio mem.", "fraction of samples whose nearest member is much closer than the second "
-                       "nearest (Gu et al. 2023; threshold from the data); in brackets the member images they copy beside "
-                       "what the same test gives with held-out images in the members' place",
+                       "nearest (Gu et al. 2023; threshold from the data); the member images they copy, and whether that "
+                       "exceeds what the same test gives with held-out images in the members' place (see the notes)",
                        value, text, Privacy.PRIVACY)]
 
     def scalars(self) -> dict[str, float]:

@@ -69,11 +69,12 @@ class PromptExtractionReport(SummaryResult):
         extracted = f"{s['extracted']}/{s['searched_member_captions']}"
         if verified:
             extracted += f" ({screen['unscreened_extracted']} unscreened)"
-        extracted += chance_text(s.get("control")) + lower_bound(s.get("reconstruction_floor"))
+        extracted += chance_text(s.get("control")) + lower_bound(s.get("reconstruction_floor"))  # the control: unscreened, where it ran
         cols = [Column("extracted_captions", "captions extracted · chance", "member captions whose generations form a clique "
                        "that copies the caption's training image (of the captions searched; in brackets, every caption "
                        "sampled without the screen), beside what the held-out captions searched the same way give, scaled "
-                       "to the member captions", s["extracted"], extracted, Privacy.PRIVACY)]
+                       "to the member captions (compared with the unscreened count where it ran: held-out captions are "
+                       "never screened)", s["extracted"], extracted, Privacy.PRIVACY)]
         if s.get("planted_recall") is not None:
             recalled = f"{s['planted_found']}/{s['planted']}"
             if verified:
@@ -297,10 +298,12 @@ class PromptExtraction(AuditPlugin):
         planted = [i for i in range(len(captions)) if int(copies[i]) > 1]
         planted_found = sum(1 for i in planted if i in extracted)
         heldout_hits = [hit["distance"] for hit in held.confirmed if hit is not None]
-        # Distances of different spaces are not comparable: the rank test reads them only where one space was searched.
+        # The held-out captions are searched without the screen: their like among the members is the full search where
+        # it ran. Distances of different spaces are not comparable: the rank test reads them only where one space was.
+        compared = shown if full is not None else extracted
         closest_chance = min(heldout_hits, default=math.inf)
-        beyond = sum(1 for hit in extracted.values() if hit["distance"] < closest_chance) if len(spaces) == 1 else None
-        control = ChanceControl("prompt extraction", len(extracted), len(captions), len(heldout_hits), len(held_captions), beyond)
+        beyond = sum(1 for hit in compared.values() if hit["distance"] < closest_chance) if len(spaces) == 1 else None
+        control = ChanceControl("prompt extraction", len(compared), len(captions), len(heldout_hits), len(held_captions), beyond)
         summary: dict[str, Any] = {
             "samples_per_caption": self.samples_per_caption, "min_clique": self.min_clique, "tau": tau, "delta": delta,
             "spaces": spaces, "control": control.to_dict(), "natural_near_copies": natural_near_copies(context),

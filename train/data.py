@@ -26,7 +26,7 @@ from privdiff.model import Batch
 
 from ..defenses.base import Defense, DefenseStack, as_stack
 
-BUILTIN_SOURCES = ("digits", "captioned_digits", "faces", "photos")
+BUILTIN_SOURCES = ("digits", "captioned_digits", "faces", "captioned_faces", "photos", "captioned_photos")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -104,6 +104,19 @@ _SIGNATURE = (
 )
 
 
+def signature(index: int) -> str:
+    """Three words unique to ``index`` (16 x 16 x 8 = 2048 indices): what makes a built-in caption a caption of its own."""
+    a, b, c = _SIGNATURE
+    return f"{a[index % 16]} {b[(index // 16) % 16]} of the {c[(index // 256) % 8]}"
+
+
+def photo_caption(index: int, image: np.ndarray, subject: str) -> str:
+    """A caption for a built-in photograph or face: its subject, its tone (from the pixels) and a signature."""
+    tone = image.astype(np.float64).mean() / 255.0
+    light = "dark" if tone < 0.3 else "bright" if tone > 0.65 else "mid-toned"
+    return f"a {light} photo of {subject}, taken by the {signature(index)}"
+
+
 def digit_caption(index: int, image: np.ndarray, label: int) -> str:
     """A caption for digit ``index``: its class, stroke weight and slant (from the pixels), and a signature
     of three words unique to the index (16 x 16 x 8 = 2048 > 1797 digits), as people caption photos."""
@@ -112,9 +125,7 @@ def digit_caption(index: int, image: np.ndarray, label: int) -> str:
     ys, xs = np.nonzero(ink > 0.5)
     slope = 0.0 if len(xs) < 2 else float(np.polyfit(ys, xs, 1)[0]) if np.ptp(ys) > 0 else 0.0
     slant = "leaning right" if slope < -0.15 else "leaning left" if slope > 0.15 else "upright"
-    a, b, c = _SIGNATURE
-    signature = f"{a[index % 16]} {b[(index // 16) % 16]} of the {c[(index // 256) % 8]}"
-    return f"a {weight} handwritten {DIGIT_NAMES[label]}, {slant}, signed by the {signature}"
+    return f"a {weight} handwritten {DIGIT_NAMES[label]}, {slant}, signed by the {signature(index)}"
 
 
 def load_builtin(name: str, image_size: int, channels: int) -> ImageTable:
@@ -124,6 +135,7 @@ def load_builtin(name: str, image_size: int, channels: int) -> ImageTable:
     ``captioned_digits``: the same digits, each with a caption of its own (:func:`digit_caption`),
     for text-to-image models.
     ``faces``: the 100 face crops of scikit-image's LFW subset (25x25, unlabeled).
+    ``captioned_faces`` / ``captioned_photos``: the same, each with a caption of its own (:func:`photo_caption`).
     ``photos``: 32x32 crops of scikit-image's seven sample photographs (astronaut, cat, coffee,
     rocket, Hubble deep field, a tissue slide, a retina), each photo shrunk to 256 px on its short
     side and cut into a grid; labelled by photo. Real colour photographs, with the near-copies
@@ -139,13 +151,15 @@ def load_builtin(name: str, image_size: int, channels: int) -> ImageTable:
         ids = [f"{name}/{i:05d}" for i in range(len(raw))]
         if name == "captioned_digits":
             captions = [digit_caption(i, image, label) for i, (image, label) in enumerate(zip(raw, labels))]
-    elif name == "faces":
+    elif name in ("faces", "captioned_faces"):
         from skimage.data import lfw_subset
 
         raw = list((lfw_subset()[:100] * 255.0).round().astype(np.uint8))
         labels = [-1] * len(raw)
-        ids = [f"faces/{i:05d}" for i in range(len(raw))]
-    elif name == "photos":
+        ids = [f"{name}/{i:05d}" for i in range(len(raw))]
+        if name == "captioned_faces":
+            captions = [photo_caption(i, image, "a face") for i, image in enumerate(raw)]
+    elif name in ("photos", "captioned_photos"):
         import skimage.data
 
         raw, labels, ids = [], [], []
@@ -158,7 +172,10 @@ def load_builtin(name: str, image_size: int, channels: int) -> ImageTable:
                 for left in range(0, array.shape[1] - 31, 32):
                     raw.append(array[top : top + 32, left : left + 32])
                     labels.append(label)
-                    ids.append(f"photos/{photo}/{top:03d}_{left:03d}")
+                    ids.append(f"{name}/{photo}/{top:03d}_{left:03d}")
+        if name == "captioned_photos":
+            captions = [photo_caption(i, image, f"part of the {PHOTOS[label].replace('_', ' ')} picture")
+                        for i, (image, label) in enumerate(zip(raw, labels))]
     else:
         raise ValueError(f"unknown built-in data set {name!r}; choose one of {BUILTIN_SOURCES}")
     images = [to_uint8_image(Image.fromarray(a), image_size, channels) for a in raw]
@@ -458,7 +475,7 @@ class HeldoutSource:
             same size and channels.
     """
 
-    source: Literal["digits", "captioned_digits", "faces", "photos", "hf", "folder"] = "folder"
+    source: Literal["digits", "captioned_digits", "faces", "captioned_faces", "photos", "captioned_photos", "hf", "folder"] = "folder"
     path: str | None = None
     split: str = "test"
     image_column: str = "image"
@@ -535,7 +552,7 @@ class DiffusionDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        source: Literal["digits", "captioned_digits", "faces", "photos", "hf", "folder"] = "digits",
+        source: Literal["digits", "captioned_digits", "faces", "captioned_faces", "photos", "captioned_photos", "hf", "folder"] = "digits",
         path: str | None = None,
         split: str = "train",
         image_column: str = "image",

@@ -193,3 +193,14 @@ def test_poisson_batches_of_captioned_data_keep_captions_and_may_be_empty(tmp_pa
             sizes.append(len(batch))
             assert batch.cond == [dm.train_set.captions[int(r)] for r in batch.rows]
     assert any(a > 0 and b == 0 for a, b in zip(sizes, sizes[1:]))  # an empty batch after a full one (P(none) ~ 1e-5)
+
+
+def test_the_built_in_faces_and_photos_come_captioned_too_each_image_its_own_caption() -> None:
+    from privdiff.train.data import load_builtin
+
+    for name, count in (("captioned_faces", 100), ("captioned_photos", 552)):
+        table = load_builtin(name, 16, 1)
+        plain = load_builtin(name.removeprefix("captioned_"), 16, 1)
+        assert len(table) == count and len(set(table.captions)) == count and torch.equal(table.images, plain.images)
+        assert all(i.startswith(f"{name}/") for i in table.ids) and plain.captions is None
+    assert load_builtin("captioned_photos", 16, 3).captions[0].startswith("a mid-toned photo of part of the astronaut picture")
