@@ -295,15 +295,12 @@ def threshold_check(results: dict[str, AuditResult], num_heldout: int, limit: fl
     it: too loose for the data; a warning says so) or ``unresolved`` (the interval holds both: 0 of 40 flagged
     cannot show <= 1%; ``needed`` held-out images flagging none could). ``ok`` only when every criterion is within.
     """
-    from .thresholds import _interval, heldout_needed
+    from .thresholds import heldout_needed, rate_status
 
     rates = {k: v for r in results.values() for k, v in r.heldout_flag_rates().items()}
     if not rates:
         return {}
-    status = {}
-    for k, v in rates.items():
-        lo, hi = _interval(round(v * num_heldout), num_heldout)
-        status[k] = "above" if lo > limit else "within" if hi <= limit else "unresolved"
+    status = {k: rate_status(round(v * num_heldout), num_heldout, limit) for k, v in rates.items()}
     too_loose = [k for k, v in status.items() if v == "above"]
     unresolved = [k for k, v in status.items() if v == "unresolved"]
     if too_loose:

@@ -20,15 +20,25 @@ verdict takes the smaller p-value of the two, doubled (Bonferroni).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .thresholds import _interval
 
-__all__ = ["CONTROL_FIELDS", "ChanceControl", "chance_text"]
+__all__ = ["CONTROL_FIELDS", "ChanceControl", "chance_text", "keep_closest"]
 
 SIGNIFICANCE = 0.05
 CONTROL_FIELDS = ("criterion", "flagged", "num_members", "control_flagged", "num_control", "beyond_control")
+
+
+def keep_closest(into: dict[int, float], found: Iterable[tuple[int, float]]) -> dict[int, float]:
+    """Merge ``(key, evidence)`` pairs into ``into``, keeping each key's smallest (strongest) evidence; returns ``into``."""
+    for key, value in found:
+        if value < into.get(key, math.inf):
+            into[key] = value
+    return into
 
 
 def chance_text(control: Mapping[str, Any] | None) -> str:
@@ -56,6 +66,15 @@ class ChanceControl:
     control_flagged: int
     num_control: int
     beyond_control: int | None = None
+
+    @classmethod
+    def of_evidence(cls, criterion: str, members: Mapping[int, float], num_members: int, control: Mapping[int, float],
+                    num_control: int) -> "ChanceControl":
+        """From the flagged member images and held-out images, each with its evidence (smaller = stronger): the counts,
+        and how many members are stronger than every held-out image (None without a control)."""
+        closest_chance = min(control.values(), default=math.inf)
+        beyond = sum(1 for v in members.values() if v < closest_chance) if num_control else None
+        return cls(criterion, len(members), num_members, len(control), num_control, beyond)
 
     @property
     def expected(self) -> float | None:

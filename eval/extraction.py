@@ -25,6 +25,7 @@ from torch import Tensor
 
 from privdiff.distances import (
     DEFAULT_BLOCK_BYTES,
+    Calibrated,
     _check_images,
     _check_pair,
     _pairwise_tiled,
@@ -37,7 +38,7 @@ from privdiff.distances import (
 from privdiff.shard import Shard, check_shard, gather, rows_of
 
 
-from .controls import ChanceControl, chance_text
+from .controls import ChanceControl, chance_text, keep_closest
 from .plugin import AuditContext, AuditPlugin, Cases, Column, Privacy, SummaryResult
 from .thresholds import Threshold, calibrate, given
 
@@ -353,22 +354,20 @@ def generate_and_filter(
     tile_size = resolve_tile_size(samples.shape[-2], samples.shape[-1], tile_size)
 
     flagged = clique_flags(samples, labels, tau, min_clique, tile_size, max_block_bytes=max_block_bytes, shard=shard)
-    sample_idx = flagged.nonzero().squeeze(1)
     records = match_flagged(samples, flagged, references, delta, block_size=block_size, max_block_bytes=max_block_bytes, shard=shard)
-    return ExtractionResult(
-        method="generate_and_filter",
-        records=records,
-        num_samples_flagged=int(sample_idx.numel()),
-        num_samples=int(n),
-        num_references=int(references.shape[0]),
-        params={
-            "tau": float(tau),
-            "min_clique": int(min_clique),
-            "delta": float(delta),
-            "tile_size": tile_size,
-            "grouped_by_label": labels is not None,
-        },
-    )
+    return _clique_result(flagged, records, len(references), {"tau": float(tau), "min_clique": int(min_clique), "delta": float(delta),
+                                                             "tile_size": tile_size, "grouped_by_label": labels is not None})
+
+
+def _clique_result(flagged: Tensor, records: list[ExtractionRecord], num_references: int, params: dict[str, Any]) -> ExtractionResult:
+    return ExtractionResult("generate_and_filter", records, int(flagged.sum()), len(flagged), int(num_references), params)
+
+
+def _calibrated_result(cal: Calibrated, threshold: float, num_references: int, params: dict[str, Any]) -> ExtractionResult:
+    hit = cal.score < threshold
+    records = _closest_per_train(cal.nearest_index[hit], hit.nonzero().squeeze(1), cal.nearest_l2[hit], cal.score[hit])
+    return ExtractionResult("calibrated_l2", records, int(hit.sum()), len(hit), int(num_references),
+                            {"threshold": float(threshold), "n_used": int(cal.n), "alpha": float(cal.alpha), **params})
 
 
 def calibrated_extraction(
@@ -405,17 +404,7 @@ def calibrated_extraction(
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold!r}")
     cal = calibrated_l2(samples, references, n=n, alpha=alpha, block_size=block_size, shard=shard)
-    hit = cal.score < threshold
-    sample_idx = hit.nonzero().squeeze(1)
-    records = _closest_per_train(cal.nearest_index[hit], sample_idx, cal.nearest_l2[hit], cal.score[hit])
-    return ExtractionResult(
-        method="calibrated_l2",
-        records=records,
-        num_samples_flagged=int(sample_idx.numel()),
-        num_samples=int(samples.shape[0]),
-        num_references=int(references.shape[0]),
-        params={"threshold": float(threshold), "n": int(n), "n_used": int(cal.n), "alpha": float(alpha)},
-    )
+    return _calibrated_result(cal, threshold, len(references), {"n": int(n)})
 
 
 # -- the audit plugin ---------------------------------------------------------------------------------
@@ -509,10 +498,24 @@ def round_trip(context: AuditContext, which: str, batch_size: int = 256) -> Tens
     return context.memoized(("round trip", which, batch_size), compute)
 
 
+def space_images(context: AuditContext, which: str, space: str) -> Tensor | None:
+    """The members, calibration or held-out images in [0, 1] of a space: as they are (``pixel``) or through the model's
+    round trip (``decoded``); None where there are none."""
+    if which != "members" and (getattr(context, which) is None or not len(getattr(context, which))):
+        return None
+    if space == "decoded":
+        return round_trip(context, which)
+    return context.members if which == "members" else getattr(context, which).unit()
+
+
+def _floor(context: AuditContext) -> Tensor:
+    """(M,) l2 from each member to the model's decoding of it, once per audit."""
+    return context.memoized("reconstruction floor", lambda: l2(round_trip(context, "members"), context.members.float()))
+
+
 def has_decoder(context: AuditContext) -> bool:
     """Whether the model's decoding changes images (a latent model) rather than being the identity (a pixel model)."""
-    members = context.members
-    return bool(len(members)) and float(l2(round_trip(context, "members"), members.float()).max()) > ROUND_TRIP_TOLERANCE
+    return bool(len(context.members)) and float(_floor(context).max()) > ROUND_TRIP_TOLERANCE
 
 
 def reconstruction_floor(context: AuditContext, delta: float, decoded: bool = False, max_listed: int = 20) -> dict[str, Any]:
@@ -525,8 +528,7 @@ def reconstruction_floor(context: AuditContext, delta: float, decoded: bool = Fa
     can confirm (an extraction count is a lower bound for them), ``unconfirmable_ids`` names the first ``max_listed``.
     A pixel model's floor is 0.
     """
-    members = context.members
-    d = l2(round_trip(context, "members"), members.float())
+    d = _floor(context)
     beyond = (d > delta).nonzero().squeeze(1).tolist()
     unreachable = [] if decoded else beyond
     ids = context.data.members.ids
@@ -564,13 +566,6 @@ def _tiled_nearest(queries: Tensor, members: Tensor, tile_size: int | None, bloc
     tile = _tile_shape(queries, resolve_tile_size(queries.shape[-2], queries.shape[-1], tile_size))
     out = [_pairwise_tiled(queries[i : i + block], members, tile).min(1).values for i in range(0, len(queries), block)]
     return torch.cat(out) if out else torch.empty(0)
-
-
-def _keep_closest(into: dict[int, float], found: Mapping[int, float]) -> None:
-    """Merge ``found`` (row -> distance) into ``into``, keeping each row's smallest distance."""
-    for row, d in found.items():
-        if d < into.get(row, math.inf):
-            into[row] = d
 
 
 @dataclass
@@ -644,19 +639,10 @@ class ExtractionAttack(AuditPlugin):
                self.calibrated_n, self.calibrated_alpha)
         return copy.deepcopy(context.memoized(key, lambda: self._thresholds(context, rate, space)))
 
-    def _images(self, context: AuditContext, which: str, space: str) -> Tensor | None:
-        """The members, calibration or held-out images of a space (None: there are none)."""
-        if which == "members":
-            return context.members if space == "pixel" else round_trip(context, "members")
-        table = getattr(context, which)
-        if table is None or not len(table):
-            return None
-        return table.unit() if space == "pixel" else round_trip(context, which)
-
     def _thresholds(self, context: AuditContext, rate: float, space: str) -> dict[str, Threshold]:
         from privdiff.distances import nearest_two
 
-        members, shard = self._images(context, "members", space), context.shard
+        members, shard = space_images(context, "members", space), context.shard
 
         def scores(x: Tensor) -> dict[str, Tensor]:
             d1, _, _ = nearest_two(x, members, shard=shard)
@@ -666,7 +652,7 @@ class ExtractionAttack(AuditPlugin):
         where = "" if space == "pixel" else ", against the members' decodings"
         criteria = {"tau": (f"tiled l2 <= tau (clique edge{where})", True), "delta": (f"l2 <= delta (match to a member{where})", True),
                     "calibrated_threshold": (f"calibrated l2 < threshold{where}", False)}
-        calibration_images = self._images(context, "calibration", space)
+        calibration_images = space_images(context, "calibration", space)
         calibration = scores(calibration_images) if calibration_images is not None else None
         out = {}
         for key, (criterion, inclusive) in criteria.items():
@@ -680,7 +666,7 @@ class ExtractionAttack(AuditPlugin):
                 )
             else:
                 out[key] = calibrate(criterion, calibration[key], rate, inclusive=inclusive, published=PUBLISHED[key])
-        heldout = self._images(context, "heldout", space)
+        heldout = space_images(context, "heldout", space)
         if heldout is not None:
             for key, held in scores(heldout).items():
                 out[key].evaluate(held)
@@ -689,26 +675,19 @@ class ExtractionAttack(AuditPlugin):
     def _attack(self, context: AuditContext, space: str, found: Mapping[str, Threshold]) -> _SpaceRun:
         """Both attacks in one space, and the held-out images each flags with the same samples and thresholds."""
         samples, shard = context.samples, context.shard
-        members, heldout = self._images(context, "members", space), self._images(context, "heldout", space)
+        members, heldout = space_images(context, "members", space), space_images(context, "heldout", space)
         tau, delta, cal_t = (found[k].value for k in ("tau", "delta", "calibrated_threshold"))
         flags = clique_flags(samples, context.sample_labels, tau, self.min_clique, self.tile_size, shard=shard)
-        gf = ExtractionResult(
-            "generate_and_filter", match_flagged(samples, flags, members, delta, shard=shard), int(flags.sum()), len(samples),
-            len(members), {"tau": tau, "min_clique": self.min_clique, "delta": delta, "space": space,
-                           "tile_size": resolve_tile_size(samples.shape[-2], samples.shape[-1], self.tile_size)})
+        gf = _clique_result(flags, match_flagged(samples, flags, members, delta, shard=shard), len(members),
+                            {"tau": tau, "min_clique": self.min_clique, "delta": delta, "space": space,
+                             "tile_size": resolve_tile_size(samples.shape[-2], samples.shape[-1], self.tile_size)})
         cal = calibrated_l2(samples, members, n=self.calibrated_n, alpha=self.calibrated_alpha, shard=shard)
-        hit = cal.score < cal_t
-        cal_result = ExtractionResult(
-            "calibrated_l2", _closest_per_train(cal.nearest_index[hit], hit.nonzero().squeeze(1), cal.nearest_l2[hit], cal.score[hit]),
-            int(hit.sum()), len(samples), len(members),
-            {"threshold": cal_t, "n": self.calibrated_n, "n_used": cal.n, "alpha": self.calibrated_alpha, "space": space})
+        cal_result = _calibrated_result(cal, cal_t, len(members), {"n": self.calibrated_n, "space": space})
+
         # Evidence for the rank test: a pair's l2 over the sample's scale (its calibrated l2), whichever attack flagged
         # it. Plain l2 would rank a patch of dark sky, close to every dark member by chance, above a real copy.
         def evidence(records: list[ExtractionRecord]) -> dict[int, float]:
-            found: dict[int, float] = {}
-            for r in records:
-                _keep_closest(found, {r.train_index: r.distance / max(float(cal.scale[r.sample_index]), 1e-12)})
-            return found
+            return keep_closest({}, ((r.train_index, r.distance / max(float(cal.scale[r.sample_index]), 1e-12)) for r in records))
 
         control: dict[str, dict[int, float]] = {m: {} for m in METHODS}
         if heldout is not None:
@@ -743,35 +722,27 @@ class ExtractionAttack(AuditPlugin):
                     "decoded", {"thresholds": {k: t.to_dict() for k, t in found[space].items()}})
                 where.update({r.method: _summary(r, ids) for r in ran.results})
                 for method, rows in ran.evidence.items():
-                    _keep_closest(hits[method], rows)
+                    keep_closest(hits[method], rows.items())
                 for r in ran.results:
                     labelled += [(rec, r.method if space == "pixel" else f"{r.method} (decoded)") for rec in r.records]
                 for method, rows in ran.control.items():
-                    _keep_closest(control[method], rows)
+                    keep_closest(control[method], rows.items())
+        hits["union"] = keep_closest({}, ((i, v) for m in METHODS for i, v in hits[m].items()))
+        control["union"] = keep_closest({}, ((i, v) for m in METHODS for i, v in control[m].items()))
+        by_group = {key: keep_closest({}, ((int(groups[i]), v) for i, v in rows.items())) for key, rows in hits.items()}
+        chance = {key: ChanceControl.of_evidence(key, by_group[key], len(reps), control[key], num_control) for key in hits}
 
-        def chance(criterion: str, members_hit: dict[int, float], heldout_hit: dict[int, float]) -> ChanceControl:
-            by_group: dict[int, float] = {}
-            _keep_closest(by_group, {int(groups[i]): d for i, d in members_hit.items()})
-            closest_chance = min(heldout_hit.values(), default=math.inf)
-            beyond = sum(1 for d in by_group.values() if d < closest_chance) if num_control else None
-            return ChanceControl(criterion, len(by_group), len(reps), len(heldout_hit), num_control, beyond)
-
-        summary["controls"] = {m: chance(m, hits[m], control[m]).to_dict() for m in METHODS}
-        union_hits: dict[int, float] = {}
-        union_control: dict[int, float] = {}
-        for m in METHODS:
-            _keep_closest(union_hits, hits[m])
-            _keep_closest(union_control, control[m])
-        extracted_members = sorted(union_hits)
-        extracted_groups = sorted({int(groups[i]) for i in extracted_members})
+        summary["controls"] = {m: chance[m].to_dict() for m in METHODS}
+        extracted_members = sorted(hits["union"])
+        extracted_groups = sorted(by_group["union"])
+        closest_chance = min(control["union"].values(), default=math.inf)
         summary["union"] = {
             "extracted": len(extracted_groups), "fraction_of_members": len(extracted_groups) / len(reps),
             "num_groups": len(reps), "ids": [ids[i] for i in extracted_groups], "member_ids": [ids[i] for i in extracted_members],
-            "control": chance("union", union_hits, union_control).to_dict(),
-            "control_ids": [context.heldout.ids[i] for i in sorted(union_control)] if num_control else [],
+            "control": chance["union"].to_dict(),
+            "control_ids": [context.heldout.ids[i] for i in sorted(control["union"])] if num_control else [],
             # the members a flagged sample lies closer to than to any held-out image: the strongest evidence of copying
-            "beyond_control_ids": sorted(ids[g] for g in {int(groups[i]) for i, d in union_hits.items()
-                                                          if d < min(union_control.values(), default=math.inf)}) if num_control else [],
+            "beyond_control_ids": sorted(ids[g] for g, v in by_group["union"].items() if v < closest_chance) if num_control else [],
         }
         copies = context.data.group_copies()[reps]
         position = {g: i for i, g in enumerate(reps)}

@@ -9,7 +9,6 @@ the normalisation does not change it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from torch import Tensor
 from privdiff.distances import nearest_neighbors, nearest_two
 from privdiff.shard import Shard
 
-from .controls import ChanceControl
+from .controls import ChanceControl, keep_closest
 from .plugin import AuditContext, AuditPlugin, Column, Privacy, SummaryResult
 from .thresholds import Threshold, calibrate, given
 
@@ -303,18 +302,12 @@ class NNRatioMemorization(AuditPlugin):
         l2(x, h) / l2(x, nearest member) passes the same threshold (below 1, the second implies the first).
         """
         reps = len(set(groups.tolist()))
-        best: dict[int, float] = {}
-        for i, d in zip(nearest[memorized].tolist(), d1[memorized].tolist()):
-            g = int(groups[i])
-            best[g] = min(best.get(g, math.inf), d)
+        best = keep_closest({}, ((int(groups[i]), d) for i, d in zip(nearest[memorized].tolist(), d1[memorized].tolist())))
         heldout = context.heldout
         if heldout is None or not len(heldout):
-            return ChanceControl("NN-ratio", len(best), reps, 0, 0)
+            return ChanceControl.of_evidence("NN-ratio", best, reps, {}, 0)
         nb = nearest_neighbors(context.samples, heldout.unit(), k=1, shard=context.shard)
         d_h, h = nb.distances[:, 0], nb.indices[:, 0]
         passed = threshold.flags(_ratio(d_h, d1))
-        chance: dict[int, float] = {}
-        for i, d in zip(h[passed].tolist(), d_h[passed].tolist()):
-            chance[i] = min(chance.get(i, math.inf), d)
-        closest = min(chance.values(), default=math.inf)
-        return ChanceControl("NN-ratio", len(best), reps, len(chance), len(heldout), sum(1 for d in best.values() if d < closest))
+        chance = keep_closest({}, zip(h[passed].tolist(), d_h[passed].tolist()))
+        return ChanceControl.of_evidence("NN-ratio", best, reps, chance, len(heldout))

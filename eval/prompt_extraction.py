@@ -18,7 +18,6 @@ dropped and not the luck of other draws; its cost is still counted as a screened
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch import Tensor
 
 from .controls import ChanceControl, chance_text
 from .detection import caption_scores, member_captions, natural_near_copies
-from .extraction import ExtractionAttack, floor_note, generate_and_filter, lower_bound, reconstruction_floor, round_trip
+from .extraction import ExtractionAttack, floor_note, generate_and_filter, lower_bound, reconstruction_floor, space_images
 from .plugin import AuditContext, AuditPlugin, Cases, Column, Privacy, SummaryResult
 from .thresholds import calibrate
 
@@ -212,7 +211,6 @@ class PromptExtraction(AuditPlugin):
         generated = context.sampler(prompts, seed, self.steps)
         samples = generated.images
         labels = generated.labels if generated.labels is not None else torch.zeros(len(samples), dtype=torch.long)
-        anyone_images = {"pixel": context.members, "decoded": round_trip(context, "members") if "decoded" in own else None}
         # generate() numbers distinct prompts in order of appearance, which is the order of `captions`
         flagged, confirmed, copies_member = [], [], []
         for i in range(len(captions)):
@@ -225,7 +223,7 @@ class PromptExtraction(AuditPlugin):
                 tau, delta = limits[space]
                 mine = generate_and_filter(group, images[i], None, tau=tau, min_clique=self.min_clique, delta=delta)
                 clique |= mine.num_samples_flagged > 0
-                anyone |= bool(generate_and_filter(group, anyone_images[space], None, tau=tau, min_clique=self.min_clique,
+                anyone |= bool(generate_and_filter(group, space_images(context, "members", space), None, tau=tau, min_clique=self.min_clique,
                                                    delta=delta).records)
                 if hit is None and mine.records:
                     best = min(mine.records, key=lambda r: r.distance)
@@ -255,8 +253,8 @@ class PromptExtraction(AuditPlugin):
         own: dict[str, list[Tensor]] = {}
         held_own: dict[str, list[Tensor]] = {}
         for space in spaces:
-            members = context.members if space == "pixel" else round_trip(context, "members")
-            held_images = context.heldout.unit() if space == "pixel" else round_trip(context, "heldout")  # converted once
+            members = space_images(context, "members", space)
+            held_images = space_images(context, "heldout", space)  # converted once, not once per caption
             own[space] = [members[rows] for rows in member_rows]
             held_own[space] = [held_images[[i]] for i in held_rows]
 
@@ -301,9 +299,10 @@ class PromptExtraction(AuditPlugin):
         # The held-out captions are searched without the screen: their like among the members is the full search where
         # it ran. Distances of different spaces are not comparable: the rank test reads them only where one space was.
         compared = shown if full is not None else extracted
-        closest_chance = min(heldout_hits, default=math.inf)
-        beyond = sum(1 for hit in compared.values() if hit["distance"] < closest_chance) if len(spaces) == 1 else None
-        control = ChanceControl("prompt extraction", len(compared), len(captions), len(heldout_hits), len(held_captions), beyond)
+        control = ChanceControl.of_evidence("prompt extraction", {i: hit["distance"] for i, hit in compared.items()}, len(captions),
+                                            dict(enumerate(heldout_hits)), len(held_captions))
+        if len(spaces) > 1:
+            control.beyond_control = None
         summary: dict[str, Any] = {
             "samples_per_caption": self.samples_per_caption, "min_clique": self.min_clique, "tau": tau, "delta": delta,
             "spaces": spaces, "control": control.to_dict(), "natural_near_copies": natural_near_copies(context),

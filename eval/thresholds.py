@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Threshold", "calibrate", "flag_rate", "heldout_needed"]
+__all__ = ["Threshold", "calibrate", "flag_rate", "heldout_needed", "rate_status"]
 
 DEFAULT_RATE = 0.01
 
@@ -46,6 +46,13 @@ def heldout_needed(rate: float, confidence: float = 0.95) -> int:
     if not 0 < rate < 1:
         raise ValueError(f"a flag rate must be in (0, 1), got {rate}")
     return math.ceil(math.log((1 - confidence) / 2) / math.log1p(-rate))
+
+
+def rate_status(flagged: int, n: int, rate: float) -> str:
+    """Whether ``flagged`` of ``n`` shows a flag rate of at most ``rate``: ``within`` (the exact 95% interval lies at or
+    below it), ``above`` (its interval lies beyond it) or ``unresolved`` (the interval holds both)."""
+    lo, hi = _interval(flagged, n)
+    return "above" if lo > rate else "within" if hi <= rate else "unresolved"
 
 
 def flag_rate(scores: Tensor, threshold: float, inclusive: bool) -> tuple[int, int]:
@@ -85,12 +92,9 @@ class Threshold:
         """Whether the measured false-flag rate shows the asked one: ``within`` (its interval lies at or below it),
         ``above`` (beyond its interval), ``unresolved`` (the interval holds both), None before :meth:`evaluate` or
         for a threshold set in the config (it asked no rate)."""
-        if self.target_rate is None or self.heldout_interval is None or not self.num_heldout:
+        if self.target_rate is None or self.heldout_rate is None or not self.num_heldout:
             return None
-        lo, hi = self.heldout_interval
-        if lo > self.target_rate:
-            return "above"
-        return "within" if hi <= self.target_rate else "unresolved"
+        return rate_status(round(self.heldout_rate * self.num_heldout), self.num_heldout, self.target_rate)
 
     def status_text(self) -> str:
         """The status in words, with the held-out images an unresolved one would need."""
