@@ -566,10 +566,18 @@ class DPSGDDefense(Defense):
     def account_redone(self, steps: int) -> str | None:
         """Count ``steps`` released steps the resume trains again: their first run's weights left the process, so
         epsilon covers both runs of them (at the sigma and sample rate they ran with: the history's last)."""
-        history = [tuple(h) for h in self.accountant.history]
-        if steps <= 0 or not history:
+        if steps <= 0:
             return None
-        sigma, rate, _ = history[-1]
+        history = [tuple(h) for h in self.accountant.history]
+        if history:
+            sigma, rate, _ = history[-1]
+        elif self.noise_multiplier is not None and self.sample_rate is not None:
+            sigma, rate = self.noise_multiplier, self.sample_rate
+        else:
+            raise ValueError(
+                f"dp_sgd: {steps} steps after this checkpoint were already released, and the checkpoint holds no DP step to "
+                "tell their sigma and sample rate: resume from the run's last checkpoint (--ckpt_path last), or start a new run"
+            )
         history.append((sigma, rate, int(steps)))
         self.accountant.history = history
         self._ok_until = None

@@ -395,3 +395,14 @@ def test_shipped_config_trains_logs_epsilon_and_a_resume_keeps_the_spent_budget(
     assert resumed.steps == cli.trainer.global_step == 3
     assert resumed.noise_multiplier == d.noise_multiplier and resumed.epsilon() == pytest.approx(eps[-1])
     assert "budget" in resumed.should_stop()
+
+
+def test_released_steps_a_resume_trains_again_are_counted_at_the_rate_they_ran_or_the_resume_is_refused() -> None:
+    d = DPSGDDefense(noise_multiplier=1.0, accountant="rdp")
+    assert d.account_redone(0) is None
+    with pytest.raises(ValueError, match="holds no DP step"):
+        d.account_redone(3)  # nothing tells at which sigma and sample rate the released steps ran
+    d.accountant.history = [(1.0, 0.05, 9)]
+    before = d.epsilon()
+    assert "both runs are counted" in d.account_redone(3)
+    assert d.steps == 12 and [tuple(h) for h in d.accountant.history][-1] == (1.0, 0.05, 3) and d.epsilon() > before
