@@ -426,6 +426,11 @@ class AuditCallback(pl.Callback):
             return
         result["run"]["train_time_s"] = self._train_time
         result["run"]["steps"] = trainer.global_step
+        from .periodic import PeriodicAudit  # the audit through training, when the run has one
+
+        periodic = next((c for c in trainer.callbacks if isinstance(c, PeriodicAudit)), None)
+        if periodic is not None:
+            result["trajectory"] = periodic.summary()
         write_json(run_dir / "audit.json", result)
         for logger in trainer.loggers:
             logger.log_metrics(flat_metrics(result), step=trainer.global_step)

@@ -4,9 +4,10 @@ For the training captions, the most duplicated first, generate many samples per 
 different seeds (through the audit's sampler, so generation-side defenses act), flag a caption whose
 generations hold a dense clique under tiled l2 (the same cliques as
 :func:`privdiff.eval.extraction.generate_and_filter`), then confirm the copy against the training
-image(s) of that caption with plain l2. The thresholds (tau, delta) are the extraction attack's,
-taken from held-out images. Held-out captions are searched the same way, against their own (never
-trained) image: a flag there is a false one.
+image(s) of that caption with plain l2, where that image is also the sample's nearest among the
+members and held-out images (a sample nearer another image copies that one). The thresholds (tau,
+delta) are the extraction attack's, taken from held-out images. Held-out captions are searched the
+same way, against their own (never trained) image: a flag there is a false one.
 
 With ``screen: magnitude`` (or ``one_step``) only the captions whose detection score
 (:mod:`privdiff.eval.detection`) is above a threshold taken from held-out captions are sampled;
@@ -23,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from privdiff.distances import pairwise_l2
 
 from .controls import ChanceControl, chance_text
 from .detection import caption_scores, member_captions, natural_near_copies
@@ -99,7 +102,8 @@ class PromptExtractionReport(SummaryResult):
         notes = [
             f"Prompt extraction (Carlini et al. 2023 Sec. 4): {s['samples_per_caption']} samples per caption, the most duplicated "
             f"captions first; a caption is extracted when its samples hold a clique of {s['min_clique']} under tiled l2 <= "
-            f"tau = {s['tau']:.3g} and the clique lies within l2 delta = {s['delta']:.3g} of the caption's training image. "
+            f"tau = {s['tau']:.3g} and the clique lies within l2 delta = {s['delta']:.3g} of the caption's training image, nearer "
+            "to it than to any other member or held-out image. "
             f"{s['searched_heldout_captions']} held-out captions searched the same way against their own image: "
             f"{s['heldout_flagged']} flagged; {s['heldout_copies_member']} of them return a near-copy of some member instead."
         ]
@@ -196,12 +200,16 @@ class PromptExtraction(AuditPlugin):
                              "give data.num_heldout > 0")
 
     # -- the search -------------------------------------------------------------------------
-    def _search(self, context: AuditContext, captions: list[str], own: dict[str, list[Tensor]], limits: dict[str, tuple[float, float]],
-                seed: int) -> _Search:
+    def _search(self, context: AuditContext, captions: list[str], pool: dict[str, Tensor], own: list[list[int]],
+                limits: dict[str, tuple[float, float]], seed: int) -> _Search:
         """Sample every caption ``samples_per_caption`` times; clique, then match to its own images and to any member.
 
-        ``own[space][i]`` are caption i's images in each space (pixels; for a latent model also their decodings) and
-        ``limits[space]`` that space's (tau, delta): a copy is confirmed in whichever space finds it, pixels first.
+        ``pool[space]`` are the members then the held-out images in each space (pixels; for a latent model also their
+        decodings), ``own[i]`` caption i's rows in it and ``limits[space]`` that space's (tau, delta): a copy is confirmed
+        in whichever space finds it, pixels first. A copy is the caption's only when the clique's sample is no farther
+        from the caption's image than from any other image of the pool: a held-out caption whose generations copy a
+        member that happens to lie within delta of the caption's own image (dark sky beside dark sky, two photos of one
+        person) copies that member, not its image, and the member captions are held to the same test.
         """
         k = self.samples_per_caption
         if not captions:
@@ -217,17 +225,23 @@ class PromptExtraction(AuditPlugin):
             rows = (labels == i).nonzero().squeeze(1)
             group = samples[rows]
             hit, clique, anyone = None, False, False
-            for space, images in own.items():
+            for space, images in pool.items():
                 if len(group) < self.min_clique:
                     break
                 tau, delta = limits[space]
-                mine = generate_and_filter(group, images[i], None, tau=tau, min_clique=self.min_clique, delta=delta)
+                mine = generate_and_filter(group, images[own[i]], None, tau=tau, min_clique=self.min_clique, delta=delta)
                 clique |= mine.num_samples_flagged > 0
-                anyone |= bool(generate_and_filter(group, space_images(context, "members", space), None, tau=tau, min_clique=self.min_clique,
+                anyone |= bool(generate_and_filter(group, images[: len(context.members)], None, tau=tau, min_clique=self.min_clique,
                                                    delta=delta).records)
-                if hit is None and mine.records:
-                    best = min(mine.records, key=lambda r: r.distance)
-                    hit = {"image": best.train_index, "distance": best.distance, "sample": int(rows[best.sample_index]), "space": space}
+                others = torch.ones(len(images), dtype=torch.bool)
+                others[own[i]] = False
+                nearest_other = {r.train_index: float(pairwise_l2(group[[r.sample_index]], images[others]).min()) if others.any()
+                                 else float("inf") for r in mine.records}
+                attributed = [r for r in mine.records if r.distance <= nearest_other[r.train_index]]
+                if hit is None and attributed:
+                    best = min(attributed, key=lambda r: r.distance)
+                    hit = {"image": best.train_index, "distance": best.distance, "sample": int(rows[best.sample_index]), "space": space,
+                           "nearest_other": nearest_other[best.train_index]}
             flagged.append(clique)
             confirmed.append(hit)
             copies_member.append(anyone)
@@ -250,13 +264,11 @@ class PromptExtraction(AuditPlugin):
             captions, copies, member_rows = captions[: self.max_captions], copies[: self.max_captions], member_rows[: self.max_captions]
         held_rows = list(range(min(self.heldout_captions, len(context.heldout))))
         held_captions = [context.heldout.captions[i] for i in held_rows]
-        own: dict[str, list[Tensor]] = {}
-        held_own: dict[str, list[Tensor]] = {}
-        for space in spaces:
-            members = space_images(context, "members", space)
-            held_images = space_images(context, "heldout", space)  # converted once, not once per caption
-            own[space] = [members[rows] for rows in member_rows]
-            held_own[space] = [held_images[[i]] for i in held_rows]
+        # converted once, not once per caption
+        pool = {space: torch.cat([space_images(context, "members", space).float(), space_images(context, "heldout", space).float()])
+                for space in spaces}
+        own = [list(rows) for rows in member_rows]
+        held_own = [[len(context.members) + i] for i in held_rows]
 
         screen: dict[str, Any] = {"kind": self.screen}
         chosen = list(range(len(captions)))
@@ -274,10 +286,10 @@ class PromptExtraction(AuditPlugin):
                           screen_calls=scored.calls, screen_calls_spent=scored.calls_spent)
 
         verified = self.screen != "none" and self.verify_screen
-        full = self._search(context, captions, own, limits, context.seed) if verified else None
+        full = self._search(context, captions, pool, own, limits, context.seed) if verified else None
         search = full.restricted(chosen) if full is not None else \
-            self._search(context, [captions[i] for i in chosen], {sp: [o[i] for i in chosen] for sp, o in own.items()}, limits, context.seed)
-        held = self._search(context, held_captions, held_own, limits, context.seed + 1)
+            self._search(context, [captions[i] for i in chosen], pool, [own[i] for i in chosen], limits, context.seed)
+        held = self._search(context, held_captions, pool, held_own, limits, context.seed + 1)
         extracted = {chosen[j]: hit for j, hit in enumerate(search.confirmed) if hit is not None}
         # What the report's grid and records show: the screened search's finds, or, where every caption was also
         # searched (verify_screen), everything the full search recovered (the screen's finds are among them).
@@ -318,11 +330,12 @@ class PromptExtraction(AuditPlugin):
             "reconstruction_floor": reconstruction_floor(context, delta, decoded="decoded" in spaces),
             "records": [
                 {"caption": captions[i], "rows": int(copies[i]), "member": context.data.members.ids[member_rows[i][hit["image"]]],
-                 "distance": hit["distance"], "space": hit["space"], "screened": i in extracted}
+                 "distance": hit["distance"], "space": hit["space"], "screened": i in extracted,
+                 "nearest_other": hit["nearest_other"]}
                 for i, hit in sorted(shown.items(), key=lambda kv: kv[1]["distance"])
             ],
             "heldout_records": [
-                {"caption": c, "distance": hit["distance"], "space": hit["space"]} for c, hit in zip(held_captions, held.confirmed) if hit is not None
+                {"caption": c, "distance": hit["distance"], "space": hit["space"], "nearest_other": hit["nearest_other"]} for c, hit in zip(held_captions, held.confirmed) if hit is not None
             ],
         }
         rates = {"prompt extraction (held-out captions)": summary["heldout_flagged"] / len(held_captions)} if held_captions else {}

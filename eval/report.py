@@ -246,7 +246,10 @@ def write_report(
     }
     import matplotlib.pyplot as plt
 
-    figures = {"privacy–utility": privacy_utility_figure(rows), **dict(plugin_figures(runs))}
+    from .periodic import trajectory_figure
+
+    figures = {"privacy–utility": privacy_utility_figure(rows), "memorization through training": trajectory_figure(runs),
+               **dict(plugin_figures(runs))}
     figures = {k: f for k, f in figures.items() if f is not None}
     embedded = False
     if embed_training_images and run_dirs:
@@ -370,6 +373,9 @@ def _notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 if name not in said.setdefault(n, []):
                     said[n].append(name)
     notes = [n if len(names) == len(runs) else f"{', '.join(names)}: {n}" for n, names in said.items()]
+    from .periodic import trajectory_notes
+
+    notes += trajectory_notes(runs)
     for name, audit in runs.items():
         for key, value in (audit.get("defense_metrics") or {}).items():
             # A defense without a formal guarantee says what it does give in its "guarantee" metric.

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from privdiff.eval.audit import AuditCallback, AuditConfig
+from privdiff.eval.periodic import PeriodicAudit, PeriodicAuditConfig
 from privdiff.train.callbacks import FinalCheckpoint, StepProgressBar, TidyResume
 from privdiff.train.checkpoint_io import SafeCheckpointIO
 from privdiff.train.data import DiffusionDataModule
@@ -38,6 +39,8 @@ class PrivdiffCLI(LightningCLI):
         parser.add_argument("--run_dir", type=str, default="runs/default", help="Directory of this run (config, manifest, checkpoints, model, audit).")
         parser.add_argument("--logging", type=LoggingOptions, default=LoggingOptions())
         parser.add_argument("--audit", type=Optional[AuditConfig], default=AuditConfig(), help="Audit run after fit (null: none).")
+        parser.add_argument("--periodic_audit", type=Optional[PeriodicAuditConfig], default=None,
+                            help="A light audit every N training steps, its trajectory and the checkpoint to ship (null: none).")
         parser.link_arguments("run_dir", "trainer.default_root_dir")
         parser.link_arguments("run_dir", "data.run_dir")  # one option for the run directory: --run_dir
         parser.link_arguments("data.image_size", "model.diffusion.init_args.image_size")
@@ -60,6 +63,10 @@ class PrivdiffCLI(LightningCLI):
         callbacks = list(configured) if isinstance(configured, (list, tuple)) else [configured]
         if trainer_config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())
+        # Among the trainer's callbacks, which Lightning runs before its checkpoint callbacks: a checkpoint then
+        # holds the periodic audit of its own step.
+        periodic = self._get(self.config_init, "periodic_audit")
+        callbacks += [PeriodicAudit(periodic)] if periodic is not None else []
         kwargs["callbacks"] = [*callbacks, TidyResume(), FinalCheckpoint()]
         trainer = super().instantiate_trainer(**kwargs)
         audit = self._get(self.config_init, "audit")

@@ -107,3 +107,37 @@ def test_prompt_extraction_confirms_latent_copies_and_counts_only_same_caption_d
 
     pixel_only = PromptExtraction(samples_per_caption=6, min_clique=3, heldout_captions=16, screen="none", decoded=False).run(context)
     assert pixel_only.summary["planted_found"] < 3 and pixel_only.columns()[1].text.endswith("lower bound")
+
+
+def test_a_heldout_caption_whose_samples_copy_a_member_near_its_image_is_not_flagged_and_neither_is_a_member_caption() -> None:
+    """Dark sky beside dark sky, two photos of one person: a held-out image within delta of a member. Samples that copy
+    the member lie within delta of the held-out image too, but nearer the member: they copy the member, not it."""
+    model, members, calibration, heldout = latent_model_and_split("faces", 24, 1)
+    noise = torch.Generator().manual_seed(3)
+    images = heldout.images.clone()
+    twin = members.unit()[5]
+    # held-out image 0 is a near-copy of member 5 (on the images' own scale: ImageTable.unit maps them to [0, 1])
+    scale = (heldout.images.float().max() if heldout.images.dtype != torch.uint8 else 255.0)
+    images[0] = ((twin + 0.004 * torch.randn(twin.shape, generator=noise)).clamp(0, 1) * scale).to(images.dtype)
+    heldout = ImageTable(images, heldout.labels, heldout.ids, heldout.captions)
+    member_caption = {c: i for i, c in enumerate(members.captions)}
+    copies_member_5 = {heldout.captions[0], members.captions[7]}  # a held-out caption and another member's caption
+
+    def sampler(prompts, seed, steps=None):
+        distinct = list(dict.fromkeys(prompts))
+        labels = torch.tensor([distinct.index(p) for p in prompts])
+        out = []
+        for p in prompts:
+            if p in copies_member_5:
+                out.append((twin + 0.001 * torch.randn(twin.shape, generator=noise)).clamp(0, 1))
+            elif member_caption.get(p) == 2:  # a member caption that returns its own image
+                out.append((members.unit()[2] + 0.001 * torch.randn(twin.shape, generator=noise)).clamp(0, 1))
+            else:
+                out.append(torch.rand(1, 24, 24, generator=noise))
+        return Generated(torch.stack(out), labels, len(prompts), 0)
+
+    context = context_of(model, members, calibration, heldout, torch.empty(0, 1, 24, 24), sampler=sampler)
+    s = PromptExtraction(samples_per_caption=6, min_clique=3, heldout_captions=8, screen="none").run(context).summary
+    assert float((heldout.unit()[0] - twin).pow(2).mean().sqrt()) < s["delta"]  # the held-out image is within delta of member 5
+    assert s["heldout_flagged"] == 0 and s["heldout_cliques"] >= 1 and s["heldout_copies_member"] >= 1
+    assert [r["member"] for r in s["records"]] == [members.ids[2]]  # member 7's caption copies member 5: not its own image

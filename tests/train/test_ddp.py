@@ -199,12 +199,15 @@ def test_ddp_without_dp_uses_lightnings_sampler_and_writes_the_manifest_once(tmp
 
 @pytest.mark.slow
 def test_shipped_ddp_config_trains_dp_sgd_and_audits_on_two_processes(tmp_path) -> None:
-    """The user's command, with `trainer.strategy: ddp` (Lightning launches the second process)."""
+    """The user's command, with `trainer.strategy: ddp` (Lightning launches the second process); audited every 2 steps too."""
+    (tmp_path / "periodic.yaml").write_text(
+        "periodic_audit:\n  every_n_steps: 2\n  profile:\n    num_samples: 16\n    steps: 2\n    progress: false\n"
+        "    attacks:\n      extraction: {class_path: privdiff.eval.extraction.ExtractionAttack, init_args: {min_clique: 4}}\n")
     args = [
         sys.executable, "-m", "privdiff", "fit", "-c", "configs/base.yaml", "-c", "configs/data/digits.yaml",
         "-c", "configs/defense/dp_sgd.yaml", "-c", "configs/audit/fast.yaml", "-c", "configs/trainer/ddp.yaml",
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "4",
-        "--trainer.enable_progress_bar", "false", "--run_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false", "--run_dir", str(tmp_path), "-c", str(tmp_path / "periodic.yaml"),
         "--model.diffusion.block_out_channels", "[8, 16]", "--model.diffusion.attention_levels", "[1]",
         "--data.num_members", "24", "--data.num_heldout", "16", "--data.batch_size", "8",
         "--audit.num_samples", "16", "--audit.steps", "2", "--audit.attacks", json.dumps({
@@ -219,6 +222,11 @@ def test_shipped_ddp_config_trains_dp_sgd_and_audits_on_two_processes(tmp_path) 
     assert audit["sampling"]["num_samples"] == 16 and audit["run"]["steps"] == 4
     assert audit["defense_metrics"]["defense/dp_sgd/steps"] == 4 and 0 < audit["privacy"]["epsilon"] <= 10
     assert (tmp_path / "model" / "model_index.json").is_file() and (tmp_path / "manifest.json").is_file()
+    trajectory = audit["trajectory"]
+    assert [p["step"] for p in trajectory["points"]] == [2, 4] and all(p["extracted"] is not None for p in trajectory["points"])
+    assert (tmp_path / "selected" / "model_index.json").is_file()
+    report = (tmp_path / "report.md").read_text()
+    assert "outside the run's ε" in report  # the choice read the members: said under DP-SGD
 
 
 @pytest.mark.slow
