@@ -426,11 +426,11 @@ class AuditCallback(pl.Callback):
             return
         result["run"]["train_time_s"] = self._train_time
         result["run"]["steps"] = trainer.global_step
-        from .periodic import PeriodicAudit  # the audit through training, when the run has one
-
-        periodic = next((c for c in trainer.callbacks if isinstance(c, PeriodicAudit)), None)
-        if periodic is not None:
-            result["trajectory"] = periodic.summary()
+        # The audit through training (eval/periodic.py) hands its trajectory over by this method name, so that
+        # this module need not import the callback that imports it.
+        trajectory = next((c.trajectory_summary for c in trainer.callbacks if hasattr(c, "trajectory_summary")), None)
+        if trajectory is not None:
+            result["trajectory"] = trajectory()
         write_json(run_dir / "audit.json", result)
         for logger in trainer.loggers:
             logger.log_metrics(flat_metrics(result), step=trainer.global_step)

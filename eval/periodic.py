@@ -326,7 +326,7 @@ class PeriodicAudit(pl.Callback):
                 other.unlink()
         rank_zero_info(f"privdiff: exported the checkpoint of step {chosen['step']} to {target}: {chosen['reason']}")
 
-    def summary(self) -> dict[str, Any]:
+    def trajectory_summary(self) -> dict[str, Any]:
         """The trajectory, the choice and the cost, as ``audit.json``'s ``trajectory`` keeps them."""
         rule = self.config.selection
         first = next((p["step"] for p in self.points if p.get("above_chance")), None)
@@ -347,103 +347,4 @@ class PeriodicAudit(pl.Callback):
         }
 
     def _write(self, run_dir: Path, final: bool = False) -> None:
-        write_json(run_dir / TRAJECTORY, {**self.summary(), "final": final})
-
-
-# -- the report ------------------------------------------------------------------------------------
-def trajectory_figure(runs: Mapping[str, Mapping[str, Any]]):
-    """Utility and memorization against the training step, one column per setting that was audited through training.
-
-    Top: FID (lower is better) and the selected step (a star). Bottom: images extracted beside the control's 95%
-    interval of chance (shaded), and the loss attack's MIA AUC. A dashed line marks the first step where extraction
-    is above chance. None when no setting has a trajectory.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tracked = {name: audit["trajectory"] for name, audit in runs.items() if (audit.get("trajectory") or {}).get("points")}
-    if not tracked:
-        return None
-    fig, axes = plt.subplots(2, len(tracked), figsize=(3.4 * len(tracked) + 0.8, 5.2), layout="constrained", squeeze=False,
-                             sharex="col")
-    for col, (name, trajectory) in enumerate(tracked.items()):
-        points = trajectory["points"]
-        steps = [p["step"] for p in points]
-        top, bottom = axes[0][col], axes[1][col]
-        fid = [p["fid"] if p["fid"] is not None else float("nan") for p in points]
-        top.plot(steps, fid, "o-", color="C0", ms=3, label="FID")
-        selected = trajectory.get("selected")
-        if selected:
-            at = next(p for p in points if p["step"] == selected["step"])
-            top.plot([at["step"]], [at["fid"]], "*", color="C2", ms=13, label=f"selected (step {at['step']})")
-        top.set_title(name, fontsize=9)
-        top.grid(alpha=0.3)
-        top.legend(fontsize=7)
-        extracted = [p["extracted"] if p["extracted"] is not None else float("nan") for p in points]
-        low = [(p.get("chance_interval") or [0, 0])[0] for p in points]
-        high = [(p.get("chance_interval") or [0, 0])[1] for p in points]
-        bottom.fill_between(steps, low, high, color="0.8", label="chance (95%)")
-        bottom.plot(steps, extracted, "s-", color="C3", ms=3, label="extracted")
-        first = trajectory.get("first_above_chance")
-        for ax in (top, bottom):
-            if first is not None:
-                ax.axvline(first, color="C3", ls="--", lw=1)
-        if first is not None:
-            bottom.annotate(f"above chance from step {first}", (first, max(e for e in extracted if e == e)), fontsize=7,
-                            xytext=(3, -10), textcoords="offset points")
-        auc = [p["mia_auc"] for p in points]
-        if any(a is not None for a in auc):
-            twin = bottom.twinx()
-            twin.plot(steps, [a if a is not None else float("nan") for a in auc], "^:", color="C4", ms=3, label="MIA AUC (loss)")
-            twin.set_ylim(0.3, 1.0)
-            twin.tick_params(labelsize=7)
-            if col == len(tracked) - 1:
-                twin.set_ylabel("MIA AUC", fontsize=8)
-            lines, labels = bottom.get_legend_handles_labels()
-            more, more_labels = twin.get_legend_handles_labels()
-            bottom.legend(lines + more, labels + more_labels, fontsize=7, loc="upper left")
-        else:
-            bottom.legend(fontsize=7, loc="upper left")
-        bottom.set_xlabel("training step", fontsize=8)
-        bottom.grid(alpha=0.3)
-        if col == 0:
-            top.set_ylabel("FID (lower = better)", fontsize=8)
-            bottom.set_ylabel("images extracted", fontsize=8)
-    fig.suptitle("memorization through training (the periodic audit)", fontsize=10)
-    return fig
-
-
-def trajectory_notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """What the report says of each trajectory: the first step above chance, the checkpoint chosen and why, the cost."""
-    notes = []
-    for name, audit in runs.items():
-        t = audit.get("trajectory") or {}
-        points = t.get("points") or []
-        if not points:
-            continue
-        profile = t["profile"]
-        text = (f"{name}: audited every {t['every_n_steps']} steps ({len(points)} audits of {profile['num_samples']} samples "
-                f"at {profile['steps']} sampler steps on the EMA weights)")
-        share = t.get("audit_share")
-        if share is not None:
-            text += f", {t['audit_seconds']:.0f} s, {share:.0%} of the training's wall time"
-        first = t.get("first_above_chance")
-        text += (f"; extraction first above chance at step {first}." if first is not None
-                 else "; extraction never above chance.")
-        selected = t.get("selected")
-        if selected:
-            at = next(p for p in points if p["step"] == selected["step"])
-            fid = f"FID {at['fid']:.3g}" if at.get("fid") is not None else "no FID"
-            text += (f" Exported as selected/: step {selected['step']} ({fid}, {at['extracted']} extracted against chance "
-                     f"{at['chance']:.1f}), {selected['reason']}.")
-            if (audit.get("privacy") or {}).get("guarantees"):
-                text += (" The choice read the members (extraction and MIA compare with them): it is outside the run's ε; a "
-                         "rule on utility alone reads only held-out images.")
-        elif t.get("rule"):
-            text += " No audited checkpoint was within the selection rule's limits: nothing exported as selected/."
-        if t.get("stopped_early"):
-            text += " Training stopped early: the memorization budget was spent."
-        notes.append(text)
-    return notes
+        write_json(run_dir / TRAJECTORY, {**self.trajectory_summary(), "final": final})

@@ -19,6 +19,7 @@ dropped and not the luck of other draws; its cost is still counted as a screened
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ class _Search:
     flagged: list[bool]  # a clique among the caption's samples
     confirmed: list[dict[str, Any] | None]  # the clique copies the caption's own image: {member, distance, sample}
     copies_member: list[bool]  # the clique copies some member (any caption's)
+    by_space: list[dict[str, float]]  # per caption, per space: the closest attributed clique sample to its image within delta
     samples: Tensor
     labels: Tensor
     calls: int
@@ -57,7 +59,7 @@ class _Search:
         """
         calls = round(self.calls * len(keep) / len(self.flagged)) if self.flagged else 0
         return _Search([self.flagged[i] for i in keep], [self.confirmed[i] for i in keep], [self.copies_member[i] for i in keep],
-                       self.samples, self.labels, calls)
+                       [self.by_space[i] for i in keep], self.samples, self.labels, calls)
 
 
 @dataclass
@@ -107,6 +109,12 @@ class PromptExtractionReport(SummaryResult):
             f"{s['searched_heldout_captions']} held-out captions searched the same way against their own image: "
             f"{s['heldout_flagged']} flagged; {s['heldout_copies_member']} of them return a near-copy of some member instead."
         ]
+        cal = s.get("caption_deltas")
+        if cal:
+            lowered = "; ".join(f"{space}: {cal[space]['image_delta']:.3g} from held-out images, {cal[space]['delta']:.3g} used "
+                                f"({cal[space]['matched']} matched their own image)" for space in s.get("spaces", ["pixel"]) if space in cal)
+            notes.append(f"Delta checked on {cal['captions']} held-out calibration captions searched the same way (none of the "
+                         f"control's): {lowered}.")
         if s.get("control"):
             notes.append("Control (prompt extraction, by caption): " + ChanceControl.from_dict(s["control"]).sentence("member captions"))
         if s.get("natural_near_copies"):
@@ -154,6 +162,11 @@ class PromptExtraction(AuditPlugin):
         screen_seeds, screen_first_steps: start noises per caption of the screen and the steps its magnitude averages.
         screen_calibration: held-out calibration captions the screen's threshold is taken from (each costs a score).
         verify_screen: also search every caption without the screen and compare (costs the full search).
+        calibration_captions: held-out calibration captions (never the evaluation ones, which are the control) searched
+            the same way first; each space's delta is lowered to the strictest those captions support (at most
+            ``flag_rate`` of them matched to their own image). Delta taken from held-out *images* says how close a novel
+            image comes to a member; a caption's generations can come closer than that to its unseen image (a dark
+            crop of a photograph drawn for "a dark photo of part of ..."): only captions show that. 0: images only.
         flag_rate: share of held-out images tau and delta may flag (None: the audit's).
         decoded: for a model with a decoder, also confirm a copy against the caption's image's own decoding (with
             the extraction attack's thresholds of that space), so the decoder's floor does not decide the verdict.
@@ -178,6 +191,7 @@ class PromptExtraction(AuditPlugin):
         screen_first_steps: int = 10,
         screen_calibration: int = 100,
         verify_screen: bool = False,
+        calibration_captions: int = 0,
         flag_rate: float | None = None,
         decoded: bool = True,
         max_cases: int = 16,
@@ -193,6 +207,9 @@ class PromptExtraction(AuditPlugin):
         self.screen, self.screen_rate, self.screen_seeds, self.verify_screen = screen, screen_rate, screen_seeds, verify_screen
         self.screen_first_steps, self.screen_calibration = screen_first_steps, screen_calibration
         self.flag_rate, self.decoded, self.max_cases = flag_rate, decoded, max_cases
+        if calibration_captions < 0:
+            raise ValueError(f"prompt_extraction calibration_captions must be >= 0, got {calibration_captions}")
+        self.calibration_captions = calibration_captions
 
     def check(self, num_members: int, num_heldout: int) -> None:
         if num_heldout < 1:
@@ -214,17 +231,17 @@ class PromptExtraction(AuditPlugin):
         k = self.samples_per_caption
         if not captions:
             empty = torch.empty(0, *context.members.shape[1:])
-            return _Search([], [], [], empty, torch.empty(0, dtype=torch.long), 0)
+            return _Search([], [], [], [], empty, torch.empty(0, dtype=torch.long), 0)
         prompts = [c for c in captions for _ in range(k)]
         generated = context.sampler(prompts, seed, self.steps)
         samples = generated.images
         labels = generated.labels if generated.labels is not None else torch.zeros(len(samples), dtype=torch.long)
         # generate() numbers distinct prompts in order of appearance, which is the order of `captions`
-        flagged, confirmed, copies_member = [], [], []
+        flagged, confirmed, copies_member, by_space = [], [], [], []
         for i in range(len(captions)):
             rows = (labels == i).nonzero().squeeze(1)
             group = samples[rows]
-            hit, clique, anyone = None, False, False
+            hit, clique, anyone, found = None, False, False, {}
             for space, images in pool.items():
                 if len(group) < self.min_clique:
                     break
@@ -238,6 +255,8 @@ class PromptExtraction(AuditPlugin):
                 nearest_other = {r.train_index: float(pairwise_l2(group[[r.sample_index]], images[others]).min()) if others.any()
                                  else float("inf") for r in mine.records}
                 attributed = [r for r in mine.records if r.distance <= nearest_other[r.train_index]]
+                if attributed:
+                    found[space] = min(r.distance for r in attributed)
                 if hit is None and attributed:
                     best = min(attributed, key=lambda r: r.distance)
                     hit = {"image": best.train_index, "distance": best.distance, "sample": int(rows[best.sample_index]), "space": space,
@@ -245,8 +264,27 @@ class PromptExtraction(AuditPlugin):
             flagged.append(clique)
             confirmed.append(hit)
             copies_member.append(anyone)
+            by_space.append(found)
         calls = generated.num_drawn * (self.steps or context.steps) * context.model.calls_per_sampling_step
-        return _Search(flagged, confirmed, copies_member, samples, labels, calls)
+        return _Search(flagged, confirmed, copies_member, by_space, samples, labels, calls)
+
+    def _calibrate_deltas(self, context: AuditContext, pool: dict[str, Tensor], spaces: list[str],
+                          limits: dict[str, tuple[float, float]]) -> dict[str, Any]:
+        """Search held-out calibration captions; lower each space's delta (in ``limits``) to the strictest they support."""
+        offset = len(context.members) + len(context.heldout)  # the pool holds members, held-out, then calibration images
+        rows = list(range(min(self.calibration_captions, len(context.calibration))))
+        captions = [context.calibration.captions[i] for i in rows]
+        searched = self._search(context, captions, pool, [[offset + i] for i in rows], limits, context.seed + 2)
+        rate = self.flag_rate if self.flag_rate is not None else context.flag_rate
+        out: dict[str, Any] = {"captions": len(captions), "calls": searched.calls}
+        for space in spaces:
+            tau, delta = limits[space]
+            scores = torch.tensor([hit.get(space, math.inf) for hit in searched.by_space])
+            threshold = calibrate(f"prompt extraction delta ({space}), from calibration captions", scores, rate, inclusive=True)
+            out[space] = {"image_delta": delta, "matched": int(torch.isfinite(scores).sum()), "threshold": threshold.to_dict(),
+                          "delta": min(delta, threshold.value)}
+            limits[space] = (tau, min(delta, threshold.value))
+        return out
 
     def run(self, context: AuditContext) -> PromptExtractionReport | None:
         model = context.model
@@ -265,10 +303,13 @@ class PromptExtraction(AuditPlugin):
         held_rows = list(range(min(self.heldout_captions, len(context.heldout))))
         held_captions = [context.heldout.captions[i] for i in held_rows]
         # converted once, not once per caption
-        pool = {space: torch.cat([space_images(context, "members", space).float(), space_images(context, "heldout", space).float()])
+        pool = {space: torch.cat([space_images(context, "members", space).float(), space_images(context, "heldout", space).float(),
+                                  space_images(context, "calibration", space).float()])
                 for space in spaces}
         own = [list(rows) for rows in member_rows]
         held_own = [[len(context.members) + i] for i in held_rows]
+        caption_deltas = self._calibrate_deltas(context, pool, spaces, limits) if self.calibration_captions else None
+        tau, delta = limits["pixel"]
 
         screen: dict[str, Any] = {"kind": self.screen}
         chosen = list(range(len(captions)))
@@ -317,6 +358,7 @@ class PromptExtraction(AuditPlugin):
             control.beyond_control = None
         summary: dict[str, Any] = {
             "samples_per_caption": self.samples_per_caption, "min_clique": self.min_clique, "tau": tau, "delta": delta,
+            "caption_deltas": caption_deltas,
             "spaces": spaces, "control": control.to_dict(), "natural_near_copies": natural_near_copies(context),
             "thresholds": {k: found["pixel"][k].to_dict() for k in ("tau", "delta")},
             "searched_member_captions": len(captions), "sampled_member_captions": len(chosen),

@@ -528,7 +528,8 @@ class SampleQuality(AuditPlugin):
     Args:
         backbone: ``classifier`` (a small CNN trained on the data's labels, or on k-means clusters of
             unlabeled data, cached per data set; offline) or ``inception`` (torch-fidelity's InceptionV3).
-        real: the real images: ``pool`` (every image of the source) or ``members``.
+        real: the real images: ``pool`` (every image of the source), ``members``, or ``heldout`` (the held-out images
+            only: a figure that reads no member, e.g. for choosing a DP-SGD checkpoint without spending privacy).
         weights: the InceptionV3 weight file for ``inception`` (default: the torch hub cache's,
             downloaded when missing; hash-checked and loaded weights-only).
         cache_dir: where trained feature classifiers are kept (default ``$XDG_CACHE_HOME/privdiff``).
@@ -536,12 +537,12 @@ class SampleQuality(AuditPlugin):
 
     name = "quality"
 
-    def __init__(self, backbone: Literal["classifier", "inception"] = "classifier", real: Literal["pool", "members"] = "pool",
+    def __init__(self, backbone: Literal["classifier", "inception"] = "classifier", real: Literal["pool", "members", "heldout"] = "pool",
                  weights: str | None = None, cache_dir: str | None = None) -> None:
         if backbone not in BACKBONES:
             raise ValueError(f"quality backbone must be one of {BACKBONES}, got {backbone!r}")
-        if real not in ("pool", "members"):
-            raise ValueError(f"quality real must be 'pool' or 'members', got {real!r}")
+        if real not in ("pool", "members", "heldout"):
+            raise ValueError(f"quality real must be 'pool', 'members' or 'heldout', got {real!r}")
         self.backbone, self.real, self.weights, self.cache_dir = backbone, real, weights, cache_dir
 
     def check(self, num_members: int, num_heldout: int) -> None:
@@ -552,12 +553,15 @@ class SampleQuality(AuditPlugin):
         if len(context.samples) < 2:
             return None
         data = context.data
-        real = (data.pool if (self.real == "pool" and data.pool is not None) else data.members).unit()
-        extra: dict = {}
+        if self.real == "heldout":
+            table = data.heldout
+        else:
+            table = data.pool if (self.real == "pool" and data.pool is not None) else data.members
+        real = table.unit()
+        extra: dict = {"real": self.real}
         classifier = None
         if self.backbone == "classifier":
-            labels = (data.pool if (self.real == "pool" and data.pool is not None) else data.members).labels
-            classifier, extra["classifier"] = cached_feature_classifier(real, labels, seed=context.seed, cache_dir=self.cache_dir)
+            classifier, extra["classifier"] = cached_feature_classifier(real, table.labels, seed=context.seed, cache_dir=self.cache_dir)
         extractor = load_feature_extractor(self.backbone, classifier, self.weights)
         result = compute_quality(real, context.samples, feature_extractor=extractor, seed=context.seed)
         real_f, fake_f = extract_features(extractor, real), extract_features(extractor, context.samples)

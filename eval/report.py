@@ -13,6 +13,8 @@ import textwrap
 from pathlib import Path
 from typing import Any, Mapping
 
+from .trajectory import trajectory_figure, trajectory_notes
+
 REPORT_SCHEMA = "privdiff.report/2"
 
 # The columns every run has, around the ones its attacks and metrics report (audit.json "plugins").
@@ -246,8 +248,6 @@ def write_report(
     }
     import matplotlib.pyplot as plt
 
-    from .periodic import trajectory_figure
-
     figures = {"privacy–utility": privacy_utility_figure(rows), "memorization through training": trajectory_figure(runs),
                **dict(plugin_figures(runs))}
     figures = {k: f for k, f in figures.items() if f is not None}
@@ -373,8 +373,6 @@ def _notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 if name not in said.setdefault(n, []):
                     said[n].append(name)
     notes = [n if len(names) == len(runs) else f"{', '.join(names)}: {n}" for n, names in said.items()]
-    from .periodic import trajectory_notes
-
     notes += trajectory_notes(runs)
     for name, audit in runs.items():
         for key, value in (audit.get("defense_metrics") or {}).items():

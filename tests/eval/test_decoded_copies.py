@@ -141,3 +141,44 @@ def test_a_heldout_caption_whose_samples_copy_a_member_near_its_image_is_not_fla
     assert float((heldout.unit()[0] - twin).pow(2).mean().sqrt()) < s["delta"]  # the held-out image is within delta of member 5
     assert s["heldout_flagged"] == 0 and s["heldout_cliques"] >= 1 and s["heldout_copies_member"] >= 1
     assert [r["member"] for r in s["records"]] == [members.ids[2]]  # member 7's caption copies member 5: not its own image
+
+
+def test_calibration_captions_lower_delta_below_what_captions_alone_reach_and_keep_the_planted_pairs() -> None:
+    """A model that draws every caption's image closely but not exactly (a dark crop for "a dark photo of ..."): its
+    held-out captions come closer to their own unseen image than held-out images come to members. Delta from images
+    flags them; delta checked on held-out calibration captions does not, and the planted exact copies still count."""
+    model, members, calibration, heldout = latent_model_and_split("faces", 24, 1)
+    noise = torch.Generator().manual_seed(9)
+    images = {c: img for table in (members, calibration, heldout) for c, img in zip(table.captions, table.unit())}
+    planted = {members.captions[i] for i in (0, 1)}
+    offsets: dict[str, torch.Tensor] = {}
+    rms = {"value": 0.0}
+
+    def sampler(prompts, seed, steps=None):
+        distinct = list(dict.fromkeys(prompts))
+        labels = torch.tensor([distinct.index(p) for p in prompts])
+        out = []
+        for p in prompts:
+            image = images[p]
+            if p in planted:
+                out.append((image + 0.001 * torch.randn(image.shape, generator=noise)).clamp(0, 1))
+            else:  # one consistent rendering per caption, at rms 0.6 delta from its image
+                shift = offsets.setdefault(p, torch.randn(image.shape, generator=noise))
+                out.append((image + shift / shift.pow(2).mean().sqrt() * rms["value"] + 0.001 * torch.randn(image.shape, generator=noise)).clamp(0, 1))
+        return Generated(torch.stack(out), labels, len(prompts), 0)
+
+    context = context_of(model, members, calibration, heldout, torch.empty(0, 1, 24, 24), sampler=sampler)
+    options = dict(samples_per_caption=6, min_clique=3, heldout_captions=12, screen="none", decoded=False)
+    rms["value"] = 0.6 * PromptExtraction(**options).run(context).summary["delta"]
+    by_images = PromptExtraction(**options).run(context).summary
+    assert by_images["heldout_flagged"] >= 10  # every held-out caption's rendering lies within the images' delta
+
+    by_captions = PromptExtraction(**options, calibration_captions=30).run(context)
+    s = by_captions.summary
+    # Delta now lies just below the closest calibration caption's rendering: a held-out or an unplanted member caption
+    # falls below it about once in 31 (the rate a threshold from 30 scores reaches), the planted copies always.
+    assert s["delta"] < rms["value"] * 0.99 and s["heldout_flagged"] <= 2
+    found = {r["member"] for r in s["records"]}
+    assert {members.ids[0], members.ids[1]} <= found and len(found) <= 2 + 4
+    assert s["caption_deltas"]["captions"] == 30 and s["caption_deltas"]["pixel"]["matched"] >= 28
+    assert any("held-out calibration captions searched the same way" in n for n in by_captions.notes())

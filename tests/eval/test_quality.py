@@ -183,3 +183,21 @@ def test_precision_and_recall_separate_fidelity_from_coverage():
     collapsed = real[:5].repeat(60, 1)  # every sample is one of five real points: faithful, not diverse
     precision, recall = precision_recall(real, collapsed)
     assert precision == 1.0 and recall < 0.2
+
+
+def test_fid_against_the_heldout_images_reads_no_member(tmp_path, digits):
+    """``real: heldout``: the real images are the held-out ones; members of other digits do not move the figure."""
+    from privdiff.eval.plugin import AuditContext, AuditData
+    from privdiff.eval.quality import SampleQuality
+    from privdiff.membership import ImageTable
+
+    x, y = digits
+    low, high = (y < 5).nonzero().squeeze(1)[:300], (y >= 5).nonzero().squeeze(1)[:300]
+    table = lambda rows: ImageTable((x[rows] * 255).round().to(torch.uint8), y[rows], [f"d{int(i)}" for i in rows])  # noqa: E731
+    members, heldout = table(low), table(high)
+    context = AuditContext(model=None, data=AuditData(members, heldout, torch.ones(len(members), dtype=torch.long)),
+                           samples=x[(y >= 5).nonzero().squeeze(1)[300:500]])
+    on_heldout = SampleQuality(real="heldout", cache_dir=str(tmp_path)).run(context)
+    on_members = SampleQuality(real="members", cache_dir=str(tmp_path)).run(context)
+    assert on_heldout.to_dict()["real"] == "heldout"
+    assert on_heldout.to_dict()["fid"] * 5 < on_members.to_dict()["fid"]  # samples of 5-9 are close to held-out 5-9 only
