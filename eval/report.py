@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Mapping
 
-from .trajectory import trajectory_figure, trajectory_notes
+from .trajectory import tradeoff_figure, trajectory_figure, trajectory_notes
 
 REPORT_SCHEMA = "privdiff.report/2"
 
@@ -249,6 +249,7 @@ def write_report(
     import matplotlib.pyplot as plt
 
     figures = {"privacy–utility": privacy_utility_figure(rows), "memorization through training": trajectory_figure(runs),
+               "utility and memorization through training": tradeoff_figure(runs),
                **dict(plugin_figures(runs))}
     figures = {k: f for k, f in figures.items() if f is not None}
     embedded = False

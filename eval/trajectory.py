@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-__all__ = ["trajectory_figure", "trajectory_notes"]
+__all__ = ["tradeoff_figure", "trajectory_figure", "trajectory_notes"]
 
 
 def trajectory_figure(runs: Mapping[str, Mapping[str, Any]]):
@@ -76,6 +76,40 @@ def trajectory_figure(runs: Mapping[str, Mapping[str, Any]]):
             top.set_ylabel("FID (lower = better)", fontsize=8)
             bottom.set_ylabel("images extracted", fontsize=8)
     fig.suptitle("memorization through training (the periodic audit)", fontsize=10)
+    return fig
+
+
+def tradeoff_figure(runs: Mapping[str, Mapping[str, Any]]):
+    """Utility against memorization along training: one line per audited setting through its checkpoints.
+
+    x: FID (lower = better, the axis runs right to better); y: images extracted beyond the control's chance count.
+    Each line starts at the setting's first audit and its points are labelled by step at both ends, so a model
+    that gets more useful as it trains and memorizes more climbs to the right. None without a trajectory.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tracked = {name: audit["trajectory"]["points"] for name, audit in runs.items()
+               if any(p.get("fid") is not None for p in (audit.get("trajectory") or {}).get("points") or [])}
+    if not tracked:
+        return None
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), layout="constrained")
+    for i, (name, points) in enumerate(tracked.items()):
+        points = [p for p in points if p.get("fid") is not None and p.get("extracted") is not None]
+        fid = [p["fid"] for p in points]
+        beyond = [p["extracted"] - (p.get("chance") or 0.0) for p in points]
+        ax.plot(fid, beyond, "o-", color=f"C{i}", ms=3.5, lw=1.2, label=name)
+        for p, x, y in ((points[0], fid[0], beyond[0]), (points[-1], fid[-1], beyond[-1])):
+            ax.annotate(str(p["step"]), (x, y), fontsize=7, color=f"C{i}", xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.invert_xaxis()
+    ax.set_xlabel("FID (lower = better; better to the right)", fontsize=8)
+    ax.set_ylabel("images extracted minus chance", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("utility and memorization through training (labels: steps)", fontsize=9)
     return fig
 
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from privdiff.eval.audit import AuditConfig
+from privdiff.eval.periodic import PeriodicAuditConfig, SelectionRule
 from privdiff.cli import PrivdiffCLI
 from privdiff.train.data import DiffusionDataModule
 from privdiff.train.module import DiffusionModule
@@ -81,7 +82,17 @@ def test_compare_config_parses_and_names_existing_files(path: Path, monkeypatch)
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "audit").glob("*.yaml")), ids=lambda p: p.name)
 def test_audit_configs_are_valid_audit_settings(path: Path) -> None:
-    names = [name for name, _ in AuditConfig(**yaml.safe_load(path.read_text())["audit"]).plugins()]
+    doc = yaml.safe_load(path.read_text())
+    assert set(doc) <= {"audit", "periodic_audit"} and doc, f"{path.name}: an audit file holds audit: and/or periodic_audit:"
+    if "periodic_audit" in doc:  # the light profile run through training: its plugins must build as well
+        periodic = dict(doc["periodic_audit"])
+        profile = AuditConfig(**periodic.pop("profile", {}))
+        if isinstance(periodic.get("selection"), dict):
+            periodic["selection"] = SelectionRule(**periodic["selection"])
+        assert [name for name, _ in profile.plugins()] and PeriodicAuditConfig(**periodic, profile=profile).every_n_steps >= 1
+    if "audit" not in doc:
+        return
+    names = [name for name, _ in AuditConfig(**doc["audit"]).plugins()]
     core = ["quality", "extraction", "memorization", "mia"]
     assert [n for n in names if n in core] == core
     # the text-to-image audits add the caption attacks; nothing else is listed

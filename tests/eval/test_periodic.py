@@ -68,6 +68,21 @@ def test_a_trajectory_point_reads_the_audits_extraction_control_and_mia() -> Non
     assert SelectionRule().breaks(p) and SelectionRule(extraction_above_chance=True).breaks(p) == []
 
 
+def test_the_tradeoff_figure_draws_one_line_per_setting_with_fid_and_none_without() -> None:
+    from privdiff.eval.trajectory import tradeoff_figure
+
+    runs = {name: {"trajectory": {"points": [point(s, 30 - s / 10 * k, s // 100 * k, s >= 200) for s in (100, 200, 300)]}}
+            for k, name in ((1, "small"), (2, "large"))}
+    fig = tradeoff_figure(runs)
+    lines = [line for line in fig.axes[0].get_lines() if len(line.get_xdata()) == 3]
+    assert [list(line.get_xdata()) for line in lines] == [[20, 10, 0], [10, -10, -30]]
+    assert [y for line in lines for y in line.get_ydata()] == pytest.approx([0.8, 1.8, 2.8, 1.8, 3.8, 5.8])  # beyond chance 0.2
+    for points in (r["trajectory"]["points"] for r in runs.values()):
+        for p in points:
+            p["fid"] = None
+    assert tradeoff_figure(runs) is None
+
+
 # -- through Lightning ----------------------------------------------------------------------------
 def test_curves_reach_csv_and_tensorboard_and_the_report(tmp_path, monkeypatch) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -91,6 +106,7 @@ def test_curves_reach_csv_and_tensorboard_and_the_report(tmp_path, monkeypatch) 
     assert 0 < audit["trajectory"]["audit_share"] < 1
     html = (run / "report.html").read_text()
     assert "memorization through training" in html and "audited every 2 steps" in html
+    assert "utility and memorization through training" not in html  # no FID in this profile: nothing to plot it on
     chosen = json.loads((run / "selected" / "selected.json").read_text())
     assert chosen["step"] in (2, 4, 5) and (run / "selected" / "model_index.json").is_file()
     assert [p.name for p in (run / "periodic_weights").iterdir()] == [f"step{chosen['step']:08d}.safetensors"]

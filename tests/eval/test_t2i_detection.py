@@ -128,9 +128,10 @@ def test_a_verified_screen_is_the_full_searchs_draws_of_the_captions_it_passed()
 
     hit = {"image": 0, "distance": 0.03, "sample": 37}
     full = _Search([True, False, True, False], [hit, None, None, None], [True, False, True, False],
-                   torch.zeros(64, 1, 8, 8), torch.arange(4).repeat_interleave(16), calls=4 * 16 * 25 + 100)  # 100: redraws
+                   [{"pixel": 0.03}, {}, {}, {}], torch.zeros(64, 1, 8, 8), torch.arange(4).repeat_interleave(16), calls=4 * 16 * 25 + 100)  # 100: redraws
     screened = full.restricted([2, 0])
     assert screened.flagged == [True, True] and screened.confirmed == [None, hit] and screened.copies_member == [True, True]
+    assert screened.by_space == [{}, {"pixel": 0.03}]
     assert screened.samples is full.samples  # the confirmed copy's sample index still points at its image
     assert screened.calls == round(full.calls / 2) and full.restricted([]).calls == 0
 
