@@ -164,6 +164,10 @@ class Defense:
         """Numbers for the report (epsilon spent, images removed, reject rate, ...)."""
         return {}
 
+    def audit_evidence(self) -> dict[str, Any]:
+        """What the training leaves for an audit plugin, by name (e.g. DP-SGD's gradient canaries); plain JSON."""
+        return {}
+
     def guarantee(self) -> Guarantee | None:
         """The formal guarantee this defense gives (e.g. (epsilon, delta)-DP), or None (the default)."""
         return None
@@ -312,7 +316,8 @@ class DefenseStack:
 
     def record(self) -> DefenseRecord:
         """The stack's label, metrics and guarantees now (what ``defenses.json`` keeps)."""
-        return DefenseRecord(self.describe(), self.metrics(), self.guarantees())
+        evidence = {k: v for d in self.defenses for k, v in d.audit_evidence().items()}
+        return DefenseRecord(self.describe(), self.metrics(), self.guarantees(), evidence)
 
     def find(self, name: str) -> Defense | None:
         """Return the defense called ``name``, or None."""
@@ -334,17 +339,21 @@ class DefenseRecord:
     describe: str = "none"
     metrics: dict[str, Any] = field(default_factory=dict)
     guarantees: list[Guarantee] = field(default_factory=list)
+    evidence: dict[str, Any] = field(default_factory=dict)  # Defense.audit_evidence of every defense
 
     def merged(self, other: "DefenseRecord") -> "DefenseRecord":
         labels = [d for d in (self.describe, other.describe) if d != "none"]
-        return DefenseRecord(" + ".join(labels) or "none", {**self.metrics, **other.metrics}, [*self.guarantees, *other.guarantees])
+        return DefenseRecord(" + ".join(labels) or "none", {**self.metrics, **other.metrics}, [*self.guarantees, *other.guarantees],
+                             {**self.evidence, **other.evidence})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"describe": self.describe, "metrics": self.metrics, "guarantees": [g.to_dict() for g in self.guarantees]}
+        return {"describe": self.describe, "metrics": self.metrics, "guarantees": [g.to_dict() for g in self.guarantees],
+                "evidence": self.evidence}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DefenseRecord":
-        return cls(data.get("describe", "none"), dict(data.get("metrics", {})), [Guarantee.from_dict(g) for g in data.get("guarantees", [])])
+        return cls(data.get("describe", "none"), dict(data.get("metrics", {})), [Guarantee.from_dict(g) for g in data.get("guarantees", [])],
+                   dict(data.get("evidence", {})))
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically."""

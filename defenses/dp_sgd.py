@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from .base import Defense, Guarantee
 from .dp_randomness import DPRandomness
+from .gradient_canaries import GradientCanaries
 from .per_sample_grads import ClippingDistributedDPOptimizer, ClippingDPOptimizer, FastGradSampleModule
 
 if TYPE_CHECKING:
@@ -205,6 +206,9 @@ class DPSGDDefense(Defense):
             epsilon is never reset, because the weights carry every earlier step.
         secure_mode: Opacus's noise that resists floating-point attacks, drawn from torchcsprng's
             /dev/urandom generator where that package is installed (see ``dp_randomness``).
+        gradient_canaries: m white-box gradient canaries in the DP step (``defenses.gradient_canaries``) for a one-run
+            audit of the step itself (``privdiff.eval.one_run.OneRunAudit`` in the audit config): each costs one
+            coordinate of the model. 0: none. A one-run audit can prove at most about ln(m / ln(1/beta)).
         debug_noise_seed: for debugging only. By default the Poisson batches and the noise come
             from fresh OS entropy at every process start (never from the run's seed, never replayed
             by a resume); with a number they are a function of it, so anyone who knows it can
@@ -231,6 +235,7 @@ class DPSGDDefense(Defense):
         new_budget: bool = False,
         secure_mode: bool = False,
         debug_noise_seed: int | None = None,
+        gradient_canaries: int = 0,
     ) -> None:
         if not max_grad_norm > 0:
             raise ValueError(f"dp_sgd max_grad_norm must be > 0, got {max_grad_norm}")
@@ -293,6 +298,10 @@ class DPSGDDefense(Defense):
         self.max_physical_batch_size = max_physical_batch_size
         self.new_budget = bool(new_budget)
         self.randomness = DPRandomness(secure_mode=secure_mode, debug_seed=debug_noise_seed)
+        if gradient_canaries < 0:
+            raise ValueError(f"dp_sgd gradient_canaries must be >= 0, got {gradient_canaries}")
+        self.gradient_canaries = int(gradient_canaries)
+        self.canaries = GradientCanaries(self.gradient_canaries, self.randomness.generator("canaries")) if gradient_canaries else None
 
         self.noise_multiplier: float | None = None if noise_multiplier is None else float(noise_multiplier)
         self.num_examples: int | None = None
@@ -455,6 +464,12 @@ class DPSGDDefense(Defense):
             secure_mode=self.randomness.secure_mode,
         )
         dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+        if self.canaries is not None:
+            if distributed:
+                raise ValueError("dp_sgd gradient_canaries run on one process for now: train without DDP, or set gradient_canaries: 0")
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.canaries.place(dp_optimizer.params, [names.get(id(p), "?") for p in dp_optimizer.params])
+            self.canaries.attach(dp_optimizer, self.sample_rate, self.expected_batch_size)
         self._optimizer = dp_optimizer
         return dp_optimizer
 
@@ -678,6 +693,7 @@ class DPSGDDefense(Defense):
             "max_grad_norm": self.max_grad_norm,
             "noise_multiplicity": self.noise_multiplicity,
             "steps": self.steps,
+            **({"canaries": self.canaries.state_dict()} if self.canaries is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -714,6 +730,8 @@ class DPSGDDefense(Defense):
                 f"history ({sum(h[2] for h in history)} steps) with the new settings (epsilon is not reset)"
             )
         self.accountant.history = history
+        if self.canaries is not None and state.get("canaries"):
+            self.canaries.load_state_dict(state["canaries"])
         if self.target_epsilon is not None and saved_sigma is not None and not self.new_budget:
             self.noise_multiplier = float(saved_sigma)
             self._sigma_from_checkpoint = True
@@ -739,6 +757,13 @@ class DPSGDDefense(Defense):
         if self.budget is not None:
             out["epsilon_budget"] = self.budget
         return out
+
+    def audit_evidence(self) -> dict[str, Any]:
+        """The gradient canaries' record with the claim they test (none without canaries)."""
+        if self.canaries is None:
+            return {}
+        return {"gradient_canaries": {**self.canaries.evidence(), "claimed_epsilon": self.epsilon(), "delta": self.delta,
+                                      "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm}}
 
     def guarantee(self) -> Guarantee:
         """(epsilon, delta)-DP of the trained weights for one training row, by the configured accountant."""

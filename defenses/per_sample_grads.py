@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from opacus import GradSampleModule
@@ -288,6 +288,11 @@ class LayoutFreeClipping:
     clipped sum in ``p.summed_grad``.
     """
 
+    def add_clipped_sum_hook(self, hook: Callable[[Any], None]) -> None:
+        """Call ``hook(optimizer)`` once every clipped sum is in ``p.summed_grad``, before the noise: where a
+        white-box audit adds its gradient canaries (``defenses.gradient_canaries``), as a sampled example's enters."""
+        self.__dict__.setdefault("clipped_sum_hooks", []).append(hook)
+
     def clip_and_accumulate(self) -> None:
         grad_samples = self.grad_samples
         if len(grad_samples[0]) == 0:  # an empty Poisson batch
@@ -301,6 +306,8 @@ class LayoutFreeClipping:
             grad = weighted_example_sum(grad_sample, factors.to(grad_sample.device, p.dtype))
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
+        for hook in getattr(self, "clipped_sum_hooks", ()):
+            hook(self)
 
 
 class ClippingDPOptimizer(LayoutFreeClipping, DPOptimizer):

@@ -153,6 +153,7 @@ def run_audit(
         calibration, heldout = data.heldout.select(cal_rows), data.heldout.select(eval_rows)
     reference = data.members.unit().flatten(1)
     generation = GenerationContext(reference=reference, public_prompts=calibration.captions)
+    record = stack.record() if training is None else training.merged(stack.record())
 
     start = time.perf_counter()
     if any(p.needs_samples for _, p in plugins):
@@ -185,7 +186,7 @@ def run_audit(
     context = AuditContext(model, data, samples, labels, seed=config.seed, batch_size=config.batch_size,
                            progress=config.progress and writes, shard=shard, calibration=calibration, heldout=heldout,
                            flag_rate=config.flag_rate, steps=config.steps,
-                           sampler=sampler if model.conditioning == "text" else None)
+                           sampler=sampler if model.conditioning == "text" else None, evidence=record.evidence)
 
     result: dict[str, Any] = {"schema": AUDIT_SCHEMA}
     results: dict[str, AuditResult] = {}
@@ -198,7 +199,6 @@ def run_audit(
         results[name] = found
         result[name] = found.to_dict()
 
-    record = stack.record() if training is None else training.merged(stack.record())
     result.update(
         plugins={
             name: {"class_path": plugin.config()["class_path"], "columns": [c.to_dict() for c in results[name].columns()],

@@ -80,6 +80,8 @@ class AuditContext:
     # what several plugins compute from the same inputs (the extraction thresholds, the model's reconstruction
     # floor), keyed by what computes it: see ``memoized``
     memo: dict[Any, Any] = field(default_factory=dict)
+    # what the training left for the audit, by name (``Defense.audit_evidence``: DP-SGD's gradient canaries)
+    evidence: Mapping[str, Any] = field(default_factory=dict)
 
     def memoized(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per audit for ``key`` (a hashable of everything the result depends on but the context)."""
