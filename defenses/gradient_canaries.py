@@ -52,6 +52,7 @@ class GradientCanaries:
         self.tensor_names: list[str] = []
         self._params: list[nn.Parameter] = []
         self._sampled: torch.Tensor | None = None
+        self._groups: list | None = None
         self.sample_rate = 0.0
         self.max_grad_norm = 1.0
         self.expected_batch_size = 1.0
@@ -67,6 +68,7 @@ class GradientCanaries:
             if len(params) != len(self.tensor_names):
                 raise ValueError("gradient canaries: the checkpoint's canaries sit in tensors this model does not have")
             self._params = list(params)
+            self._groups = None
             return
         tensor_of, index_of, taken = [], [], [set() for _ in params]
         order = list(range(len(params)))
@@ -86,6 +88,7 @@ class GradientCanaries:
         self.tensor_of, self.index_of = torch.tensor(tensor_of), torch.tensor(index_of)
         self.tensor_names = list(names)
         self._params = list(params)
+        self._groups = None
 
     def attach(self, optimizer: Any, sample_rate: float, expected_batch_size: float) -> None:
         """Add the canaries to ``optimizer`` (privdiff's clipping DPOptimizer) and read them from its noisy steps."""
@@ -102,28 +105,33 @@ class GradientCanaries:
         optimizer.step_hook = step_hook
 
     # -- each step ---------------------------------------------------------------------------------------
+    def _by_tensor(self) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
+        """(parameter, its canaries' rows, their flat coordinates) of every tensor holding canaries, found once."""
+        if self._groups is None:
+            self._groups = []
+            for k, p in enumerate(self._params):
+                rows = (self.tensor_of == k).nonzero().squeeze(1)
+                if len(rows):
+                    self._groups.append((p, rows, self.index_of[rows].to(p.device)))
+        return self._groups
+
     def _inject(self, optimizer: Any) -> None:
         skipped = bool(getattr(optimizer, "step_skip_queue", None)) and bool(optimizer.step_skip_queue[0])
         sampled = self.included & (torch.rand(self.count, generator=self.generator) < self.sample_rate) if not skipped else None
-        for k, p in enumerate(self._params):
-            rows = (self.tensor_of == k).nonzero().squeeze(1)
-            if not len(rows) or p.summed_grad is None:
+        for p, rows, index in self._by_tensor():
+            if p.summed_grad is None:
                 continue
             flat = p.summed_grad.view(-1)
-            index = self.index_of[rows].to(flat.device)
-            flat[index] = 0  # reserved: the training rows' clipped sum never reaches these coordinates
-            if sampled is not None:
-                flat[index] = sampled[rows].to(flat.device, flat.dtype) * self.max_grad_norm
+            # reserved: the training rows' clipped sum never reaches these coordinates; a sampled canary's C does
+            flat[index] = 0 if sampled is None else sampled[rows].to(flat.device, flat.dtype) * self.max_grad_norm
         self._sampled = sampled
 
     def _read(self) -> None:
         if self._sampled is None:
             return
         released = torch.empty(self.count, dtype=torch.float64)
-        for k, p in enumerate(self._params):
-            rows = (self.tensor_of == k).nonzero().squeeze(1)
-            if len(rows):
-                released[rows] = p.grad.reshape(-1)[self.index_of[rows].to(p.grad.device)].double().cpu()
+        for p, rows, index in self._by_tensor():
+            released[rows] = p.grad.reshape(-1)[index].double().cpu()
         x = released * self.expected_batch_size / self.max_grad_norm
         self.sums += x
         self.squares += x * x
@@ -150,3 +158,4 @@ class GradientCanaries:
         self.included, self.sums, self.squares = state["included"].clone(), state["sums"].clone(), state["squares"].clone()
         self.steps, self.tensor_of, self.index_of = int(state["steps"]), state["tensor_of"], state["index_of"]
         self.tensor_names = list(state["tensor_names"])
+        self._groups = None

@@ -62,7 +62,7 @@ def epsilon_lower_bound(m: int, r: int, v: int, beta: float, delta: float) -> fl
 
 def candidate_guesses(m: int) -> list[tuple[int, int]]:
     """The (k+, k-) tried, fixed before seeing any score: a few shares of m, "in" guesses alone and both sides."""
-    shares = sorted({max(1, round(m * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)})
+    shares = sorted({max(1, round(m * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5)})
     return [(k, 0) for k in shares] + [(k, k) for k in shares if 2 * k <= m]
 
 
