@@ -193,9 +193,9 @@ def run_audit(
     for name, plugin in plugins:
         start = time.perf_counter()
         found = plugin.run(context)
-        timings[name] = time.perf_counter() - start
-        if found is None:
+        if found is None:  # nothing to measure (e.g. no canaries in this run): no column, no timing
             continue
+        timings[name] = time.perf_counter() - start
         results[name] = found
         result[name] = found.to_dict()
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .plugin import AuditContext, AuditPlugin, Column, Privacy, SummaryResult
+from .plugin import AuditContext, AuditPlugin, Column, SummaryResult
 
 __all__ = ["OneRunAudit", "ceiling", "epsilon_lower_bound", "guesses_bound", "p_value"]
 
@@ -141,7 +141,9 @@ class OneRunResult(SummaryResult):
     def columns(self) -> list[Column]:
         s = self.summary
         text = f"{s['epsilon']:.3g} vs ε {s['claimed_epsilon']:.3g} · ceiling {s['ceiling']:.3g} · {s['verdict']}"
-        return [Column("one_run_epsilon", "ε lower bound (canaries)", "", s["epsilon"], text, Privacy.PRIVACY)]
+        # no privacy role: a lower bound on the mechanism is not leakage of the members, and has no place on the
+        # privacy-utility axes beside the attacks
+        return [Column("one_run_epsilon", "ε lower bound (canaries)", "", s["epsilon"], text)]
 
     def scalars(self) -> dict[str, float]:
         return {"one_run_epsilon": self.summary["epsilon"], "one_run_ceiling": self.summary["ceiling"]}
