@@ -140,7 +140,8 @@ class OneRunAudit(AuditPlugin):
 class OneRunResult(SummaryResult):
     def columns(self) -> list[Column]:
         s = self.summary
-        text = f"{s['epsilon']:.3g} vs ε {s['claimed_epsilon']:.3g} · ceiling {s['ceiling']:.3g} · {s['verdict']}"
+        short = "no answer (ε above the ceiling)" if s["verdict"].startswith("consistent (") else s["verdict"]
+        text = f"{s['epsilon']:.3g} vs ε {s['claimed_epsilon']:.3g} · ceiling {s['ceiling']:.3g} · {short}"
         # no privacy role: a lower bound on the mechanism is not leakage of the members, and has no place on the
         # privacy-utility axes beside the attacks
         return [Column("one_run_epsilon", "ε lower bound (canaries)", "", s["epsilon"], text)]
