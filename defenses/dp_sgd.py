@@ -473,7 +473,7 @@ class DPSGDDefense(Defense):
         if self.canaries is not None:
             names = {id(p): n for n, p in model.named_parameters()}
             self.canaries.place(dp_optimizer.params, [names.get(id(p), "?") for p in dp_optimizer.params])
-            self.canaries.attach(dp_optimizer, self.sample_rate, self.expected_batch_size)
+            self.canaries.attach(dp_optimizer, self.sample_rate)
         self._optimizer = dp_optimizer
         return dp_optimizer
 

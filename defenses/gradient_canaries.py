@@ -54,8 +54,6 @@ class GradientCanaries:
         self._sampled: torch.Tensor | None = None
         self._groups: list | None = None
         self.sample_rate = 0.0
-        self.max_grad_norm = 1.0
-        self.expected_batch_size = 1.0
 
     # -- placement ------------------------------------------------------------------------------------
     def place(self, params: list[nn.Parameter], names: list[str]) -> None:
@@ -70,37 +68,28 @@ class GradientCanaries:
             self._params = list(params)
             self._groups = None
             return
-        tensor_of, index_of, taken = [], [], [set() for _ in params]
-        order = list(range(len(params)))
-        t = 0
+        # round-robin: one canary per tensor in turn, skipping the tensors already full
+        counts = [0] * len(params)
         for _ in range(self.count):
-            while len(taken[order[t % len(order)]]) >= sizes[order[t % len(order)]]:
-                t += 1  # this tensor is full: the next one
-            k = order[t % len(order)]
-            while True:
-                index = int(torch.randint(sizes[k], (1,), generator=self.generator))
-                if index not in taken[k]:
-                    break
-            taken[k].add(index)
-            tensor_of.append(k)
-            index_of.append(index)
-            t += 1
-        self.tensor_of, self.index_of = torch.tensor(tensor_of), torch.tensor(index_of)
+            k = min((k for k in range(len(params)) if counts[k] < sizes[k]), key=lambda k: counts[k])
+            counts[k] += 1
+        tensor_of = [k for k, n in enumerate(counts) for _ in range(n)]
+        index_of = [torch.randperm(sizes[k], generator=self.generator)[:n] for k, n in enumerate(counts)]
+        self.tensor_of, self.index_of = torch.tensor(tensor_of), torch.cat(index_of)
         self.tensor_names = list(names)
         self._params = list(params)
         self._groups = None
 
-    def attach(self, optimizer: Any, sample_rate: float, expected_batch_size: float) -> None:
+    def attach(self, optimizer: Any, sample_rate: float) -> None:
         """Add the canaries to ``optimizer`` (privdiff's clipping DPOptimizer) and read them from its noisy steps."""
-        self.sample_rate, self.max_grad_norm = float(sample_rate), float(optimizer.max_grad_norm)
-        self.expected_batch_size = float(expected_batch_size)
+        self.sample_rate = float(sample_rate)
         optimizer.add_clipped_sum_hook(self._inject)
         earlier = optimizer.step_hook  # the accountant's: Opacus keeps one hook, so both run from here
 
         def step_hook(opt: Any) -> None:
             if earlier is not None:
                 earlier(opt)
-            self._read()
+            self._read(opt)
 
         optimizer.step_hook = step_hook
 
@@ -116,6 +105,7 @@ class GradientCanaries:
         return self._groups
 
     def _inject(self, optimizer: Any) -> None:
+        """Zero the reserved coordinates of the clipped sums and put in the canaries sampled this step."""
         skipped = bool(getattr(optimizer, "step_skip_queue", None)) and bool(optimizer.step_skip_queue[0])
         sampled = self.included & (torch.rand(self.count, generator=self.generator) < self.sample_rate) if not skipped else None
         for p, rows, index in self._by_tensor():
@@ -123,16 +113,17 @@ class GradientCanaries:
                 continue
             flat = p.summed_grad.view(-1)
             # reserved: the training rows' clipped sum never reaches these coordinates; a sampled canary's C does
-            flat[index] = 0 if sampled is None else sampled[rows].to(flat.device, flat.dtype) * self.max_grad_norm
+            flat[index] = 0 if sampled is None else sampled[rows].to(flat.device, flat.dtype) * optimizer.max_grad_norm
         self._sampled = sampled
 
-    def _read(self) -> None:
+    def _read(self, optimizer: Any) -> None:
+        """Add this step's release at each canary, in units of C per example (the sum the optimizer averaged)."""
         if self._sampled is None:
             return
         released = torch.empty(self.count, dtype=torch.float64)
         for p, rows, index in self._by_tensor():
             released[rows] = p.grad.reshape(-1)[index].double().cpu()
-        x = released * self.expected_batch_size / self.max_grad_norm
+        x = released * optimizer.expected_batch_size / optimizer.max_grad_norm  # privdiff never accumulates DP batches
         self.sums += x
         self.squares += x * x
         self.steps += 1
