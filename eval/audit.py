@@ -186,7 +186,8 @@ def run_audit(
     context = AuditContext(model, data, samples, labels, seed=config.seed, batch_size=config.batch_size,
                            progress=config.progress and writes, shard=shard, calibration=calibration, heldout=heldout,
                            flag_rate=config.flag_rate, steps=config.steps,
-                           sampler=sampler if model.conditioning == "text" else None, evidence=record.evidence)
+                           sampler=sampler if model.conditioning == "text" else None, evidence=record.evidence,
+                           claimed=privacy_summary(record.guarantees, known=record.describe != UNKNOWN))
 
     result: dict[str, Any] = {"schema": AUDIT_SCHEMA}
     results: dict[str, AuditResult] = {}
@@ -410,10 +411,7 @@ class AuditCallback(pl.Callback):
         shard = (trainer.global_rank, trainer.world_size) if distributed else None
         dm = trainer.datamodule
         run_dir = Path(trainer.default_root_dir)
-        data = AuditData(
-            members=dm.members, heldout=dm.heldout, copies=copies_per_member(dm.manifest, dm.members),
-            pool=getattr(dm, "pool", None), manifest=dm.manifest, groups=dm.manifest.group_index(dm.members),
-        )
+        data = datamodule_audit_data(dm)
         rank_zero_info(
             f"privdiff: auditing the EMA model ({self.config.num_samples} samples"
             + (f", sampling and neighbour search over {trainer.world_size} processes" if shard else "") + ") ..."
@@ -460,9 +458,22 @@ class AuditCallback(pl.Callback):
 # ---------------------------------------------------------------------------------------------
 # `privdiff audit`: again, on a saved model
 # ---------------------------------------------------------------------------------------------
+def datamodule_audit_data(dm: pl.LightningDataModule) -> AuditData:
+    """What the audit compares the model with, from a set-up data module (``members``, ``heldout``, ``manifest``,
+    ``pool`` and, where the run has them, ``canaries``)."""
+    canaries = getattr(dm, "canaries", None)
+    return AuditData(
+        members=dm.members, heldout=dm.heldout, copies=copies_per_member(dm.manifest, dm.members),
+        pool=getattr(dm, "pool", None), manifest=dm.manifest, groups=dm.manifest.group_index(dm.members),
+        canaries=canaries.table if canaries is not None else None,
+        canary_included=canaries.included if canaries is not None else None,
+    )
+
+
 def load_audit_data(manifest: Manifest) -> AuditData:
     """Rebuild members, held-out images and the pool from the manifest's recorded data settings."""
-    from ..train.data import DiffusionDataModule
+    from ..train.canaries import Canaries, recorded_canaries
+    from ..train.data import DiffusionDataModule, load_canaries
 
     source = {k: v for k, v in manifest.source.items() if k != "defenses"}
     dm = DiffusionDataModule(**source)
@@ -479,7 +490,14 @@ def load_audit_data(manifest: Manifest) -> AuditData:
     members = everything.select([index[i] for i in manifest.members])
     heldout = everything.select([index[i] for i in manifest.heldout])
     manifest.check_fingerprint(image_fingerprint(members, heldout), "the data source")
-    return AuditData(members, heldout, copies_per_member(manifest, members), pool, manifest, manifest.group_index(members))
+    data = AuditData(members, heldout, copies_per_member(manifest, members), pool, manifest, manifest.group_index(members))
+    if manifest.canaries:
+        spec = Canaries(count=int(manifest.canaries["count"]), path=manifest.canaries.get("path"))
+        table = load_canaries(spec, dm.hparams.image_size, dm.hparams.channels, members.captions is not None,
+                              dm.hparams.caption_column or "text")
+        draw = recorded_canaries(manifest.canaries, table, manifest.num_classes)
+        data.canaries, data.canary_included = draw.table, draw.included
+    return data
 
 
 def audit_saved(

@@ -26,10 +26,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from privdiff.membership import copies_per_member
-
-from .audit import AuditConfig, flat_metrics, run_audit, write_json
-from .plugin import AuditData
+from .audit import AuditConfig, datamodule_audit_data, flat_metrics, run_audit, write_json
 
 __all__ = ["PeriodicAudit", "PeriodicAuditConfig", "SelectionRule", "light_profile", "trajectory_point", "TRAJECTORY"]
 
@@ -243,8 +240,7 @@ class PeriodicAudit(pl.Callback):
         distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
         shard = (trainer.global_rank, trainer.world_size) if distributed else None
         dm = trainer.datamodule
-        data = AuditData(members=dm.members, heldout=dm.heldout, copies=copies_per_member(dm.manifest, dm.members),
-                         pool=getattr(dm, "pool", None), manifest=dm.manifest, groups=dm.manifest.group_index(dm.members))
+        data = datamodule_audit_data(dm)
         start = time.perf_counter()
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         with pl_module.ema_model() as model, torch.random.fork_rng(devices=devices):

@@ -37,6 +37,8 @@ class AuditData:
     manifest: Manifest | None = None
     groups: Tensor | None = None  # (M,) the row of each member's group of near-copies (None: every member alone)
     calibration: ImageTable | None = None  # held-out images set aside for thresholds (None: the audit splits heldout)
+    canaries: ImageTable | None = None  # input canaries of the one-run audit (never members), None when the run had none
+    canary_included: Tensor | None = None  # (m,) bool: which canaries were put into training
 
     def group_of(self) -> Tensor:
         """(M,) group of each member: the row of its group's first member (near-copies are one image)."""
@@ -82,6 +84,8 @@ class AuditContext:
     memo: dict[Any, Any] = field(default_factory=dict)
     # what the training left for the audit, by name (``Defense.audit_evidence``: DP-SGD's gradient canaries)
     evidence: Mapping[str, Any] = field(default_factory=dict)
+    # the privacy the run's defenses claim (the audit.json "privacy" entry: epsilon, delta, holds, ...)
+    claimed: Mapping[str, Any] = field(default_factory=dict)
 
     def memoized(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per audit for ``key`` (a hashable of everything the result depends on but the context)."""

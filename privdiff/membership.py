@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 
 __all__ = ["ImageTable", "Manifest", "MANIFEST_VERSION", "copies_per_member", "image_fingerprint"]
 
-MANIFEST_VERSION = 2  # 2: member groups of near-copies, excluded images
-SUPPORTED_VERSIONS = (1, 2)  # a version-1 manifest reads with no groups
+MANIFEST_VERSION = 3  # 2: member groups of near-copies, excluded images; 3: input canaries
+SUPPORTED_VERSIONS = (1, 2, 3)  # a version-1 manifest reads with no groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +102,8 @@ class Manifest:
     groups: list[list[str]] = field(default_factory=list)  # members that are near-copies of each other (2+ ids each)
     excluded: list[dict[str, Any]] = field(default_factory=list)  # images neither member nor held out, and why
     captions: dict[str, str] = field(default_factory=dict)  # member id -> caption (or "sha256:..." when kept out)
+    # input canaries of the one-run audit: their settings and which ids were put into training ({} when none)
+    canaries: dict[str, Any] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
 
     def record_removed(self, removed_id: str, kept_id: str, defense: str, **extra: Any) -> None:
@@ -110,7 +112,7 @@ class Manifest:
 
     def membership_key(self) -> dict[str, Any]:
         """The part that must never change between a run and its resume or audit."""
-        return {k: getattr(self, k) for k in ("seed", "members", "heldout", "train", "planted_duplicates")}
+        return {k: getattr(self, k) for k in ("seed", "members", "heldout", "train", "planted_duplicates", "canaries")}
 
     def check_fingerprint(self, fingerprint: str, where: Any) -> None:
         """Raise ``ValueError`` when ``fingerprint`` (of the members and held-out images now) is not the recorded one."""

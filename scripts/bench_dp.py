@@ -14,6 +14,8 @@ defense's per-image reduction, optimizer step) on a fixed batch:
 * ``functorch``: the same defense with Opacus's vmap per-sample gradients.
 * ``ghost``: Opacus's ghost clipping driven by hand (two backward passes); privdiff refuses it
   under Lightning, it is measured here to show what it would be worth.
+* ``hooks+canaries``: ``hooks`` with 1000 white-box gradient canaries (the one-run audit's cost on a DP step:
+  ``python scripts/bench_dp.py --modes hooks hooks+canaries --repeats 9``).
 
 The modes are interleaved and repeated; prints the median images/s and the ratio to non-private,
 and checks that every DP mode computes the same per-image gradient norms as stock Opacus.
@@ -99,7 +101,9 @@ def step_fn(mode: str, batch: Batch, config: Path, max_grad_norm: float = 1.0, s
             opt.step()
 
         return step, den
-    defense = DPSGDDefense(noise_multiplier=sigma, max_grad_norm=max_grad_norm, grad_sample_mode=mode, accountant="rdp")
+    canaries = 1000 if mode.endswith("+canaries") else 0
+    defense = DPSGDDefense(noise_multiplier=sigma, max_grad_norm=max_grad_norm, grad_sample_mode=mode.removesuffix("+canaries"),
+                           accountant="rdp", gradient_canaries=canaries)
     defense.on_data_ready(10 * len(batch), len(batch))
     den.trainable = defense.wrap_model(den.trainable)
     opt = defense.wrap_optimizer(torch.optim.AdamW(den.trainable.parameters(), lr=1e-4), den.trainable)
@@ -162,7 +166,10 @@ def main() -> None:
         rate = statistics.median(rates[mode])
         ratio = f"{rate / base:.2f}x" if base else "-"
         spread = f"[{min(rates[mode]):.0f}-{max(rates[mode]):.0f}]"
-        print(f"  {mode:10s} {rate:7.1f} img/s {spread:>11s}   {ratio} of non-private")
+        print(f"  {mode:15s} {rate:7.1f} img/s {spread:>11s}   {ratio} of non-private")
+    if "hooks" in rates and "hooks+canaries" in rates:
+        print(f"  gradient canaries: a DP step takes {statistics.median(rates['hooks']) / statistics.median(rates['hooks+canaries']):.3f}x "
+              "the time of one without them")
 
 
 if __name__ == "__main__":

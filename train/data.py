@@ -25,6 +25,7 @@ from privdiff.membership import ImageTable, Manifest, image_fingerprint
 from privdiff.model import Batch
 
 from ..defenses.base import Defense, DefenseStack, as_stack
+from .canaries import Canaries, CanaryDraw, as_canaries, builtin_canaries, draw_canaries
 
 BUILTIN_SOURCES = ("digits", "captioned_digits", "faces", "captioned_faces", "photos", "captioned_photos")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
@@ -511,6 +512,13 @@ def _check_source(source: str, path: str | None, where: str) -> None:
         )
 
 
+def load_canaries(spec: Canaries, image_size: int, channels: int, captioned: bool = False, caption_column: str = "text") -> ImageTable:
+    """A run's input canaries: the built-in shapes, or the first ``spec.count`` images of the folder ``spec.path``."""
+    if spec.path is None:
+        return builtin_canaries(spec.count, image_size, channels, captioned)
+    return as_canaries(load_folder(spec.path, image_size, channels, caption_column=caption_column if captioned else None), spec)
+
+
 HELDOUT_PREFIX = "heldout:"  # ids of a second held-out source: never equal to a pool id
 
 
@@ -548,6 +556,8 @@ class DiffusionDataModule(pl.LightningDataModule):
             ``captioned_digits`` carry their own. A member's copies keep its caption.
         caption_privacy: ``plain`` writes each member's caption into the manifest, ``hash`` only its
             SHA-256 (the captions then stay out of the run directory).
+        canaries: input canaries for the black-box one-run audit (:mod:`privdiff.train.canaries`): each is
+            trained on with probability 1/2, the manifest records which; they are never members.
     """
 
     def __init__(
@@ -576,10 +586,13 @@ class DiffusionDataModule(pl.LightningDataModule):
         group_max_l2: float = DEFAULT_MAX_L2,
         caption_column: str | None = None,
         caption_privacy: Literal["plain", "hash"] = "plain",
+        canaries: Canaries | None = None,
     ) -> None:
         super().__init__()
         if isinstance(heldout, dict):  # as the manifest records it
             heldout = HeldoutSource(**heldout)
+        if isinstance(canaries, dict):
+            canaries = Canaries(**canaries)
         _check_source(source, path, "data")
         if heldout is not None:
             _check_source(heldout.source, heldout.path, "data.heldout")
@@ -598,6 +611,7 @@ class DiffusionDataModule(pl.LightningDataModule):
         self.members: ImageTable | None = None
         self.heldout: ImageTable | None = None
         self.pool: ImageTable | None = None
+        self.canaries: CanaryDraw | None = None
 
     # -- loading -------------------------------------------------------------------------------
     def load_pool(self) -> ImageTable:
@@ -652,13 +666,21 @@ class DiffusionDataModule(pl.LightningDataModule):
             excluded=split.excluded,
             captions=self._manifest_captions(split.members),
         )
-        train = self.defenses.transform_dataset(split.train, manifest)
+        train, canaries = split.train, None
+        if h.canaries is not None:
+            spec = Canaries(**h.canaries) if isinstance(h.canaries, dict) else h.canaries
+            table = load_canaries(spec, h.image_size, h.channels, pool.captions is not None, h.caption_column or "text")
+            canaries = draw_canaries(table, h.seed, manifest.num_classes)
+            manifest.canaries = canaries.manifest_entry(spec)
+            # before the data defenses: the canaries test the whole pipeline, dedup included
+            train = ImageTable.concat([train, canaries.table.select(canaries.included.nonzero().flatten())])
+        train = self.defenses.transform_dataset(train, manifest)
         manifest.train = train.ids
         self._agree_across_processes(manifest)
         self._check_against_saved(manifest)
         self.defenses.on_data_ready(len(train), h.batch_size)
         self.manifest, self.train_set, self.members, self.heldout = manifest, train, split.members, split.heldout
-        self.pool = pool
+        self.pool, self.canaries = pool, canaries
         if self.run_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
             manifest.save(self.run_dir / "manifest.json")  # once, by rank 0: every rank holds the same
 
