@@ -54,3 +54,24 @@ def test_a_run_without_canaries_gets_no_result() -> None:
     digits = load_builtin("digits", 8, 1)
     data = AuditData(digits.select(range(16)), digits.select(range(16, 32)), torch.ones(16, dtype=torch.long))
     assert CanaryAudit().run(AuditContext(tiny_denoiser(), data, torch.empty(0, 1, 8, 8))) is None
+
+
+def test_a_text_to_image_model_is_scored_with_each_canarys_own_caption() -> None:
+    from tests.train.test_latent import tiny
+
+    model = tiny()
+    captions_seen: list[str] = []
+    embed = model.embed_condition
+
+    def spy(cond):
+        captions_seen.extend(cond)
+        return embed(cond)
+
+    model.embed_condition = spy
+    canaries = builtin_canaries(12, 8, 1, captioned=True)
+    digits = load_builtin("captioned_digits", 8, 1)
+    data = AuditData(digits.select(range(8)), digits.select(range(8, 16)), torch.ones(8, dtype=torch.long),
+                     canaries=canaries, canary_included=torch.arange(12) % 2 == 0)
+    found = CanaryAudit(loss_timesteps=[50], noise_draws=1).run(AuditContext(model, data, torch.empty(0, 1, 8, 8)))
+    assert found is not None and found.summary["m"] == 12
+    assert set(captions_seen) == set(canaries.captions)  # the caption, never another's or none
