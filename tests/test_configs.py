@@ -97,7 +97,7 @@ def test_audit_configs_are_valid_audit_settings(path: Path) -> None:
     assert [n for n in names if n in core] == core
     # the text-to-image audits add the caption attacks; nothing else is listed
     expected = {"detection", "prompt_extraction"} if path.stem.startswith("t2i") else set()
-    assert set(names) - set(core) - {"one_run"} == expected  # one_run: the DP step's canaries, where a run has them
+    assert set(names) - set(core) - {"one_run", "canaries"} == expected  # the one-run audits: canaries, where a run has them
 
 
 def test_unknown_config_key_is_refused(monkeypatch, tmp_path) -> None:
