@@ -13,4 +13,5 @@ PACKAGE_DIRS = {"privdiff": "privdiff", "privdiff.train": "train", "privdiff.def
 setup(
     package_dir=PACKAGE_DIRS,
     packages=[f"{name}.{sub}" if sub else name for name, folder in PACKAGE_DIRS.items() for sub in ["", *find_packages(folder)]],
+    package_data={"privdiff.eval": ["templates/*.j2"]},
 )

@@ -203,7 +203,7 @@ def run_audit(
     result.update(
         plugins={
             name: {"class_path": plugin.config()["class_path"], "columns": [c.to_dict() for c in results[name].columns()],
-                   "notes": results[name].notes()}
+                   "notes": results[name].notes(), "verdict": results[name].verdict()}
             for name, plugin in plugins if name in results
         },
         scalars={f"audit/{k}": v for r in results.values() for k, v in r.scalars().items()},

@@ -440,6 +440,12 @@ class ExtractionReport(SummaryResult):
                        "the members (95% interval) and whether the count exceeds it (one-sided Fisher exact test)",
                        union["extracted"], text, Privacy.PRIVACY)]
 
+    def verdict(self) -> str | None:
+        union = self.summary["union"]
+        return (f"extraction: {union['extracted']} member image{'' if union['extracted'] == 1 else 's'} "
+                f"({100 * union['fraction_of_members']:.1f}%){chance_text(union.get('control'))}"
+                + lower_bound(self.summary.get("reconstruction_floor")))
+
     def scalars(self) -> dict[str, float]:
         union = self.summary["union"]
         out = {"extracted": float(union["extracted"]), "extracted_fraction": float(union["fraction_of_members"])}

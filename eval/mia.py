@@ -416,6 +416,13 @@ class MembershipReport(AuditResult):
                    f"{best['tpr']:.3g} [{tlo:.2f}, {thi:.2f}] @{best['fpr']:.1%}"),
         ]
 
+    def verdict(self) -> str | None:
+        best = self.summary.get("best")
+        if not best:
+            return None
+        lo, hi = best["auc_interval"]
+        return f"membership inference: AUC {best['auc']:.2f} [{lo:.2f}, {hi:.2f}] ({best['attack']}), {best['verdict']}"
+
     def scalars(self) -> dict[str, float]:
         out = {}
         for attack in MIA_ATTACKS:

@@ -159,6 +159,10 @@ class OneRunResult(SummaryResult):
         # privacy-utility axes beside the attacks
         return [Column("one_run_epsilon", "ε lower bound (gradient canaries)", "", s["epsilon"], text)]
 
+    def verdict(self) -> str | None:
+        s = self.summary
+        return f"gradient canaries: ε ≥ {s['epsilon']:.2g} (ceiling {s['ceiling']:.2g}), {s['verdict']}"
+
     def scalars(self) -> dict[str, float]:
         return {"one_run_epsilon": self.summary["epsilon"], "one_run_ceiling": self.summary["ceiling"]}
 
@@ -307,6 +311,12 @@ class CanaryResult(SummaryResult):
             text = f"{s['epsilon']:.3g} vs ε {s['claimed_epsilon']:.3g} · ceiling {s['ceiling']:.3g} · {short}"
         # no privacy role, as the white-box bound: a statement about the mechanism, not leakage of the members
         return [Column("canary_epsilon", "ε lower bound (input canaries)", "", s["epsilon"], text)]
+
+    def verdict(self) -> str | None:
+        s = self.summary
+        if s["claimed_epsilon"] is None:
+            return f"input canaries: empirical ε ≥ {s['epsilon']:.2g} (ceiling {s['ceiling']:.2g}, no DP claim)"
+        return f"input canaries: ε ≥ {s['epsilon']:.2g} (ceiling {s['ceiling']:.2g}), {s['verdict']}"
 
     def scalars(self) -> dict[str, float]:
         return {"canary_epsilon": self.summary["epsilon"], "canary_ceiling": self.summary["ceiling"]}

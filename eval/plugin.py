@@ -164,6 +164,11 @@ class AuditResult(ABC):
         """Sentences for the report (how to read a number, a warning)."""
         return []
 
+    def verdict(self) -> str | None:
+        """One short clause for the report's verdict of the run (what was found, beside its control or claim); None: the
+        report says its privacy and utility columns instead."""
+        return None
+
     def heldout_flag_rates(self) -> dict[str, float]:
         """For each of its criteria, the share of real held-out images (never trained on) it flags."""
         return {}

@@ -498,6 +498,12 @@ class QualityReport(AuditResult):
                                self.extra["precision"], f"{self.extra['precision']:.2f} / {self.extra['recall']:.2f}"))
         return cols
 
+    def verdict(self) -> str | None:
+        text = f"utility: FID {self.result.fid:.3g} ({self.result.backbone})"
+        if "precision" in self.extra:
+            text += f", precision {self.extra['precision']:.2f} / recall {self.extra['recall']:.2f}"
+        return text
+
     def scalars(self) -> dict[str, float]:
         out = {f"fid_{self.result.backbone}": float(self.result.fid)}
         if "precision" in self.extra:

@@ -4,7 +4,6 @@ self-contained ``report.html`` with the privacy-utility figures and the most-ext
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
@@ -68,14 +67,14 @@ def summarize(name: str, audit: Mapping[str, Any]) -> dict[str, Any]:
         "reject_rate": (sampling.get("reject_rate"), _fmt(sampling.get("reject_rate"))),
         "train_time": (train_time, "—" if train_time is None else f"{train_time:.0f} s"),
     }
-    columns = [{"key": k, "header": h, "unit": u, "role": ""} for k, h, u in FIXED_BEFORE]
+    columns = [{"key": k, "header": h, "unit": u, "role": "", "plugin": ""} for k, h, u in FIXED_BEFORE]
     values = {k: v for k, (v, _) in before.items()}
     text = {k: t for k, (_, t) in before.items()}
-    for plugin in (audit.get("plugins") or {}).values():
+    for plugin_name, plugin in (audit.get("plugins") or {}).items():
         for c in plugin.get("columns", []):
-            columns.append({k: c[k] for k in ("key", "header", "unit", "role")})
+            columns.append({**{k: c[k] for k in ("key", "header", "unit", "role")}, "plugin": plugin_name})
             values[c["key"]], text[c["key"]] = c["value"], c["text"]
-    columns += [{"key": k, "header": h, "unit": u, "role": ""} for k, h, u in FIXED_AFTER]
+    columns += [{"key": k, "header": h, "unit": u, "role": "", "plugin": ""} for k, h, u in FIXED_AFTER]
     values.update({k: v for k, (v, _) in after.items()})
     text.update({k: t for k, (_, t) in after.items()})
     return {
@@ -94,6 +93,55 @@ def table_columns(rows: list[Mapping[str, Any]]) -> list[dict[str, str]]:
     fixed_after = [k for k, _, _ in FIXED_AFTER]
     ordered = [c for k, c in seen.items() if k not in fixed_after] + [seen[k] for k in fixed_after if k in seen]
     return ordered
+
+
+def split_tables(rows: list[Mapping[str, Any]]) -> list[tuple[str, list[dict[str, str]]]]:
+    """The table cut in two that fit a laptop screen: privacy (ε, the attacks, the checks of ε, what defenses removed
+    or refused) and utility (every column of a plugin that reports a utility figure, and the training time). The
+    setting's name heads both."""
+    columns = table_columns(rows)
+    utility_plugins = {c.get("plugin") for c in columns if c["role"] == "utility" and c.get("plugin")}
+    is_utility = [c.get("plugin") in utility_plugins or c["key"] == "train_time" for c in columns]
+    setting = [c for c in columns if c["key"] == "setting"]
+    privacy = [c for c, u in zip(columns, is_utility) if not u]
+    utility = setting + [c for c, u in zip(columns, is_utility) if u]
+    return [("Privacy", privacy), ("Utility", utility)]
+
+
+def setting_verdict(name: str, audit: Mapping[str, Any]) -> dict[str, Any]:
+    """One setting's verdict: its defenses, its ε (or none), and each plugin's clause (``AuditResult.verdict``; for an
+    audit written before verdicts, its privacy and utility columns)."""
+    privacy = audit.get("privacy") or {}
+    claim = "ε unknown (no training record)" if privacy.get("known") is False else (
+        "no DP guarantee" if privacy.get("epsilon") is None else f"ε {_epsilon_text(privacy)}")
+    clauses = []
+    for plugin in (audit.get("plugins") or {}).values():
+        if plugin.get("verdict"):
+            clauses.append(plugin["verdict"])
+        elif "verdict" not in plugin:
+            clauses += [f"{c['header']} {c['text']}" for c in plugin.get("columns", []) if c.get("role")]
+    return {"setting": name, "defense": (audit.get("run") or {}).get("defenses", "none"), "privacy": claim, "clauses": clauses}
+
+
+def note_groups(runs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The notes grouped by attack (a plugin's notes that every setting gives said once, the others by setting), then
+    the training's: the audit through training and what each defense spent or gives."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, audit in runs.items():
+        for plugin_name, plugin in (audit.get("plugins") or {}).items():
+            group = groups.setdefault(plugin_name, {"name": plugin_name, "said": {}})
+            for n in plugin.get("notes", []):
+                group["said"].setdefault(n, []).append(name)
+    out = []
+    for group in groups.values():
+        common = [n for n, names in group["said"].items() if len(names) == len(runs)]
+        by_setting = [(", ".join(names), n) for n, names in group["said"].items() if len(names) < len(runs)]
+        out.append({"name": group["name"], "common": common, "by_setting": by_setting})
+    training = [tuple(n.split(": ", 1)) if ": " in n else ("", n) for n in _training_notes(runs)]
+    if training:
+        out.append({"name": "training and defenses", "common": [n for s, n in training if not s],
+                    "by_setting": [(s, n) for s, n in training if s]})
+    return out
 
 
 def table_cells(row: Mapping[str, Any], columns: list[dict[str, str]]) -> list[str]:
@@ -271,8 +319,9 @@ def write_report(
     (out / "report.json").write_text(json.dumps(payload, indent=1, default=float))
     notes = _notes(runs)
     details = {name: details_of(audit) for name, audit in runs.items()}
-    (out / "report.md").write_text(_markdown(title, table, notes, details, failed, links))
-    (out / "report.html").write_text(_html(title, rows, images, notes, embedded, details, failed, links))
+    verdict_lines = [setting_verdict(name, audit) for name, audit in runs.items()]
+    (out / "report.md").write_text(_markdown(title, table, notes, details, failed, links, verdict_lines))
+    (out / "report.html").write_text(_html(title, rows, images, runs, embedded, details, failed, links))
     return {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
 
 
@@ -346,8 +395,11 @@ def details_of(audit: Mapping[str, Any]) -> dict[str, Any]:
     return {"thresholds": thresholds, "mia": mia, "facts": facts}
 
 
-def _markdown(title: str, table: str, notes: list[str], details: Mapping[str, Any], failed: Mapping[str, str], links: Mapping[str, str]) -> str:
+def _markdown(title: str, table: str, notes: list[str], details: Mapping[str, Any], failed: Mapping[str, str],
+              links: Mapping[str, str], verdicts: list[Mapping[str, Any]] = ()) -> str:
     lines = [f"# {title}", "", table, ""]
+    lines += [f"- **{v['setting']}** ({v['defense']}): " + "; ".join([v["privacy"], *v["clauses"]]) + "." for v in verdicts]
+    lines += [""] if verdicts else []
     lines += [f"- {n}" for n in notes]
     if failed:
         lines += ["", "## Settings that failed", ""] + [f"- **{name}**: {error}" for name, error in failed.items()]
@@ -374,7 +426,12 @@ def _notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 if name not in said.setdefault(n, []):
                     said[n].append(name)
     notes = [n if len(names) == len(runs) else f"{', '.join(names)}: {n}" for n, names in said.items()]
-    notes += trajectory_notes(runs)
+    return notes + _training_notes(runs)
+
+
+def _training_notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The audit through training's notes and, per setting, what each defense spent or gives ("setting: ...")."""
+    notes = list(trajectory_notes(runs))
     for name, audit in runs.items():
         for key, value in (audit.get("defense_metrics") or {}).items():
             # A defense without a formal guarantee says what it does give in its "guarantee" metric.
@@ -396,58 +453,22 @@ def _notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return notes
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table class='small'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _html(
-    title: str, rows: list[Mapping[str, Any]], images: Mapping[str, str], notes: list[str], embedded: bool,
+    title: str, rows: list[Mapping[str, Any]], images: Mapping[str, str], runs: Mapping[str, Mapping[str, Any]], embedded: bool,
     details: Mapping[str, Any], failed: Mapping[str, str], links: Mapping[str, str],
 ) -> str:
-    columns = table_columns(rows)
-    head = "".join(f"<th title='{html.escape(c['unit'])}'>{html.escape(c['header'])}</th>" for c in columns)
+    """The HTML report through ``templates/report.html.j2`` (autoescaped): verdicts, the privacy and utility tables,
+    figures, notes by attack, and each setting's details."""
+    import jinja2
 
-    def row_html(r: Mapping[str, Any]) -> str:
-        cells = table_cells(r, columns)
-        first = html.escape(cells[0])
-        if r["setting"] in links:
-            first = f"<a href='{html.escape(links[r['setting']])}'>{first}</a>"
-        return "<tr><td>" + first + "</td>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells[1:]) + "</tr>"
-
-    body = "".join(row_html(r) for r in rows)
-    figs = "".join(
-        f"<figure><img alt='{html.escape(k)}' src='data:image/png;base64,{v}'/><figcaption>{html.escape(k)}</figcaption></figure>"
-        for k, v in images.items()
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                             autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    tables = [{"name": name, "columns": columns,
+               "rows": [{"cells": table_cells(r, columns), "link": links.get(r["setting"])} for r in rows]}
+              for name, columns in split_tables(rows)]
+    verdicts = [{**setting_verdict(name, audit), "link": links.get(name)} for name, audit in runs.items()]
+    sections = [{"name": name, "link": links.get(name), **d} for name, d in details.items()]
+    return env.get_template("report.html.j2").render(
+        title=title, embedded=embedded, verdicts=verdicts, tables=tables, failed=failed, images=images,
+        note_groups=note_groups(runs), sections=sections,
     )
-    warning = (
-        "<p class='warn'>This report embeds images of training data (extracted cases). Keep it as private as the data.</p>"
-        if embedded
-        else "<p>No image of training data is embedded in this report.</p>"
-    )
-    note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-    failed_html = "" if not failed else "<h2>Settings that failed</h2>" + _html_table(["setting", "error"], [[k, v] for k, v in failed.items()])
-    sections = ""
-    for name, d in details.items():
-        link = f" <a href='{html.escape(links[name])}'>(its report)</a>" if name in links else ""
-        facts = _html_table(["", ""], [[k, v] for k, v in d["facts"].items()])
-        thr = "" if not d["thresholds"] else "<h3>Thresholds</h3>" + _html_table(
-            ["attack", "criterion", "threshold", "how it was obtained", "held-out flagged [95%]", "the asked rate", "published", "its rate"],
-            [[t["attack"], t["criterion"], f"{t['value']:.4g}", t["how"], t["heldout"], t["status"], t["published"], t["published_rate"]] for t in d["thresholds"]],
-        )
-        mia = "" if not d["mia"] else "<h3>Membership inference</h3>" + _html_table(
-            ["attack", "AUC [95%]", "TPR [95%]", "verdict", "chosen on the other half"],
-            [[m["attack"], m["auc"], m["tpr"], m["verdict"], m["chosen"]] for m in d["mia"]],
-        )
-        sections += f"<section><h2>{html.escape(name)}{link}</h2>{facts}{thr}{mia}</section>"
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1300px}}table{{border-collapse:collapse;margin:0.5em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f4f4f4}}
-td:first-child,td:nth-child(2){{text-align:left}}table.small td{{text-align:left;font-size:90%}}
-figure{{display:inline-block;margin:1em;max-width:100%}}figure img{{max-width:100%}}.warn{{color:#a00}}</style>
-</head><body><h1>{html.escape(title)}</h1>{warning}
-<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<ul>{note_html}</ul>{failed_html}{figs}{sections}</body></html>
-"""

@@ -64,7 +64,14 @@ def test_the_report_files_hold_every_item(report: Path) -> None:
     ):
         assert item in html, item
     assert "| copies |" in md and "## novel" in md and "Settings that failed" in md
-    assert "href='copies/report.html'" in html and "href='novel/report.html'" in html
+    assert 'href="copies/report.html"' in html and 'href="novel/report.html"' in html
+    # the verdict at the top: each setting's extraction beside its control, MIA with its interval, utility
+    verdict = html[html.index("<h2>Verdict</h2>"):html.index("<h2>Privacy</h2>")]
+    assert "<b><a href=\"copies/report.html\">copies</a></b>" in verdict and "no DP guarantee" in verdict
+    assert verdict.count("extraction: ") == 2 and verdict.count("membership inference: AUC ") == 2
+    assert "above" in verdict.split("novel")[0] and "utility: FID " in verdict
+    assert html.index("<h2>Privacy</h2>") < html.index("<h2>Utility</h2>") < html.index("<h2>Notes</h2>")
+    assert "<h3>extraction</h3>" in html and "<h3>mia</h3>" in html  # notes grouped by attack
     for figure in ("privacy–utility", "memorization vs copies", "membership inference ROC", "most-extracted cases: copies"):
         assert f"<figcaption>{figure}" in html, figure
 
@@ -84,6 +91,22 @@ def test_the_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -
         pixels = image.convert("L").resize((65, 120))
         values = list(pixels.getdata())
     assert max(values) - min(values) > 100  # text and figures drawn, not a blank page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs it)")
+def test_the_report_fits_a_laptop_screen_1280_pixels_wide(report: Path, tmp_path: Path) -> None:
+    """The page's width as Chromium lays it out at 1280 px: no horizontal scrolling, tables included."""
+    page = tmp_path / "measured.html"
+    probe = ("<script>document.title = 'W' + document.documentElement.scrollWidth + ' T' + "
+             "Math.max(...[...document.querySelectorAll('table')].map(t => t.getBoundingClientRect().right));</script>")
+    page.write_text((report / "report.html").read_text().replace("</body>", probe + "</body>"))
+    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,900", "--dump-dom", f"file://{page}"]
+    dom = subprocess.run(args, capture_output=True, text=True, timeout=120).stdout
+    import re
+
+    found = re.search(r"<title>W(\d+) T([\d.]+)</title>", dom)
+    assert found, dom[:500]
+    assert int(found.group(1)) <= 1280 and float(found.group(2)) <= 1280, found.group(0)
 
 
 def test_a_note_that_differs_between_settings_names_them_and_one_they_share_is_said_once() -> None:

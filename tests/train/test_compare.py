@@ -36,7 +36,7 @@ def test_shrunk_compare_writes_every_column_and_reuses_finished_runs(tmp_path, m
     assert markdown.splitlines()[2] == "| " + " | ".join(headers) + " |"
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3 and "privacy–utility" in html and "membership inference ROC" in html
-    assert "href='none/report.html'" in html and "href='output_filter/report.html'" in html  # each setting's own report
+    assert 'href="none/report.html"' in html and 'href="output_filter/report.html"' in html  # each setting's own report
     for item in ("Thresholds", "calibration images", "sample sanity", "held-out: calibration / evaluation",
                  "privdiff commit", "versions", "Membership inference", "chosen on the other half"):
         assert item in html, item
