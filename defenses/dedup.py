@@ -6,41 +6,12 @@ times the privacy of one, so dedup belongs *before* training (and before DP). Ne
 found with imagededup's perceptual hashes (or its CNN features), compared by Hamming distance, and
 confirmed by the pixel l2 of the pair; every removal is recorded in the manifest with the twin kept.
 
-Choosing the threshold (measured 2026-11-28, imagededup 0.3.3, scikit-learn digits at 16x16, 1797
-distinct images, no byte-identical pair among them). imagededup resizes every image to the size its
-hash needs (phash: 32x32, then the 8x8 lowest DCT frequencies), so the size we hand it barely
-matters: pre-resizing to 8, 12, 24, 32, 64 or 128 px changed the counts below by a few pairs. What
-matters is the content: a 64-bit hash of a 16x16 digit cannot tell a slightly noised copy from
-another writer's very similar digit. "Distinct pairs" are pairs of different digits flagged as
-duplicates; the columns on the right are the fractions of 200 planted copies caught, per kind of copy
-(16->12->16 px bicubic; 16->32->16 px; Gaussian noise sigma 4 and 8 of 255; JPEG quality 90 and 75).
-phash distances between two hashes are always even (each hash sets about half its bits).
-
-    phash <=   l2 gate   distinct pairs (images) | down12up up32down noise4 noise8 jpeg90 jpeg75
-       0       none          0     (0)           |   0.65     0.86     0.47   0.24   0.77   0.54
-       2       none          8    (16)           |   0.97     1.00     0.94   0.76   0.99   0.95
-       4       none         84   (116)           |   1.00     1.00     0.99   0.98   1.00   0.99
-       8       none       1431   (859)           |   1.00     1.00     1.00   0.99   1.00   1.00
-      10       none       3714  (1276)           |   1.00     1.00     1.00   1.00   1.00   1.00
-       8      0.045          0     (0)           |   1.00     1.00     1.00   0.99   1.00   1.00
-      10      0.045          0     (0)           |   1.00     1.00     1.00   1.00   1.00   1.00
-      12      0.045          1     (2)           |   1.00     1.00     1.00   1.00   1.00   1.00
-
-No hash threshold alone both keeps every distinct digit and removes the planted copies; the pixel
-l2 gate does. Among pairs with phash <= 10, distinct digits are >= 0.051 apart in l2 (the nearest
-distinct digit overall is 0.032, so l2 alone also fails), while the planted copies are <= 0.039
-(down12up), <= 0.032 (noise8) and <= 0.020 (jpeg75). Hence the defaults ``max_distance_threshold=8``
-(one even step of margin below 12, where a false pair appears) and ``max_l2=0.045`` (between 0.039
-and 0.051). dhash, ahash and whash are worse at this size (at distance 0 they already flag 24, 101
-and 1207 distinct pairs). On the 100 built-in faces at 16x16, phash <= 10 alone flags nothing
-distinct. Halving the resolution (16->8->16 px) gives copies 0.05-0.07 away in l2: this default does
-not call those duplicates. Re-measure for other data and sizes (``near_duplicate_pairs``).
-The defaults are measured for phash: with the same settings dhash, ahash and whash each merge one
-pair of distinct digits. Clusters are connected components, so long chains of near-copies can bridge
-two distinct images: 10 noised copies (+-3 of 255) of every digit (17970 images) leave 1796 of 1797.
-Throughput on 2 CPU cores (whole ``transform_dataset``): phash ~6.1k img/s on the 1797 digits and
-~4.0k img/s on those 17970 images (4.5 s; the search is a blocked O(N^2) popcount); dhash ~15k,
-ahash ~10k, whash ~0.6k img/s on the digits. Hashing (imagededup, one image at a time) dominates.
+Why a hash threshold needs the pixel gate: a 64-bit perceptual hash of a small image cannot tell a
+slightly noised copy from another writer's very similar digit, and pixel l2 alone cannot either (the
+nearest distinct digit can be closer than a JPEG copy), but together they separate them. The defaults
+(phash Hamming <= 8 and pixel l2 <= 0.045) were chosen on 16x16 digits with planted copies of six
+kinds; the measurements, and how the other hashes and sizes fare, are in docs/benchmarks.md
+("dedup thresholds"). Re-measure for other data and sizes with ``near_duplicate_pairs``.
 """
 
 from __future__ import annotations
@@ -81,7 +52,7 @@ class DedupDefense(Defense):
         method: imagededup hash (``phash``, ``dhash``, ``whash``, ``ahash``) or ``cnn`` (MobileNetV3
             features; needs torchvision's ImageNet weights in the torch hub cache or internet).
         max_distance_threshold: largest Hamming distance (0..64) between hashes that counts as a
-            near-duplicate. Measured on 16x16 digits: see the module docstring; imagededup's own
+            near-duplicate. Chosen on 16x16 digits (docs/benchmarks.md, "dedup thresholds"); imagededup's own
             default of 10 flags thousands of distinct digits at this size unless the l2 gate is on.
         max_l2: also require the pixel l2 on [0, 1] to be at most this (None: hash only).
         min_similarity: for ``cnn``, the cosine similarity at or above which a pair counts

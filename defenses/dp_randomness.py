@@ -5,8 +5,8 @@ which rows join each Poisson batch, and the Gaussian noise added to each update.
 the global torch generator from the run's (public) seed and applies it again on a resume without
 restoring its state, so anything drawn from that generator repeats: a resumed run replayed the
 batches *and* the noise of its first steps (two updates with the same noise reveal their difference
-without noise), and two runs of one config trained bit-identical "private" weights (measured
-2026-12-01). Both draws therefore use generators of their own, seeded at every process start with
+without noise), and two runs of one config trained bit-identical "private" weights (design.md,
+"DP randomness on resume"). Both draws therefore use generators of their own, seeded at every process start with
 63 bits from :mod:`secrets` (``os.urandom``). Under DDP rank 0 draws the sampling seed and
 broadcasts it over the process group, since every process must draw the same Poisson mask; the
 noise is added on rank 0 only. A seed lives in memory only: never in a checkpoint, a log or a file.

@@ -66,7 +66,7 @@ class PromptMitigationDefense(Defense):
     def _probe(self, model: Any, p: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = torch.randn((p * self.probes, *model.latent_shape), generator=generator).to(model.device)
         # Probes over the first 30% of the trajectory: lowering the magnitude at t = T - 1 alone (Wen et al.'s first
-        # step) left the copies of the demo model, which samples without guidance (measured 2026-12-01).
+        # step) left the copies of a model that samples without guidance, as the demo's does.
         top = model.num_train_timesteps - 1
         spread = torch.linspace(top, top * (1 - self.depth), self.probes).round().long()
         t = spread.repeat(p).to(model.device)

@@ -189,6 +189,13 @@ def run_audit(
                            sampler=sampler if model.conditioning == "text" else None, evidence=record.evidence,
                            claimed=privacy_summary(record.guarantees, known=record.describe != UNKNOWN))
 
+    # The copy criteria are the configured extraction attack's (a user's delta reaches every plugin that flags copies);
+    # duck-typed by its ``thresholds`` method so that the runner names no attack.
+    provider = next((p for _, p in plugins if callable(getattr(p, "thresholds", None))), None)
+    if provider is None:
+        provider = _instantiate({"class_path": "privdiff.eval.extraction.ExtractionAttack"})
+    context.copy_thresholds = lambda space="pixel": provider.thresholds(context, space)
+
     result: dict[str, Any] = {"schema": AUDIT_SCHEMA}
     results: dict[str, AuditResult] = {}
     for name, plugin in plugins:

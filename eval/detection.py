@@ -12,11 +12,8 @@ Two per-caption scores from the first denoising step(s) of a few seeds:
   noise. The score is minus the mean pairwise l2 between the decoded x0 estimates of the seeds,
   taken at the last of the ``first_steps`` steps; higher = more memorized. At t = T - 1 itself the
   estimate divides by sqrt(abar_T) (0.006 on the linear schedule) and amplifies every error of the
-  noise prediction: on two tiny models over-trained on planted pairs its AUC was 0.54 and 0.78 at
-  the first step, 0.84 and 0.88 after 10 of 50 steps (measured 2026-12-01), where Wen et al.'s
-  magnitude gave 0.95 on one model and 0.55–0.69 on the other. With each caption's own noise and the
-  first 10 of 25 steps, on two more such models: Webster 0.647 and 0.725, Wen 0.980 and 0.983. Neither
-  score wins everywhere: a tiny model maps a planted caption to a mixture of the planted images (the
+  noise prediction, so the score is taken after the first steps instead (the AUCs per step and model
+  are in docs/benchmarks.md). Neither score wins everywhere: a tiny model maps a planted caption to a mixture of the planted images (the
   consistency suffers), and where the planted rows are half of the data it generates them
   unconditionally too (the magnitude suffers). The plugin reports both.
 
@@ -319,10 +316,11 @@ class MemorizationDetection(AuditPlugin):
     def _unconditional(self, context: AuditContext) -> dict[str, Any]:
         """How many samples for the empty prompt copy a duplicated member (l2 <= the extraction attack's delta).
 
-        Both scores compare a caption with the empty prompt. On three demo models the share of unconditional samples
-        that copied a planted image was 78%, 74% and 33%, and Wen et al.'s AUC 0.35, 0.49 and 0.995 (2026-12-02).
+        Both scores compare a caption with the empty prompt: where the model generates the duplicated images
+        unprompted, a duplicated caption differs little from the empty one and both scores fall (docs/text_to_image.md).
         """
-        delta = ExtractionAttack().thresholds(context)["delta"]  # the audit's flag rate: prompt extraction's delta
+        # the audit's copy criterion (its extraction attack's delta, as configured); a context built by hand has none
+        delta = (context.copy_thresholds("pixel") if context.copy_thresholds else ExtractionAttack().thresholds(context))["delta"]
         # its own seed: not the audit's samples nor prompt extraction's (seed, seed + 1)
         drawn = context.sampler([""] * self.unconditional_samples, seed=context.seed + 3, steps=self.steps).images
         if not len(drawn):  # a generation-side filter rejected them all

@@ -86,6 +86,9 @@ class AuditContext:
     evidence: Mapping[str, Any] = field(default_factory=dict)
     # the privacy the run's defenses claim (the audit.json "privacy" entry: epsilon, delta, holds, ...)
     claimed: Mapping[str, Any] = field(default_factory=dict)
+    # copy_thresholds(space) -> {"tau", "delta", "calibrated_threshold": Threshold}: the copy criteria of the audit's
+    # extraction attack as configured, computed once by the runner; what another plugin that flags copies uses
+    copy_thresholds: Callable[[str], Mapping[str, Any]] | None = None
 
     def memoized(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per audit for ``key`` (a hashable of everything the result depends on but the context)."""

@@ -146,7 +146,7 @@ class PromptExtraction(AuditPlugin):
         samples_per_caption: generations per caption, each from its own seed (Carlini et al.: 500).
         min_clique: clique of near-identical generations that flags a caption (Carlini et al.: 10 of 500). 3 of 16 by
             default: on tiny models over-trained on planted pairs a planted caption returned its own image in 3-8 of 16
-            samples (the rest: other planted images), so a clique of 5 missed up to half of them (measured 2026-12-01); the
+            samples (the rest: other planted images), so a clique of 5 missed up to half of them; the
             match to the caption's own training image within delta, not the clique, is what keeps false flags down.
         max_captions: member captions searched, the most duplicated first (None: all).
         heldout_captions: held-out captions searched the same way (false flags).
@@ -294,7 +294,10 @@ class PromptExtraction(AuditPlugin):
             raise ValueError("prompt_extraction needs held-out images with captions (data.num_heldout > 0)")
         attack = ExtractionAttack(tau=self.tau, delta=self.delta, flag_rate=self.flag_rate, decoded=self.decoded)
         spaces = attack.spaces(context)
-        found = {space: attack.thresholds(context, space) for space in spaces}
+        if context.copy_thresholds is not None and self.tau is None and self.delta is None and self.flag_rate is None:
+            found = {space: dict(context.copy_thresholds(space)) for space in spaces}  # the audit's, as configured
+        else:
+            found = {space: attack.thresholds(context, space) for space in spaces}
         limits = {space: (f["tau"].value, f["delta"].value) for space, f in found.items()}
         tau, delta = limits["pixel"]
         captions, copies, member_rows = member_captions(context)

@@ -141,7 +141,7 @@ def sample_sanity(samples: torch.Tensor, real: torch.Tensor) -> dict:
     """Share of pixels stuck at 0 and at 1 in the samples, beside the same shares of real images.
 
     A solver that does not fit the model (DPM-Solver++ without x0 clipping on an under-trained
-    model, measured 2026-12-01) returns saturated samples: mostly black and white pixels, which
+    model) returns saturated samples: mostly black and white pixels, which
     fake extractions and a small FID. ``ok`` is False when either share exceeds the real images'
     by more than ``SATURATION_EXCESS``.
     """

@@ -5,7 +5,7 @@ generated sample a copy when its score against the members is small. Real images
 ever saw score against the members too, and how small depends on the data: at 16x16 digits the
 published thresholds (Carlini et al. 2023, set for CIFAR-10 and 50k training images) flag about 40%
 of held-out digits, and at 24x24 faces every held-out face lies within delta = 0.15 of a member
-(measured 2026-12-01). So a threshold is taken from the data by default: the largest value at which
+(design.md, "Published thresholds at low resolution"). So a threshold is taken from the data by default: the largest value at which
 at most ``rate`` (1%) of a set of real held-out images set aside for that (the *calibration* images)
 would be flagged, and its false-flag rate is then measured on *other* held-out images, with a
 Clopper-Pearson interval. With fewer than 1/rate calibration images the asked rate cannot be

@@ -3,7 +3,7 @@
 torch's hub loader (``torch.hub.load_state_dict_from_url``, which torchvision and torch-fidelity
 use) unpickles a file it finds in its cache with ``weights_only=False`` and re-checks no hash for
 it, so a file planted in ``$TORCH_HOME/hub/checkpoints/`` runs its code when a model is built
-(measured 2026-12-01 with dedup's CNN encoder). Here a weight file is accepted only when its
+(dedup's CNN encoder did; design.md, "Known traps"). Here a weight file is accepted only when its
 SHA-256 starts with the prefix its publisher put in the file name (``NAME-<prefix>.pth``, the
 torchvision and torch-fidelity convention, which ``torch.hub`` checks only on download), and it
 is read with ``torch.load(weights_only=True)``, which builds tensors and plain containers only.

@@ -122,9 +122,8 @@ def reverse_process(
     sched.set_timesteps(min(steps, int(training.config.num_train_timesteps)), device=device)
     x = torch.randn(shape, generator=generator, device="cpu").to(device)
     # "ancestral" is DDIM with eta = 1: DDPM's own generative process on a sub-sequence of the
-    # timesteps (Song et al. 2021, Sec. 4.1). Unlike deterministic DDIM it matched 1000-step DDPM
-    # samples of an under-trained (DP-SGD) model: Frechet distance 5.0 against a noise floor of 6.2,
-    # where DDIM-50 gave 20.9 and DPM-Solver++-20 13.5 with 10% of pixels saturated (measured 2026-12-01).
+    # timesteps (Song et al. 2021, Sec. 4.1). Unlike deterministic DDIM and DPM-Solver++ it matches
+    # 1000-step DDPM samples of an under-trained (DP-SGD) model (docs/scaling.md, the solver row).
     kwargs = {"ddpm": {"generator": generator}, "ddim": {}, "ancestral": {"generator": generator, "eta": 1.0}}.get(solver, {})
     for t in sched.timesteps:
         x = sched.step(predict_noise(x, t.to(device)), t, x, **kwargs).prev_sample

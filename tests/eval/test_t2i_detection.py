@@ -174,3 +174,22 @@ def test_the_detection_report_checks_its_premise_that_the_duplicated_images_are_
     plain = plugin.run(context(torch.ones(4, dtype=torch.long)))
     assert plain.summary["duplicated_rows"] == 0 and "unconditional" not in plain.summary and not asked
     assert len(plain.notes()) == 1
+
+
+def test_a_delta_set_on_the_extraction_attack_reaches_detection_through_the_runner() -> None:
+    """No plugin builds its own extraction attack: detection's copy criterion is the configured attack's."""
+    from privdiff.eval.audit import AuditConfig, AuditData, run_audit
+    from privdiff.eval.detection import MemorizationDetection
+    from privdiff.eval.extraction import ExtractionAttack
+    from privdiff.train.data import load_builtin
+
+    pool = load_builtin("captioned_digits", 8, 1)
+    members, heldout = pool.select(range(16)), pool.select(range(16, 56))
+    copies = torch.ones(16, dtype=torch.long)
+    copies[0] = 5
+    detection = MemorizationDetection(seeds=2, first_steps=1, steps=2, max_heldout=4, unconditional_samples=4)
+    for delta in (0.5, 0.05):
+        config = AuditConfig(num_samples=4, steps=2, progress=False,
+                             attacks={"extraction": ExtractionAttack(delta=delta), "detection": detection})
+        found = run_audit(tiny(), AuditData(members, heldout, copies), config)["detection"]
+        assert found["unconditional"]["delta"] == delta
