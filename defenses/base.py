@@ -8,7 +8,6 @@ to "do nothing". The same instances serve the data module and the model (Lightni
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from privdiff.files import write_json_atomic
 from privdiff.membership import ImageTable, Manifest
 from privdiff.model import Batch
 
@@ -357,10 +357,7 @@ class DefenseRecord:
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically."""
-        path = Path(path)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, default=float))
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict(), default=float)
 
     @classmethod
     def load(cls, path: str | Path) -> "DefenseRecord":

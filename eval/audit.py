@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from privdiff.files import write_json_atomic
 from privdiff.membership import Manifest, copies_per_member, image_fingerprint
 from privdiff.model import DiffusionModel
 from privdiff.shard import Shard, check_shard
@@ -361,9 +361,7 @@ def _save_cases(run_dir: Path, cases: list[Cases], image_shape: Sequence[int]) -
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, path)
+    write_json_atomic(path, data, default=float)
 
 
 def report_single_run(run_dir: Path, result: dict[str, Any]) -> None:

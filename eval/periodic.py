@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from privdiff.files import atomic_path
 from .audit import AuditConfig, datamodule_audit_data, flat_metrics, run_audit, write_json
 
 __all__ = ["PeriodicAudit", "PeriodicAuditConfig", "SelectionRule", "light_profile", "trajectory_point", "TRAJECTORY"]
@@ -280,11 +281,8 @@ class PeriodicAudit(pl.Callback):
     def _keep_weights(run_dir: Path, step: int, weights: list[torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        folder = run_dir / _WEIGHTS
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".step{step:08d}.{os.getpid()}.tmp"
-        save_file({str(i): w.contiguous() for i, w in enumerate(weights)}, str(tmp))
-        os.replace(tmp, folder / f"step{step:08d}.safetensors")
+        with atomic_path(run_dir / _WEIGHTS / f"step{step:08d}.safetensors") as tmp:
+            save_file({str(i): w.contiguous() for i, w in enumerate(weights)}, str(tmp))
 
     def _export_selected(self, pl_module: pl.LightningModule, run_dir: Path) -> None:
         """Write the chosen checkpoint's EMA weights as a diffusers folder ``selected/``; drop the other kept weights."""

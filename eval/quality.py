@@ -20,7 +20,6 @@ their own conversion; each carries an integer ``num_features`` so torchmetrics d
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
+from privdiff.files import atomic_path
 from privdiff.weights import cached_or_downloaded, load_checked_weights, privdiff_cache
 
 from .plugin import AuditContext, AuditPlugin, AuditResult, Column, Privacy
@@ -464,11 +464,9 @@ def cached_feature_classifier(
         accuracy = float((clf(images[test]).argmax(1) == classes[test]).float().mean()) if len(test) else float("nan")
     record = {"classes": source, "num_classes": int(classes.max()) + 1, "num_train": len(train), "num_test": len(test),
               "test_accuracy": accuracy, "chance_accuracy": float(torch.bincount(classes).max()) / len(classes)}
-    folder.mkdir(parents=True, exist_ok=True)
     # compare's settings audit side by side and may train the same classifier at once: one tmp file each
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-    save_classifier(clf, tmp, extra=record)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_classifier(clf, tmp, extra=record)
     return clf, {**record, "cached": False, "cache": str(path)}
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
+
+from .files import write_json_atomic
 
 __all__ = ["ImageTable", "Manifest", "MANIFEST_VERSION", "copies_per_member", "image_fingerprint"]
 
@@ -125,11 +126,7 @@ class Manifest:
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically (a crash mid-write leaves the previous file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)
+        write_json_atomic(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":

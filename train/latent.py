@@ -17,7 +17,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +25,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from privdiff.files import atomic_path
 from privdiff.membership import ImageTable
 from privdiff.model import Batch, DiffusionModel
 from privdiff.weights import privdiff_cache, require_safetensors
@@ -401,12 +401,10 @@ class LatentTextToImage(DiffusionModel):
     def _save_vae(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")  # several processes may train it at once
         tensors = {f"vae.{k}": v.detach().cpu().contiguous() for k, v in self.vae.state_dict().items()}
-        save_file({**tensors, "latent_scale": self.latent_scale.detach().cpu().reshape(1)}, str(tmp),
-                  metadata={"privdiff.vae_record": json.dumps(self.vae_record)})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:  # several processes may train it at once: one tmp file each
+            save_file({**tensors, "latent_scale": self.latent_scale.detach().cpu().reshape(1)}, str(tmp),
+                      metadata={"privdiff.vae_record": json.dumps(self.vae_record)})
 
     def _load_vae(self, path: Path) -> dict[str, Any]:
         from safetensors import safe_open

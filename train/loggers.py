@@ -13,6 +13,8 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from privdiff.files import atomic_path
+
 
 @dataclass
 class LoggingOptions:
@@ -71,12 +73,10 @@ class ResumableCSVLogger(CSVLogger):
             fields, rows = reader.fieldnames or [], list(reader)
         kept = [r for r in rows if not r.get("step") or float(r["step"]) <= step]
         if len(kept) < len(rows):
-            tmp = path.with_suffix(".csv.tmp")
-            with open(tmp, "w", newline="") as f:
+            with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(kept)
-            os.replace(tmp, path)
         return len(rows) - len(kept)
 
 

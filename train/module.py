@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,6 +13,7 @@ from diffusers.training_utils import EMAModel
 from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info
 
+from privdiff.files import write_json_atomic
 from privdiff.model import Batch, DiffusionModel
 
 from ..defenses.base import DEFENSES_RECORD, Defense, DefenseStack, as_stack
@@ -166,10 +166,7 @@ class DiffusionModule(pl.LightningModule):
 
     def _note_released(self, step: int) -> None:
         if step > self._released():
-            self._ledger.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._ledger.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"global_step": int(step)}))
-            os.replace(tmp, self._ledger)
+            write_json_atomic(self._ledger, {"global_step": int(step)})
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
