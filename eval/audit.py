@@ -8,7 +8,6 @@ this module knows none of them by name.
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from privdiff.classpath import class_from_path
 from privdiff.files import write_json_atomic
 from privdiff.membership import Manifest, copies_per_member, image_fingerprint
 from privdiff.model import DiffusionModel
@@ -53,9 +53,8 @@ def _instantiate(spec: Any) -> AuditPlugin:
     if isinstance(spec, AuditPlugin):
         return spec
     if isinstance(spec, dict) and "class_path" in spec:
-        module, _, name = spec["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        if not (isinstance(cls, type) and issubclass(cls, AuditPlugin)):
+        cls = class_from_path(spec["class_path"])
+        if not issubclass(cls, AuditPlugin):
             raise ValueError(f"audit attack {spec['class_path']} is not a privdiff.eval.plugin.AuditPlugin")
         return cls(**dict(spec.get("init_args") or {}))
     raise ValueError(f"an audit attack must be a class_path + init_args entry, got {spec!r}")

@@ -198,17 +198,16 @@ def privacy_utility_figure(rows: list[Mapping[str, Any]]):
 
 def plugin_figures(runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Any]]:
     """The figures each attack or metric draws from the runs' audits (its class's ``figures``)."""
-    import importlib
+    from privdiff.classpath import class_from_path
 
     classes: dict[str, type] = {}
     for audit in runs.values():
         for plugin in (audit.get("plugins") or {}).values():
             path = plugin.get("class_path")
             if path and path not in classes:
-                module, _, name = path.rpartition(".")
                 try:
-                    classes[path] = getattr(importlib.import_module(module), name)
-                except (ImportError, AttributeError):
+                    classes[path] = class_from_path(path)
+                except ValueError:
                     continue  # a plugin of another installation: its columns are shown, its figures are not
     return [fig for cls in classes.values() for fig in cls.figures(runs)]
 

@@ -164,3 +164,12 @@ def test_saturated_samples_are_blamed_on_the_solver_only_when_another_solver_on_
     assert set(check["solvers"]) == {"ancestral", "ddim", "dpmsolver++"}
     assert check["model_saturated"] is (solvers is None)
     assert check["sane"] == ([] if solvers is None else ["ddim", "dpmsolver++"])
+
+
+def test_an_audit_attack_that_cannot_be_loaded_is_named_before_anything_runs() -> None:
+    from privdiff.eval.audit import AuditConfig
+
+    with pytest.raises(ValueError, match="privdiff.eval.nope.Attack"):
+        AuditConfig(attacks={"nope": {"class_path": "privdiff.eval.nope.Attack"}}).check(64, 64)
+    with pytest.raises(ValueError, match="is not a privdiff.eval.plugin.AuditPlugin"):
+        AuditConfig(attacks={"dedup": {"class_path": "privdiff.defenses.dedup.DedupDefense"}}).check(64, 64)
