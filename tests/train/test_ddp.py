@@ -115,7 +115,9 @@ def assert_in_sync(ranks: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_ddp_dp_sgd_shares_one_poisson_batch_and_spends_the_single_process_epsilon(tmp_path) -> None:
-    steps, batch = 12, 4
+    # batch 2 of 18 rows: each process's share (9 rows at q = 1/9) is empty with probability (8/9)^9 = 0.35 a step, so
+    # 24 shares without an empty one happen once in ~27 000 runs (with batch 4: once in 14, a flaky test)
+    steps, batch = 12, 2
     ranks = fit(tmp_path / "ddp", [DPSGDDefense(target_epsilon=4.0, accountant="rdp", steps=steps)], 2, steps, batch)
     assert_in_sync(ranks)
     n = 16 + 2  # 16 members, 2 of them planted twice
@@ -123,7 +125,7 @@ def test_ddp_dp_sgd_shares_one_poisson_batch_and_spends_the_single_process_epsil
         a, b = ranks[0]["rows"][step], ranks[1]["rows"][step]
         assert all(i % 2 == 0 for i in a) and all(i % 2 == 1 for i in b)  # disjoint shares of one batch
     sizes = [len(r0) + len(r1) for r0, r1 in zip(ranks[0]["rows"], ranks[1]["rows"])]
-    assert len(set(sizes)) > 2 and 2 < sum(sizes) / steps < 7  # Poisson sizes around the expected 4
+    assert len(set(sizes)) > 2 and 0.5 < sum(sizes) / steps < 4  # Poisson sizes around the expected 2
     assert any(len(r["rows"][s]) == 0 for r in ranks for s in range(steps))  # a process had an empty share
     eps = {r["dp"]["epsilon"] for r in ranks}
     assert len(eps) == 1 and all(r["dp"]["history"] == ranks[0]["dp"]["history"] for r in ranks)
