@@ -9,7 +9,7 @@ accountant (PRV, Gopi et al. 2021, or RDP, Mironov 2017) turns the steps taken i
 Everything runs inside the documented Lightning hooks the Defense contract exposes.
 
 Under DDP (``trainer.strategy: ddp``, any number of devices and nodes) the processes share one
-global Poisson batch (:class:`DistributedPoissonBatchSampler`, expected size ``batch_size``, the
+global Poisson batch (:mod:`.dp_sampling`, expected size ``batch_size``, the
 same q = batch_size / N), Opacus's ``DistributedDPOptimizer`` adds the noise once (on rank 0) and
 sums the clipped gradients of all processes, and every rank's accountant records the same steps:
 epsilon is that of one process with the same batch size and steps.
@@ -27,22 +27,21 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
-from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset
 
 from .base import Defense, Guarantee
 from .dp_randomness import DPRandomness
+from .dp_sampling import poisson_loader
 from .gradient_canaries import GradientCanaries
 from .per_sample_grads import ClippingDistributedDPOptimizer, ClippingDPOptimizer, FastGradSampleModule
 
@@ -73,100 +72,6 @@ def _contiguous_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, .
     no-op for tensors that already are.
     """
     return tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
-
-
-class DistributedPoissonBatchSampler(Sampler[list[int]]):
-    """Poisson sampling for a DDP job: one global Poisson batch per step, shared out among the processes.
-
-    Every process draws the same Bernoulli(q) mask over all N rows (its generator is seeded alike
-    on every rank) and keeps the selected rows r with ``r % world_size == rank``. The union of the
-    local batches is exactly a Poisson sample of the whole training set at rate q -- the batch one
-    process would draw from the same generator -- so the accountant's assumption (each row joins
-    each step independently with probability q) holds for the global batch.
-
-    Opacus's ``DistributedUniformWithReplacementSampler`` is not used for two reasons: it skips an
-    empty local batch (the processes then disagree on the number of steps and the gradient
-    all-reduce deadlocks or pairs different steps), and it draws each rank's mask from the global
-    RNG, which Lightning seeds alike on every rank, so the rows at the same position of every
-    rank's shard would join a batch together rather than independently.
-
-    Args:
-        num_samples: N, rows of the training set.
-        sample_rate: q.
-        rank, world_size: this process and the number of processes.
-        generator: seeded alike on every process.
-        steps: batches per epoch (default ``int(1 / q)``, as Opacus).
-    """
-
-    def __init__(
-        self, *, num_samples: int, sample_rate: float, rank: int, world_size: int,
-        generator: torch.Generator, steps: int | None = None,
-    ) -> None:
-        if num_samples < 1 or not 0 < sample_rate <= 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"need num_samples >= 1, 0 < sample_rate <= 1 and 0 <= rank < world_size, got "
-                f"{num_samples}, {sample_rate}, {rank}, {world_size}"
-            )
-        self.num_samples, self.sample_rate = num_samples, sample_rate
-        self.rank, self.world_size, self.generator = rank, world_size, generator
-        self.steps = steps if steps is not None else int(1 / sample_rate)
-        self.largest_share = 0  # the largest local batch of the last global batch (the same on every rank)
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.steps):
-            rows = (torch.rand(self.num_samples, generator=self.generator) < self.sample_rate).nonzero().flatten()
-            owner = rows % self.world_size
-            self.largest_share = int(torch.bincount(owner, minlength=self.world_size).max())
-            yield rows[owner == self.rank].tolist()  # possibly empty: every process takes every step
-
-
-class SplitPoissonBatches(BatchSplittingSampler):
-    """Opacus's ``BatchMemoryManager`` sampler, without a length, and in step across DDP processes.
-
-    It tells the DPOptimizer, in order, which physical batch ends a Poisson batch. Lightning ends an
-    epoch after ``len(loader)`` batches, which for split Poisson batches is only an estimate: a cut
-    in the middle of a Poisson batch would leave the optimizer's queue of skip signals out of step
-    with the batches (two Poisson batches merged into one DP step). Without a length, Lightning
-    runs each epoch until the sampler is exhausted. Under DDP each process splits its share into as
-    many chunks as the largest share needs (some may be empty), so that all processes take the same
-    number of physical steps.
-    """
-
-    def __len__(self) -> int:
-        raise TypeError("split Poisson batches have no fixed number")
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.sampler:
-            largest = getattr(self.sampler, "largest_share", len(batch))
-            chunks = max(1, math.ceil(largest / self.max_batch_size))
-            parts = [p.tolist() for p in np.array_split(np.asarray(batch, dtype=np.int64), chunks)]
-            for part in parts[:-1]:
-                self.optimizer.signal_skip_step(do_skip=True)
-                yield part
-            self.optimizer.signal_skip_step(do_skip=False)
-            yield parts[-1]
-
-
-def _with_batch_sampler(dp_loader: DataLoader, batch_sampler: Any) -> DataLoader:
-    """The DP loader's settings (Opacus's collate, which gives empty batches their shape) with another batch sampler."""
-    loader = DataLoader(
-        dp_loader.dataset,
-        batch_sampler=batch_sampler,
-        collate_fn=dp_loader.collate_fn,
-        num_workers=dp_loader.num_workers,
-        pin_memory=dp_loader.pin_memory,
-        timeout=dp_loader.timeout,
-        worker_init_fn=dp_loader.worker_init_fn,
-        multiprocessing_context=dp_loader.multiprocessing_context,
-        generator=dp_loader.generator,
-        prefetch_factor=dp_loader.prefetch_factor,
-        persistent_workers=dp_loader.persistent_workers,
-    )
-    loader._privdiff_dp = True
-    return loader
 
 
 class DPSGDDefense(Defense):
@@ -492,47 +397,14 @@ class DPSGDDefense(Defense):
             raise ValueError(
                 f"dp_sgd was told N={self.num_examples} training rows but the loader holds {len(loader.dataset)}"
             )
-        # Built directly rather than with DPDataLoader.from_data_loader, whose sample rate is
-        # 1/len(loader) = 1/ceil(N/B): the loader must draw with the accountant's q = B/N.
-        dp_loader = DPDataLoader(
-            loader.dataset,
-            sample_rate=self.sample_rate,
-            collate_fn=loader.collate_fn,
-            num_workers=loader.num_workers,
-            pin_memory=loader.pin_memory,
-            timeout=loader.timeout,
-            worker_init_fn=loader.worker_init_fn,
-            multiprocessing_context=loader.multiprocessing_context,
-            # Never the global generator: Lightning seeds it from the public seed and replays it on a resume.
-            generator=self.randomness.generator("poisson", "cpu", self.steps) if self._world_size == 1 else None,
-            prefetch_factor=loader.prefetch_factor,
-            persistent_workers=loader.persistent_workers,
+        rank, world = self._rank, self._world_size
+        return poisson_loader(
+            loader, self.sample_rate,
+            # never the global generator: Lightning seeds it from the public seed and replays it on a resume
+            generator=self.randomness.generator("poisson", "cpu", self.steps) if world == 1 else None,
+            shared_generator=(lambda: self.randomness.shared_generator("poisson", rank, self.steps)) if world > 1 else None,
+            rank=rank, world_size=world, max_physical_batch_size=self.max_physical_batch_size, optimizer=self._optimizer,
         )
-        if self._world_size > 1:
-            dp_loader = self._distributed_loader(dp_loader)
-        if self.max_physical_batch_size is None:
-            return dp_loader
-        if self._optimizer is None:
-            raise ValueError("dp_sgd max_physical_batch_size needs the DP optimizer: call wrap_optimizer before wrap_train_loader")
-        return _with_batch_sampler(
-            dp_loader,
-            SplitPoissonBatches(
-                sampler=dp_loader.batch_sampler, max_batch_size=self.max_physical_batch_size, optimizer=self._optimizer
-            ),
-        )
-
-    def _distributed_loader(self, dp_loader: DataLoader) -> DataLoader:
-        """The DP loader with this process's share of one global Poisson batch per step (DDP).
-
-        The generator of the shared mask is seeded by rank 0 from fresh OS entropy and the seed
-        broadcast to every process (``DPRandomness.shared_generator``): the same mask everywhere,
-        new at every start, never written anywhere.
-        """
-        sampler = DistributedPoissonBatchSampler(
-            num_samples=len(dp_loader.dataset), sample_rate=self.sample_rate, rank=self._rank,
-            world_size=self._world_size, generator=self.randomness.shared_generator("poisson", self._rank, self.steps),
-        )
-        return _with_batch_sampler(dp_loader, sampler)
 
     def backward_inputs(self, model: nn.Module) -> list[torch.Tensor] | None:
         """Backward to the layers' inputs only: the summed parameter gradients are discarded anyway.

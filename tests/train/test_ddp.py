@@ -16,7 +16,8 @@ from opacus.accountants import create_accountant
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from privdiff.defenses.dedup import DedupDefense
-from privdiff.defenses.dp_sgd import DistributedPoissonBatchSampler, DPSGDDefense
+from privdiff.defenses.dp_sampling import DistributedPoissonBatchSampler
+from privdiff.defenses.dp_sgd import DPSGDDefense
 from privdiff.defenses.output_filter import OutputFilterDefense
 from privdiff.train import data as data_module
 from privdiff.model import Batch
