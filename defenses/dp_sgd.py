@@ -30,8 +30,6 @@ import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
@@ -40,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from .base import Defense, Guarantee
+from .dp_budget import PrivacyLedger, plan_noise
 from .dp_randomness import DPRandomness
 from .dp_sampling import poisson_loader
 from .gradient_canaries import GradientCanaries
@@ -213,12 +212,10 @@ class DPSGDDefense(Defense):
         self.num_examples: int | None = None
         self.batch_size: int | None = None
         self.sample_rate: float | None = None
-        self.accountant = create_accountant(accountant)
+        self.ledger = PrivacyLedger(accountant, self.delta)
         self._sigma_from_checkpoint = False
         self._model: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
-        self._epsilon_cache: tuple[tuple, float] | None = None
-        self._ok_until: int | None = None  # total steps verified to stay within the budget
         self._rank, self._world_size = 0, 1  # this process and the number of DDP processes (check_trainer)
 
     # -- data ---------------------------------------------------------------------------------
@@ -238,7 +235,7 @@ class DPSGDDefense(Defense):
         if self.sample_rate is not None and sample_rate != self.sample_rate and self.target_epsilon is not None and not self._sigma_from_checkpoint:
             self.noise_multiplier = None  # planned for another sample rate: plan again
         self.num_examples, self.batch_size, self.sample_rate = int(num_examples), int(batch_size), sample_rate
-        self._ok_until = None
+        self.ledger.changed()
 
     # -- training -----------------------------------------------------------------------------
     def check_trainer(self, trainer: "pl.Trainer") -> None:
@@ -295,22 +292,10 @@ class DPSGDDefense(Defense):
     def _plan_noise(self, steps: int) -> float:
         """Set sigma so that ``steps`` Poisson-sampled steps spend at most ``target_epsilon``."""
         self._require_data()
-        try:
-            sigma = get_noise_multiplier(
-                target_epsilon=self.target_epsilon,
-                target_delta=self.delta,
-                sample_rate=self.sample_rate,
-                steps=steps,
-                accountant=self.accountant_name,
-            )
-        except ValueError as err:
-            raise ValueError(
-                f"dp_sgd cannot reach target_epsilon={self.target_epsilon} at delta={self.delta:g} in {steps} "
-                f"steps at sample rate {self.sample_rate:.4g} ({err}); raise target_epsilon or lower the steps"
-            ) from err
+        sigma = plan_noise(self.target_epsilon, self.delta, self.sample_rate, steps, self.accountant_name)
         self.planned_steps = steps
         self.noise_multiplier = float(sigma)
-        self._ok_until = None
+        self.ledger.changed()
         return self.noise_multiplier
 
     def _require_data(self) -> None:
@@ -459,7 +444,7 @@ class DPSGDDefense(Defense):
         epsilon covers both runs of them (at the sigma and sample rate they ran with: the history's last)."""
         if steps <= 0:
             return None
-        history = [tuple(h) for h in self.accountant.history]
+        history = self.ledger.history
         if history:
             sigma, rate, _ = history[-1]
         elif self.noise_multiplier is not None and self.sample_rate is not None:
@@ -470,41 +455,24 @@ class DPSGDDefense(Defense):
                 "tell their sigma and sample rate: resume from the run's last checkpoint (--ckpt_path last), or start a new run"
             )
         history.append((sigma, rate, int(steps)))
-        self.accountant.history = history
-        self._ok_until = None
-        self._epsilon_cache = None
+        self.ledger.replace_history(history)
         return (f"the {steps} steps after the checkpoint were already released (an export or a checkpoint of them is "
                 f"on disk) and run again now: both runs are counted, the accountant holds {self.steps} steps")
 
-    # -- the budget -----------------------------------------------------------------------------
+    # -- the budget (defenses/dp_budget.py keeps the accountant) -------------------------------------
+    @property
+    def accountant(self) -> Any:
+        """Opacus's accountant holding the (sigma, q, steps) history of this run."""
+        return self.ledger.accountant
+
     @property
     def steps(self) -> int:
         """DP steps taken (and accounted) so far, including any restored from a checkpoint."""
-        return int(sum(h[2] for h in self.accountant.history))
-
-    def _history_with(self, extra_steps: int) -> list[tuple[float, float, int]]:
-        history = [tuple(h) for h in self.accountant.history]
-        if extra_steps > 0:
-            step = (self.noise_multiplier, self.sample_rate)
-            if history and tuple(history[-1][:2]) == step:
-                history[-1] = (*step, history[-1][2] + extra_steps)
-            else:
-                history.append((*step, extra_steps))
-        return history
-
-    def _epsilon_of(self, history: list[tuple[float, float, int]]) -> float:
-        if not history or sum(h[2] for h in history) == 0:
-            return 0.0
-        accountant = create_accountant(self.accountant_name)
-        accountant.history = [tuple(h) for h in history]
-        return float(accountant.get_epsilon(delta=self.delta))
+        return self.ledger.steps
 
     def epsilon(self) -> float:
         """Epsilon spent so far at ``delta`` by the configured accountant (0 before the first step)."""
-        key = tuple(tuple(h) for h in self.accountant.history)
-        if self._epsilon_cache is None or self._epsilon_cache[0] != key:
-            self._epsilon_cache = (key, self._epsilon_of(list(key)))
-        return self._epsilon_cache[1]
+        return self.ledger.epsilon()
 
     @property
     def budget(self) -> float | None:
@@ -516,51 +484,19 @@ class DPSGDDefense(Defense):
         budget = self.budget
         if budget is None or self.noise_multiplier is None or self.sample_rate is None:
             return None
-        done = self.steps
-        if self._ok_until is None or done + 1 > self._ok_until:
-            self._ok_until = self._last_step_within(budget)
-        if done + 1 <= self._ok_until:
+        after = self.ledger.over_budget_next(budget, self.noise_multiplier, self.sample_rate, self.planned_steps)
+        if after is None:
             return None
-        after = self._epsilon_of(self._history_with(1))
         return (
-            f"dp_sgd privacy budget reached: epsilon={self.epsilon():.4g} spent after {done} steps; one more step "
+            f"dp_sgd privacy budget reached: epsilon={self.epsilon():.4g} spent after {self.steps} steps; one more step "
             f"would spend {after:.4g} > budget {budget:g} (delta={self.delta:g}, {self.accountant_name} accountant)"
         )
-
-    def _last_step_within(self, budget: float) -> int:
-        """The largest total step count whose epsilon stays within ``budget`` (more steps at this sigma and q).
-
-        Epsilon grows with steps, so steps up to the returned count need no further check; a PRV
-        evaluation takes ~0.3 s, so the count is found once by a search rather than every step. The
-        search stops at the planned steps when they fit (a run usually ends there).
-        """
-        done = self.steps
-
-        def fits(total: int) -> bool:
-            return self._epsilon_of(self._history_with(total - done)) <= budget
-
-        if self.planned_steps and self.planned_steps > done + 1 and fits(self.planned_steps):
-            return self.planned_steps
-        if not fits(done + 1):
-            return done
-        lo, width = done + 1, 1
-        while True:  # exponential search for a count over the budget, then bisection
-            hi = lo + width
-            if hi - done > 10**7:
-                return hi
-            if not fits(hi):
-                break
-            lo, width = hi, 2 * width
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return lo
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
-            "accountant": dict(self.accountant.state_dict()),  # Opacus's: {"history": [(sigma, q, steps)], "mechanism"}
+            "accountant": self.ledger.state_dict(),  # Opacus's: {"history": [(sigma, q, steps)], "mechanism"}
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "num_examples": self.num_examples,
@@ -581,10 +517,7 @@ class DPSGDDefense(Defense):
         """
         if not state:
             return
-        saved = state["accountant"]
-        spent = create_accountant(saved["mechanism"])
-        spent.load_state_dict(saved)  # Opacus validates the saved accountant state
-        history = [(float(s), float(q), int(n)) for s, q, n in spent.history]
+        mechanism, history = PrivacyLedger.read_state(state["accountant"])  # Opacus validates the saved accountant state
         changes = []
         if self.num_examples is not None and state.get("num_examples") not in (None, self.num_examples):
             changes.append(f"training rows {state['num_examples']} -> {self.num_examples}")
@@ -592,8 +525,8 @@ class DPSGDDefense(Defense):
             changes.append(f"sample rate {state['sample_rate']:.6g} -> {self.sample_rate:.6g}")
         if not math.isclose(state.get("delta", self.delta), self.delta, rel_tol=1e-12):
             changes.append(f"delta {state['delta']:g} -> {self.delta:g}")
-        if saved["mechanism"] != self.accountant_name:
-            changes.append(f"accountant {saved['mechanism']} -> {self.accountant_name}")
+        if mechanism != self.accountant_name:
+            changes.append(f"accountant {mechanism} -> {self.accountant_name}")
         saved_sigma = state.get("noise_multiplier")
         if self.target_epsilon is None and saved_sigma is not None and not math.isclose(saved_sigma, self.noise_multiplier, rel_tol=1e-12):
             changes.append(f"noise_multiplier {saved_sigma:g} -> {self.noise_multiplier:g}")
@@ -605,7 +538,7 @@ class DPSGDDefense(Defense):
                 "Resume with the original settings, or set dp_sgd new_budget: true to compose the spent "
                 f"history ({sum(h[2] for h in history)} steps) with the new settings (epsilon is not reset)"
             )
-        self.accountant.history = history
+        self.ledger.replace_history(history)
         if self.canaries is not None and state.get("canaries"):
             self.canaries.load_state_dict(state["canaries"])
         if self.target_epsilon is not None and saved_sigma is not None and not self.new_budget:
@@ -613,8 +546,7 @@ class DPSGDDefense(Defense):
             self._sigma_from_checkpoint = True
         if self._optimizer is not None and self.noise_multiplier is not None:
             self._optimizer.noise_multiplier = self.noise_multiplier
-        self._ok_until = None
-        self._epsilon_cache = None
+        self.ledger.changed()
 
     # -- reporting ------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float | int | str]:
