@@ -242,17 +242,21 @@ class LatentTextToImage(DiffusionModel):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "LatentTextToImage":
-        """Load a ``StableDiffusionPipeline`` folder (safetensors weights only) for an audit."""
-        model = cls.__new__(cls)
-        DiffusionModel.__init__(model)
-        model.caption_dropout, model.guidance_scale, model.lora_rank, model.lora_alpha = 0.0, 1.0, None, None
-        model.vae_steps, model.vae_lr, model.vae_batch_size, model.vae_cache = 0, 0.0, 1, False
-        model.pretrain_steps, model.pretrain_lr, model.pretrain_batch_size = 0, 0.0, 64
-        model._assemble(*cls._load_parts(Path(path)), ready=True)
-        record = Path(path) / "privdiff_model.json"
-        if record.is_file():
-            info = json.loads(record.read_text())
-            model.vae_record, model.guidance_scale = info.get("vae", {}), float(info.get("guidance_scale", 1.0))
+        """Load a ``StableDiffusionPipeline`` folder (safetensors weights only) for an audit: the constructor with
+        ``pretrained=path``, at the image size the folder's configs give, and nothing to train before use."""
+        path = Path(path)
+        configs = {}
+        for part in ("vae", "unet"):
+            if not (path / part / "config.json").is_file():
+                raise ValueError(f"{path} is not a Stable Diffusion folder: expected {part}/config.json (and text_encoder/, tokenizer/, scheduler/)")
+            configs[part] = json.loads((path / part / "config.json").read_text())
+        size = configs["unet"].get("sample_size", 64)
+        size = (size if isinstance(size, int) else size[0]) * 2 ** (len(configs["vae"].get("block_out_channels", [0])) - 1)
+        record = path / "privdiff_model.json"
+        info = json.loads(record.read_text()) if record.is_file() else {}
+        model = cls(image_size=int(size), channels=int(configs["vae"].get("in_channels", 3)), pretrained=str(path),
+                    caption_dropout=0.0, guidance_scale=float(info.get("guidance_scale", 1.0)), vae_steps=0, vae_cache=False)
+        model.vae_record = info.get("vae", {})
         return model.eval()
 
     @staticmethod
