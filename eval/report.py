@@ -109,18 +109,19 @@ def split_tables(rows: list[Mapping[str, Any]]) -> list[tuple[str, list[dict[str
 
 
 def setting_verdict(name: str, audit: Mapping[str, Any]) -> dict[str, Any]:
-    """One setting's verdict: its defenses, its ε (or none), and each plugin's clause (``AuditResult.verdict``; for an
-    audit written before verdicts, its privacy and utility columns)."""
+    """One setting's verdict: its defenses, its ε (or none), and each plugin's clause (``AuditResult.verdict``; for a
+    plugin that gives none, its privacy and utility columns), privacy first, utility last."""
     privacy = audit.get("privacy") or {}
     claim = "ε unknown (no training record)" if privacy.get("known") is False else (
         "no DP guarantee" if privacy.get("epsilon") is None else f"ε {_epsilon_text(privacy)}")
-    clauses = []
+    clauses, utility = [], []
     for plugin in (audit.get("plugins") or {}).values():
-        if plugin.get("verdict"):
-            clauses.append(plugin["verdict"])
-        elif "verdict" not in plugin:
-            clauses += [f"{c['header']} {c['text']}" for c in plugin.get("columns", []) if c.get("role")]
-    return {"setting": name, "defense": (audit.get("run") or {}).get("defenses", "none"), "privacy": claim, "clauses": clauses}
+        said = [plugin["verdict"]] if plugin.get("verdict") else [
+            f"{c['header']} {c['text']}" for c in plugin.get("columns", []) if c.get("role")]
+        # privacy first (what was extracted, membership, the checks of epsilon), utility last
+        (utility if any(c.get("role") == "utility" for c in plugin.get("columns", [])) else clauses).extend(said)
+    return {"setting": name, "defense": (audit.get("run") or {}).get("defenses", "none"), "privacy": claim,
+            "clauses": clauses + utility}
 
 
 def note_groups(runs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
