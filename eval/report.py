@@ -96,16 +96,16 @@ def table_columns(rows: list[Mapping[str, Any]]) -> list[dict[str, str]]:
 
 
 def split_tables(rows: list[Mapping[str, Any]]) -> list[tuple[str, list[dict[str, str]]]]:
-    """The table cut in two that fit a laptop screen: privacy (ε, the attacks, the checks of ε, what defenses removed
-    or refused) and utility (every column of a plugin that reports a utility figure, and the training time). The
-    setting's name heads both."""
+    """The table cut in two that fit a laptop screen: privacy (ε, the attacks, the checks of ε) and utility and cost
+    (every column of a plugin that reports a utility figure, the rows a defense removed, the samples it refused, the
+    training time). The setting's name heads both."""
     columns = table_columns(rows)
     utility_plugins = {c.get("plugin") for c in columns if c["role"] == "utility" and c.get("plugin")}
-    is_utility = [c.get("plugin") in utility_plugins or c["key"] == "train_time" for c in columns]
+    is_utility = [c.get("plugin") in utility_plugins or c["key"] in [k for k, _, _ in FIXED_AFTER] for c in columns]
     setting = [c for c in columns if c["key"] == "setting"]
     privacy = [c for c, u in zip(columns, is_utility) if not u]
     utility = setting + [c for c, u in zip(columns, is_utility) if u]
-    return [("Privacy", privacy), ("Utility", utility)]
+    return [("Privacy", privacy), ("Utility and cost", utility)]
 
 
 def setting_verdict(name: str, audit: Mapping[str, Any]) -> dict[str, Any]:
