@@ -95,21 +95,17 @@ class SplitPoissonBatches(BatchSplittingSampler):
             yield parts[-1]
 
 
+def _settings(loader: DataLoader) -> dict[str, Any]:
+    """What a loader built from ``loader`` keeps: its dataset, collate function (Opacus's gives empty batches their
+    shape) and worker settings."""
+    keys = ("collate_fn", "num_workers", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
+            "prefetch_factor", "persistent_workers")
+    return {"dataset": loader.dataset, **{key: getattr(loader, key) for key in keys}}
+
+
 def _with_batch_sampler(dp_loader: DataLoader, batch_sampler: Any) -> DataLoader:
-    """The DP loader's settings (Opacus's collate, which gives empty batches their shape) with another batch sampler."""
-    loader = DataLoader(
-        dp_loader.dataset,
-        batch_sampler=batch_sampler,
-        collate_fn=dp_loader.collate_fn,
-        num_workers=dp_loader.num_workers,
-        pin_memory=dp_loader.pin_memory,
-        timeout=dp_loader.timeout,
-        worker_init_fn=dp_loader.worker_init_fn,
-        multiprocessing_context=dp_loader.multiprocessing_context,
-        generator=dp_loader.generator,
-        prefetch_factor=dp_loader.prefetch_factor,
-        persistent_workers=dp_loader.persistent_workers,
-    )
+    """The DP loader's settings with another batch sampler."""
+    loader = DataLoader(**_settings(dp_loader), batch_sampler=batch_sampler, generator=dp_loader.generator)
     loader._privdiff_dp = True
     return loader
 
@@ -127,19 +123,7 @@ def poisson_loader(
     """
     # Built directly rather than with DPDataLoader.from_data_loader, whose sample rate is
     # 1/len(loader) = 1/ceil(N/B): the loader must draw with the accountant's q = B/N.
-    dp_loader = DPDataLoader(
-        loader.dataset,
-        sample_rate=sample_rate,
-        collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=generator,
-        prefetch_factor=loader.prefetch_factor,
-        persistent_workers=loader.persistent_workers,
-    )
+    dp_loader = DPDataLoader(**_settings(loader), sample_rate=sample_rate, generator=generator)
     if world_size > 1:
         sampler = DistributedPoissonBatchSampler(num_samples=len(dp_loader.dataset), sample_rate=sample_rate, rank=rank,
                                                  world_size=world_size, generator=shared_generator())

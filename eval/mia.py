@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from privdiff.model import DiffusionModel
 
-from .plugin import AuditContext, AuditPlugin, AuditResult, Column, Privacy, table_condition
+from .plugin import AuditContext, AuditPlugin, AuditResult, Column, Privacy, setting_panels, table_condition
 
 DEFAULT_TIMESTEPS: tuple[int, ...] = (10, 25, 50, 100, 200, 300, 500)
 
@@ -534,16 +534,11 @@ class MembershipInference(AuditPlugin):
     @classmethod
     def figures(cls, runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Any]]:
         """ROC curves (log-scaled FPR, where low-FPR leakage shows) of each attack, one panel per setting."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        panels = [(name, audit[cls.name]) for name, audit in runs.items() if audit.get(cls.name)]
-        if not panels:
+        drawn = setting_panels(runs, cls.name, 3.3)
+        if drawn is None:
             return []
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.3), squeeze=False, layout="constrained")
-        for ax, (name, mia) in zip(axes[0], panels):
+        fig, panels = drawn
+        for ax, name, mia in panels:
             n = mia["num_nonmembers"]
             for attack in MIA_ATTACKS:
                 if attack in mia and "roc" in mia[attack]:

@@ -28,7 +28,7 @@ from scipy import stats
 
 from . import mia_stats
 from .mia import attack_noise, loss_scores, pia_scores
-from .plugin import AuditContext, AuditPlugin, Column, SummaryResult, table_condition
+from .plugin import AuditContext, AuditPlugin, Column, SummaryResult, setting_panels, table_condition
 
 __all__ = ["CanaryAudit", "OneRunAudit", "canary_scores", "ceiling", "epsilon_lower_bound", "guesses_bound", "p_value"]
 
@@ -103,6 +103,24 @@ def guesses_bound(scores: Sequence[float] | torch.Tensor | Mapping[str, Sequence
     return {**best, "choices": tried, "beta": beta, "m": m}
 
 
+def claim_verdict(bound: float, claimed: float | None, top: float) -> str:
+    """The bound against the claimed epsilon: ``VIOLATED`` above it, ``consistent`` below, and below a claim at or
+    over the ceiling the non-answer it is; ``no DP claim: empirical`` where nothing is claimed."""
+    if claimed is None:
+        return "no DP claim: empirical"
+    if bound > claimed:
+        return "VIOLATED"
+    return "consistent" if claimed < top else "consistent (no answer: above the ceiling)"
+
+
+def bound_cell(s: Mapping[str, Any]) -> str:
+    """A one-run summary as a table cell: the bound, the claim, the ceiling and a short verdict."""
+    if s["claimed_epsilon"] is None:
+        return f"{s['epsilon']:.3g} · ceiling {s['ceiling']:.3g} · no DP claim"
+    short = "no answer (ε above the ceiling)" if s["verdict"].startswith("consistent (") else s["verdict"]
+    return f"{s['epsilon']:.3g} vs ε {s['claimed_epsilon']:.3g} · ceiling {s['ceiling']:.3g} · {short}"
+
+
 def standardized_scores(sums: torch.Tensor, squares: torch.Tensor, steps: int) -> torch.Tensor:
     """Each canary's summed release over the noise its own coordinate carried: sum / (sd * sqrt(T)).
 
@@ -141,7 +159,7 @@ class OneRunAudit(AuditPlugin):
         found = guesses_bound(scores, evidence["included"], beta, delta)
         claimed = float(evidence["claimed_epsilon"])
         top = ceiling(found["m"], beta, delta)
-        verdict = "VIOLATED" if found["epsilon"] > claimed else ("consistent" if claimed < top else "consistent (no answer: above the ceiling)")
+        verdict = claim_verdict(found["epsilon"], claimed, top)
         summary = {
             **found, "kind": evidence["kind"], "confidence": self.confidence, "delta": delta, "claimed_epsilon": claimed,
             "ceiling": top, "verdict": verdict, "steps": int(evidence["steps"]), "sample_rate": evidence["sample_rate"],
@@ -152,12 +170,9 @@ class OneRunAudit(AuditPlugin):
 
 class OneRunResult(SummaryResult):
     def columns(self) -> list[Column]:
-        s = self.summary
-        short = "no answer (ε above the ceiling)" if s["verdict"].startswith("consistent (") else s["verdict"]
-        text = f"{s['epsilon']:.3g} vs ε {s['claimed_epsilon']:.3g} · ceiling {s['ceiling']:.3g} · {short}"
         # no privacy role: a lower bound on the mechanism is not leakage of the members, and has no place on the
         # privacy-utility axes beside the attacks
-        return [Column("one_run_epsilon", "ε lower bound (gradient canaries)", "", s["epsilon"], text)]
+        return [Column("one_run_epsilon", "ε lower bound (gradient canaries)", "", self.summary["epsilon"], bound_cell(self.summary))]
 
     def verdict(self) -> str | None:
         s = self.summary
@@ -259,12 +274,7 @@ class CanaryAudit(AuditPlugin):
         included = data.canary_included.bool()
         found = guesses_bound(scores, included, beta, delta)
         top = ceiling(found["m"], beta, delta, score_kinds=len(scores))
-        if claimed is None:
-            verdict = "no DP claim: empirical"
-        elif found["epsilon"] > claimed:
-            verdict = "VIOLATED"
-        else:
-            verdict = "consistent" if claimed < top else "consistent (no answer: above the ceiling)"
+        verdict = claim_verdict(found["epsilon"], claimed, top)
         # the figure's score: the one that gave the bound, or (no bound) the first calibrated one, the same across settings
         shown = found["score"] if found["epsilon"] > 0 else next((k for k in scores if k.endswith("-ref")), found["score"])
         chosen = scores[shown]
@@ -281,16 +291,11 @@ class CanaryAudit(AuditPlugin):
     @classmethod
     def figures(cls, runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Any]]:
         """The canaries' scores, trained-on ones against the others, one panel per setting (canaries only: never members)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        panels = [(name, audit[cls.name]) for name, audit in runs.items() if audit.get(cls.name)]
-        if not panels:
+        drawn = setting_panels(runs, cls.name, 3.0)
+        if drawn is None:
             return []
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.0), squeeze=False, layout="constrained")
-        for ax, (name, s) in zip(axes[0], panels):
+        fig, panels = drawn
+        for ax, name, s in panels:
             scores, inside = np.asarray(s["scores"]), np.asarray(s["is_included"], dtype=bool)
             bins = np.linspace(scores.min(), scores.max(), 25) if np.ptp(scores) > 0 else 10
             ax.hist(scores[inside], bins=bins, alpha=0.6, color="tab:red", label=f"canary, trained on ({inside.sum()})")
@@ -303,14 +308,8 @@ class CanaryAudit(AuditPlugin):
 
 class CanaryResult(SummaryResult):
     def columns(self) -> list[Column]:
-        s = self.summary
-        if s["claimed_epsilon"] is None:
-            text = f"{s['epsilon']:.3g} · ceiling {s['ceiling']:.3g} · no DP claim"
-        else:
-            short = "no answer (ε above the ceiling)" if s["verdict"].startswith("consistent (") else s["verdict"]
-            text = f"{s['epsilon']:.3g} vs ε {s['claimed_epsilon']:.3g} · ceiling {s['ceiling']:.3g} · {short}"
         # no privacy role, as the white-box bound: a statement about the mechanism, not leakage of the members
-        return [Column("canary_epsilon", "ε lower bound (input canaries)", "", s["epsilon"], text)]
+        return [Column("canary_epsilon", "ε lower bound (input canaries)", "", self.summary["epsilon"], bound_cell(self.summary))]
 
     def verdict(self) -> str | None:
         s = self.summary

@@ -23,7 +23,8 @@ from privdiff.membership import ImageTable, Manifest
 from privdiff.model import DiffusionModel
 from privdiff.shard import Shard
 
-__all__ = ["AuditContext", "AuditData", "AuditPlugin", "AuditResult", "Cases", "Column", "Privacy", "table_condition"]
+__all__ = ["AuditContext", "AuditData", "AuditPlugin", "AuditResult", "Cases", "Column", "Privacy", "setting_panels",
+           "table_condition"]
 
 
 @dataclass
@@ -224,6 +225,21 @@ class AuditPlugin(ABC):
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
         init = {n: getattr(self, n) for n in names if hasattr(self, n)}
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": _plain(init)}
+
+
+def setting_panels(runs: Mapping[str, Mapping[str, Any]], key: str, height: float) -> tuple[Any, list[tuple[Any, str, Any]]] | None:
+    """A row of matplotlib panels, one per setting whose audit has an entry ``key``: the figure and (axes, setting,
+    entry) for each; None when no setting has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(name, audit[key]) for name, audit in runs.items() if audit.get(key)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), height), squeeze=False, layout="constrained")
+    return fig, [(ax, name, entry) for ax, (name, entry) in zip(axes[0], panels)]
 
 
 def _plain(value: Any) -> Any:

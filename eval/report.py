@@ -125,23 +125,23 @@ def setting_verdict(name: str, audit: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def note_groups(runs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The notes grouped by attack (a plugin's notes that every setting gives said once, the others by setting), then
-    the training's: the audit through training and what each defense spent or gives."""
-    groups: dict[str, dict[str, Any]] = {}
+    """The notes grouped by attack (a plugin's notes that every setting gives said once, the others named by the
+    settings that gave them), then the training's: the audit through training and what each defense spent or gives."""
+    groups: dict[str, dict[str, list[str]]] = {}
     for name, audit in runs.items():
         for plugin_name, plugin in (audit.get("plugins") or {}).items():
-            group = groups.setdefault(plugin_name, {"name": plugin_name, "said": {}})
+            said = groups.setdefault(plugin_name, {})
             for n in plugin.get("notes", []):
-                group["said"].setdefault(n, []).append(name)
-    out = []
-    for group in groups.values():
-        common = [n for n, names in group["said"].items() if len(names) == len(runs)]
-        by_setting = [(", ".join(names), n) for n, names in group["said"].items() if len(names) < len(runs)]
-        out.append({"name": group["name"], "common": common, "by_setting": by_setting})
-    training = [tuple(n.split(": ", 1)) if ": " in n else ("", n) for n in _training_notes(runs)]
+                names = said.setdefault(n, [])
+                if name not in names:
+                    names.append(name)
+    out = [{"name": plugin_name, "common": [n for n, names in said.items() if len(names) == len(runs)],
+            "by_setting": [(", ".join(names), n) for n, names in said.items() if len(names) < len(runs)]}
+           for plugin_name, said in groups.items()]
+    training = _training_notes(runs)
     if training:
-        out.append({"name": "training and defenses", "common": [n for s, n in training if not s],
-                    "by_setting": [(s, n) for s, n in training if s]})
+        out.append({"name": "training and defenses", "common": [n for setting, n in training if not setting],
+                    "by_setting": [(setting, n) for setting, n in training if setting]})
     return out
 
 
@@ -417,29 +417,25 @@ def _markdown(title: str, table: str, notes: list[str], details: Mapping[str, An
 
 
 def _notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    # A plugin's note that differs between settings (its counts, its thresholds) is named by the settings that gave it;
-    # one that all settings give (how the attack works) is said once.
-    said: dict[str, list[str]] = {}
-    for name, audit in runs.items():
-        for plugin in (audit.get("plugins") or {}).values():
-            for n in plugin.get("notes", []):
-                if name not in said.setdefault(n, []):
-                    said[n].append(name)
-    notes = [n if len(names) == len(runs) else f"{', '.join(names)}: {n}" for n, names in said.items()]
-    return notes + _training_notes(runs)
+    """:func:`note_groups` as one list for report.md: a note some settings gave is prefixed with their names."""
+    return [n for group in note_groups(runs)
+            for n in [*group["common"], *(f"{setting}: {text}" for setting, text in group["by_setting"])]]
 
 
-def _training_notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """The audit through training's notes and, per setting, what each defense spent or gives ("setting: ...")."""
-    notes = list(trajectory_notes(runs))
+def _training_notes(runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(setting, note): the audit through training's notes and what each defense spent or gives ("" for all settings)."""
+    notes = []
+    for note in trajectory_notes(runs):  # each written "<setting>: ..."
+        setting = next((name for name in runs if note.startswith(f"{name}: ")), "")
+        notes.append((setting, note[len(setting) + 2:] if setting else note))
     for name, audit in runs.items():
         for key, value in (audit.get("defense_metrics") or {}).items():
             # A defense without a formal guarantee says what it does give in its "guarantee" metric.
             if key.endswith("/guarantee"):
-                notes.append(f"{name}: {key.split('/')[1]} gives {value}.")
+                notes.append((name, f"{key.split('/')[1]} gives {value}."))
         for g in (audit.get("privacy") or {}).get("guarantees", []):
             spent = (
-                f"{name}: {g['defense']} spent ε={_fmt(g['epsilon'], 4)} at δ={_fmt(g['delta'])} ({g['accountant']} accountant"
+                f"{g['defense']} spent ε={_fmt(g['epsilon'], 4)} at δ={_fmt(g['delta'])} ({g['accountant']} accountant"
                 + (f", {g['steps']} steps)" if g.get("steps") is not None else ")")
             )
             if g.get("budget") is not None:
@@ -447,9 +443,9 @@ def _training_notes(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
             if not g.get("holds", True):
                 spent += " — this guarantee does NOT hold"
             caveats = "; ".join(g.get("caveats", []))
-            notes.append(spent + f"; privacy unit: {g['privacy_unit']}" + (f"; {caveats}." if caveats else "."))
+            notes.append((name, spent + f"; privacy unit: {g['privacy_unit']}" + (f"; {caveats}." if caveats else ".")))
         if (audit.get("privacy") or {}).get("known") is False:
-            notes.append(f"{name}: audited without its training record (defenses.json): its defenses and ε are unknown.")
+            notes.append((name, "audited without its training record (defenses.json): its defenses and ε are unknown."))
     return notes
 
 

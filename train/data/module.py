@@ -224,7 +224,7 @@ class DiffusionDataModule(pl.LightningDataModule):
         )
         train, canaries = split.train, None
         if h.canaries is not None:
-            spec = Canaries(**h.canaries) if isinstance(h.canaries, dict) else h.canaries
+            spec = Canaries(**h.canaries) if isinstance(h.canaries, dict) else h.canaries  # hparams keep what the CLI gave
             table = load_canaries(spec, h.image_size, h.channels, pool.captions is not None, h.caption_column or "text")
             canaries = draw_canaries(table, h.seed, manifest.num_classes)
             manifest.canaries = canaries.manifest_entry(spec)
