@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torch import Tensor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from privdiff.classpath import class_from_path
@@ -28,6 +29,7 @@ from privdiff.shard import Shard, check_shard
 from ..defenses.base import DEFENSES_RECORD, Defense, DefenseRecord, DefenseStack, GenerationContext, Guarantee, as_stack
 from .plugin import AuditContext, AuditData, AuditPlugin, AuditResult, Cases
 from .sampling import generate, member_prompts, sample_sanity, solver_sanity
+from .signals import CopyCriteria, compute_signal, copy_thresholds, signal_order
 from .thresholds import split_heldout
 
 AUDIT_SCHEMA = "privdiff.audit/3"  # 3: controls beside every count, decoded comparison, threshold status
@@ -110,6 +112,7 @@ class AuditConfig:
         Plugins see the held-out images that remain after the calibration half is set aside.
         """
         for _, plugin in self.plugins():
+            signal_order(set(plugin.needs))  # a need no signal computes is an error now, not after training
             plugin.check(num_members, num_heldout - int(round(num_heldout * CALIBRATION_SHARE)))
 
 
@@ -155,25 +158,7 @@ def run_audit(
     record = stack.record() if training is None else training.merged(stack.record())
 
     start = time.perf_counter()
-    if any(p.needs_samples for _, p in plugins):
-        prompts = None
-        if model.conditioning == "text":
-            if data.members.captions is None:
-                raise ValueError("a text-to-image model is audited with its members' captions, and the members have none")
-            prompts = member_prompts(data.members.captions, config.num_samples)
-        generated = generate(
-            model, config.num_samples, solver=config.solver, steps=config.steps, batch_size=config.batch_size,
-            prompts=prompts, defenses=stack, context=generation,
-            seed=config.seed, progress=config.progress and writes, shard=shard,
-        )
-        samples, labels = generated.images, generated.labels
-        sampling = {"num_samples": len(samples), "num_drawn": generated.num_drawn, "num_rejected": generated.num_rejected,
-                    "reject_rate": generated.reject_rate, "sanity": sample_sanity(samples, data.members.unit())}
-        if not sampling["sanity"]["ok"]:
-            sampling["solver_check"] = check_solvers(model, config, sampling["sanity"], data.members.unit(), prompts)
-    else:
-        samples, labels = torch.empty(0, *data.members.image_shape), None
-        sampling = {"num_samples": 0, "num_drawn": 0, "num_rejected": 0, "reject_rate": 0.0}
+    samples, labels, sampling = _sample(model, data, config, stack, generation, shard, writes, any(p.needs_samples for _, p in plugins))
     timings["sample"] = time.perf_counter() - start
 
     def sampler(prompts: Sequence[str], seed: int, steps: int | None = None):
@@ -189,22 +174,14 @@ def run_audit(
                            claimed=privacy_summary(record.guarantees, known=record.describe != UNKNOWN))
 
     # The copy criteria are the configured extraction attack's (a user's delta reaches every plugin that flags copies);
-    # duck-typed by its ``thresholds`` method so that the runner names no attack.
-    provider = next((p for _, p in plugins if callable(getattr(p, "thresholds", None))), None)
-    if provider is None:
-        provider = _instantiate({"class_path": "privdiff.eval.extraction.ExtractionAttack"})
-    context.copy_thresholds = lambda space="pixel": provider.thresholds(context, space)
+    # duck-typed by its ``criteria`` method so that the runner names no attack. Without one: the default criteria.
+    provider = next((p for _, p in plugins if callable(getattr(p, "criteria", None))), None)
+    criteria = provider.criteria() if provider is not None else CopyCriteria()
+    context.copy_thresholds = lambda space="pixel": copy_thresholds(context, criteria, space)
 
     result: dict[str, Any] = {"schema": AUDIT_SCHEMA}
-    results: dict[str, AuditResult] = {}
-    for name, plugin in plugins:
-        start = time.perf_counter()
-        found = plugin.run(context)
-        if found is None:  # nothing to measure (e.g. no canaries in this run): no column, no timing
-            continue
-        timings[name] = time.perf_counter() - start
-        results[name] = found
-        result[name] = found.to_dict()
+    results = _run_plugins(plugins, context, timings)
+    result.update({name: found.to_dict() for name, found in results.items()})
 
     result.update(
         plugins={
@@ -238,6 +215,48 @@ def run_audit(
         _save_cases(Path(run_dir), [c for r in results.values() if (c := r.cases()) is not None], data.members.image_shape)
         write_json(Path(run_dir) / "audit.json", result)
     return result
+
+
+def _sample(model: DiffusionModel, data: AuditData, config: AuditConfig, stack: DefenseStack, generation: GenerationContext,
+            shard: Shard | None, writes: bool, needed: bool) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """The audit's samples (through the generation-side defenses), their labels, and the sampling record."""
+    if not needed:
+        return torch.empty(0, *data.members.image_shape), None, {"num_samples": 0, "num_drawn": 0, "num_rejected": 0,
+                                                                 "reject_rate": 0.0}
+    prompts = None
+    if model.conditioning == "text":
+        if data.members.captions is None:
+            raise ValueError("a text-to-image model is audited with its members' captions, and the members have none")
+        prompts = member_prompts(data.members.captions, config.num_samples)
+    generated = generate(
+        model, config.num_samples, solver=config.solver, steps=config.steps, batch_size=config.batch_size,
+        prompts=prompts, defenses=stack, context=generation,
+        seed=config.seed, progress=config.progress and writes, shard=shard,
+    )
+    samples = generated.images
+    sampling = {"num_samples": len(samples), "num_drawn": generated.num_drawn, "num_rejected": generated.num_rejected,
+                "reject_rate": generated.reject_rate, "sanity": sample_sanity(samples, data.members.unit())}
+    if not sampling["sanity"]["ok"]:
+        sampling["solver_check"] = check_solvers(model, config, sampling["sanity"], data.members.unit(), prompts)
+    return samples, generated.labels, sampling
+
+
+def _run_plugins(plugins: list[tuple[str, AuditPlugin]], context: AuditContext, timings: dict[str, float]) -> dict[str, AuditResult]:
+    """Every plugin in order, each after the audit signals it declares (``AuditPlugin.needs``) that no plugin before it
+    needed: a signal is computed once, and its time counts to the first plugin that reads it."""
+    computed: set[str] = set()
+    results: dict[str, AuditResult] = {}
+    for name, plugin in plugins:
+        start = time.perf_counter()
+        for signal in signal_order(set(plugin.needs) - computed):
+            compute_signal(signal, context)
+            computed.add(signal)
+        found = plugin.run(context)
+        if found is None:  # nothing to measure (e.g. no canaries in this run): no column, no timing
+            continue
+        timings[name] = time.perf_counter() - start
+        results[name] = found
+    return results
 
 
 SANITY_SOLVERS = ("ancestral", "ddim", "dpmsolver++")

@@ -9,7 +9,6 @@ the normalisation does not change it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,7 @@ from .thresholds import Threshold, calibrate, given
 
 PUBLISHED = 1 / 3  # Gu et al. 2023
 
-__all__ = ["MemorizationResult", "NNRatioMemorization", "by_copies", "memorization_ratio", "nn_ratio"]
+__all__ = ["MemorizationResult", "NNRatioMemorization", "memorization_ratio", "nn_ratio"]
 
 
 def _ratio(d1: Tensor, d2: Tensor) -> Tensor:
@@ -37,7 +36,7 @@ def nn_ratio(samples: Tensor, references: Tensor, block_size: int | None = None)
     """Gu et al. 2023 memorization ratio ``l2(x, NN1(x)) / l2(x, NN2(x))`` per sample.
 
     The reference set should hold each distinct training image once (deduplicate it and pass
-    the multiplicities to :func:`by_copies`): with an exact duplicate the second-nearest image is
+    the multiplicities to :func:`privdiff.eval.carlini.by_copies`): with an exact duplicate the second-nearest image is
     the same picture and the ratio of its copies is about 1. Where both distances are 0 the
     ratio is 0 (an exact copy).
 
@@ -161,41 +160,6 @@ def memorization_ratio(
         num_references=int(references.shape[0]),
     )
 
-
-def by_copies(extracted_indices: Sequence[int] | Tensor, copies: Tensor | Sequence[int]) -> dict[int, dict[str, Any]]:
-    """Extraction rate by number of copies in the training set.
-
-    Carlini et al. 2023 find that images duplicated in the training set are extracted far more
-    often; this table shows whether planted duplicates are memorized first.
-
-    Args:
-        extracted_indices: training indices that were extracted or memorized (repeats count once).
-        copies: (M,) integer count of copies of each training image in the training set
-            (1 normally, k for an image planted k times, 0 for a member a data defense removed).
-
-    Returns:
-        ``{copy_count: {"num_images", "num_extracted", "fraction_extracted"}}`` for each distinct
-        copy count, in increasing order, with python ints and floats.
-    """
-    copies_t = torch.as_tensor(copies)
-    if copies_t.dim() != 1 or copies_t.is_floating_point() or copies_t.dtype == torch.bool:
-        raise ValueError(f"copies must be a 1-D integer tensor, got dtype {copies_t.dtype} shape {tuple(copies_t.shape)}")
-    if copies_t.numel() and int(copies_t.min()) < 0:
-        raise ValueError(f"copies must be >= 0, got minimum {int(copies_t.min())}")
-    ext = torch.as_tensor(extracted_indices, dtype=torch.long).reshape(-1).cpu()
-    m = copies_t.numel()
-    if ext.numel() and (int(ext.min()) < 0 or int(ext.max()) >= m):
-        raise ValueError(f"extracted indices must be in [0, {m}), got range [{int(ext.min())}, {int(ext.max())}]")
-    copies_t = copies_t.cpu()
-    hit = torch.zeros(m, dtype=torch.bool)
-    hit[ext] = True
-    out: dict[int, dict[str, Any]] = {}
-    for c in torch.unique(copies_t).tolist():
-        mask = copies_t == c
-        total = int(mask.sum())
-        got = int((hit & mask).sum())
-        out[int(c)] = {"num_images": total, "num_extracted": got, "fraction_extracted": got / total}
-    return out
 
 
 # -- the audit plugin ---------------------------------------------------------------------------------

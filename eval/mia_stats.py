@@ -9,7 +9,7 @@ cross-fitting of nuisance choices). Intervals are percentile bootstrap intervals
 false-positive rate a ROC resolves is 1/n: the TPR is reported at max(1%, 1/n) and says which.
 
 The bootstrap needs thousands of AUCs, so AUC and TPR are computed here with numpy from ranks (the
-Mann-Whitney form of AUC); ``privdiff.eval.mia.audit`` (torchmetrics) gives the same numbers for
+Mann-Whitney form of AUC); ``privdiff.eval.mia_attacks.audit`` (torchmetrics) gives the same numbers for
 one set of scores, which the tests check.
 """
 

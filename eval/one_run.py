@@ -27,7 +27,7 @@ import torch
 from scipy import stats
 
 from . import mia_stats
-from .mia import attack_noise, loss_scores, pia_scores
+from .mia_attacks import attack_noise, loss_scores, pia_scores
 from .plugin import AuditContext, AuditPlugin, Column, SummaryResult, setting_panels, table_condition
 
 __all__ = ["CanaryAudit", "OneRunAudit", "canary_scores", "ceiling", "epsilon_lower_bound", "guesses_bound", "p_value"]

@@ -78,7 +78,7 @@ class AuditContext:
     # run's generation-side defenses (for attacks that choose their own prompts); None where the audit gives none
     sampler: Callable[..., Any] | None = None
     # per-caption detection scores already computed in this audit, keyed by scoring settings and caption
-    # (eval.detection.caption_scores): the detection plugin and the prompt-extraction screen share them
+    # (eval.caption_scores.caption_scores): the detection plugin and the prompt-extraction screen share them
     caption_scores: dict[Any, tuple[float, float]] = field(default_factory=dict)
     # what several plugins compute from the same inputs (the extraction thresholds, the model's reconstruction
     # floor), keyed by what computes it: see ``memoized``
@@ -205,6 +205,8 @@ class AuditPlugin(ABC):
 
     name: ClassVar[str] = "plugin"
     needs_samples: ClassVar[bool] = True
+    # the audit signals it reads (``privdiff.eval.signals.SIGNALS``): the runner computes each once, before any plugin
+    needs: ClassVar[tuple[str, ...]] = ()
 
     def check(self, num_members: int, num_heldout: int) -> None:
         """Raise ``ValueError`` before training when this plugin cannot run on data of these sizes."""

@@ -3,7 +3,7 @@
 For the training captions, the most duplicated first, generate many samples per caption with
 different seeds (through the audit's sampler, so generation-side defenses act), flag a caption whose
 generations hold a dense clique under tiled l2 (the same cliques as
-:func:`privdiff.eval.extraction.generate_and_filter`), then confirm the copy against the training
+:func:`privdiff.eval.carlini.generate_and_filter`), then confirm the copy against the training
 image(s) of that caption with plain l2, where that image is also the sample's nearest among the
 members and held-out images (a sample nearer another image copies that one). The thresholds (tau,
 delta) are the extraction attack's, taken from held-out images. Held-out captions are searched the
@@ -29,9 +29,11 @@ from torch import Tensor
 from privdiff.distances import pairwise_l2
 
 from .controls import ChanceControl, chance_text
-from .detection import caption_scores, member_captions, natural_near_copies
-from .extraction import ExtractionAttack, floor_note, generate_and_filter, lower_bound, reconstruction_floor, space_images
+from .caption_scores import caption_scores, member_captions, natural_near_copies
+from .carlini import generate_and_filter
 from .plugin import AuditContext, AuditPlugin, Cases, Column, Privacy, SummaryResult
+from .signals import CopyCriteria, copy_thresholds, floor_note, lower_bound, reconstruction_floor, space_images
+from .signals import spaces as copy_spaces
 from .thresholds import calibrate
 
 __all__ = ["PromptExtraction", "PromptExtractionReport"]
@@ -211,6 +213,10 @@ class PromptExtraction(AuditPlugin):
             raise ValueError(f"prompt_extraction calibration_captions must be >= 0, got {calibration_captions}")
         self.calibration_captions = calibration_captions
 
+    @property
+    def needs(self) -> tuple[str, ...]:  # type: ignore[override]  (the decodings only where it compares with them)
+        return ("decodings", "reconstruction_floor", "copy_thresholds") if self.decoded else ("reconstruction_floor", "copy_thresholds")
+
     def check(self, num_members: int, num_heldout: int) -> None:
         if num_heldout < 1:
             raise ValueError("prompt_extraction takes its thresholds from held-out images and searches held-out captions: "
@@ -286,20 +292,41 @@ class PromptExtraction(AuditPlugin):
             limits[space] = (tau, min(delta, threshold.value))
         return out
 
+    def _copy_criteria(self, context: AuditContext) -> tuple[list[str], dict[str, dict[str, Any]]]:
+        """The spaces searched and each one's copy thresholds: the audit's (its extraction attack's, as configured)
+        unless this plugin sets tau, delta or its flag rate."""
+        spaces = copy_spaces(context, self.decoded)
+        if context.copy_thresholds is not None and self.tau is None and self.delta is None and self.flag_rate is None:
+            return spaces, {space: dict(context.copy_thresholds(space)) for space in spaces}
+        criteria = CopyCriteria(tau=self.tau, delta=self.delta, flag_rate=self.flag_rate)
+        return spaces, {space: copy_thresholds(context, criteria, space) for space in spaces}
+
+    def _screened(self, context: AuditContext, captions: list[str]) -> tuple[list[int], dict[str, Any]]:
+        """The member captions the screen lets through (highest score first; all without a screen) and its record."""
+        screen: dict[str, Any] = {"kind": self.screen}
+        if self.screen == "none":
+            return list(range(len(captions))), screen
+        calibration = list(dict.fromkeys(context.calibration.captions))[: self.screen_calibration]
+        scored = caption_scores(context.model, captions + calibration, seeds=self.screen_seeds, first_steps=self.screen_first_steps,
+                                steps=self.steps or context.steps,
+                                batch_size=context.batch_size, seed=context.seed, cache=context.caption_scores)
+        score = scored.of(self.screen)
+        threshold = calibrate(f"{self.screen} score above threshold", -score[len(captions):], self.screen_rate, inclusive=False)
+        passed = threshold.flags(-score[: len(captions)])
+        order = torch.argsort(-score[: len(captions)], stable=True).tolist()  # highest score first
+        chosen = [i for i in order if bool(passed[i])]
+        screen.update(rate=self.screen_rate, candidates=len(captions), passed=len(chosen), threshold=threshold.to_dict(),
+                      screen_calls=scored.calls, screen_calls_spent=scored.calls_spent)
+        return chosen, screen
+
     def run(self, context: AuditContext) -> PromptExtractionReport | None:
         model = context.model
         if model.conditioning != "text" or context.sampler is None:
             return None
         if context.heldout is None or context.heldout.captions is None or context.calibration is None:
             raise ValueError("prompt_extraction needs held-out images with captions (data.num_heldout > 0)")
-        attack = ExtractionAttack(tau=self.tau, delta=self.delta, flag_rate=self.flag_rate, decoded=self.decoded)
-        spaces = attack.spaces(context)
-        if context.copy_thresholds is not None and self.tau is None and self.delta is None and self.flag_rate is None:
-            found = {space: dict(context.copy_thresholds(space)) for space in spaces}  # the audit's, as configured
-        else:
-            found = {space: attack.thresholds(context, space) for space in spaces}
+        spaces, found = self._copy_criteria(context)
         limits = {space: (f["tau"].value, f["delta"].value) for space, f in found.items()}
-        tau, delta = limits["pixel"]
         captions, copies, member_rows = member_captions(context)
         if self.max_captions is not None:
             captions, copies, member_rows = captions[: self.max_captions], copies[: self.max_captions], member_rows[: self.max_captions]
@@ -314,20 +341,7 @@ class PromptExtraction(AuditPlugin):
         caption_deltas = self._calibrate_deltas(context, pool, spaces, limits) if self.calibration_captions else None
         tau, delta = limits["pixel"]
 
-        screen: dict[str, Any] = {"kind": self.screen}
-        chosen = list(range(len(captions)))
-        if self.screen != "none":
-            calibration = list(dict.fromkeys(context.calibration.captions))[: self.screen_calibration]
-            scored = caption_scores(model, captions + calibration, seeds=self.screen_seeds, first_steps=self.screen_first_steps,
-                                    steps=self.steps or context.steps,
-                                    batch_size=context.batch_size, seed=context.seed, cache=context.caption_scores)
-            score = scored.of(self.screen)
-            threshold = calibrate(f"{self.screen} score above threshold", -score[len(captions):], self.screen_rate, inclusive=False)
-            passed = threshold.flags(-score[: len(captions)])
-            order = torch.argsort(-score[: len(captions)], stable=True).tolist()  # highest score first
-            chosen = [i for i in order if bool(passed[i])]
-            screen.update(rate=self.screen_rate, candidates=len(captions), passed=len(chosen), threshold=threshold.to_dict(),
-                          screen_calls=scored.calls, screen_calls_spent=scored.calls_spent)
+        chosen, screen = self._screened(context, captions)
 
         verified = self.screen != "none" and self.verify_screen
         full = self._search(context, captions, pool, own, limits, context.seed) if verified else None

@@ -79,6 +79,23 @@ def _audit_command(setting: Setting, source_dir: Path, run_dir: Path) -> list[st
     return cmd
 
 
+def check_settings(settings: dict[str, Setting]) -> None:
+    """Raise ``ValueError`` naming the setting when the grid cannot run: none at all, or an ``audit_of`` that names no
+    setting, names one that itself audits, or comes with args of its own (which would not apply)."""
+    if not settings:
+        raise ValueError("a comparison needs at least one entry under `settings:`")
+    for name, s in settings.items():
+        if s.audit_of is not None and s.audit_of not in settings:
+            raise ValueError(f"setting {name!r}: audit_of={s.audit_of!r} is not one of {sorted(settings)}")
+        if s.audit_of is not None and settings[s.audit_of].audit_of is not None:
+            raise ValueError(f"setting {name!r}: audit_of must name a setting that trains ({s.audit_of!r} does not)")
+        if s.audit_of is not None and s.args:
+            raise ValueError(
+                f"setting {name!r}: audit_of settings are audited with the settings of the run they audit ({s.audit_of!r}); "
+                f"its args {s.args} would not apply. Put them in the shared args or in {s.audit_of!r}'s"
+            )
+
+
 def compare(
     settings: dict[str, Setting],
     configs: list[str],
@@ -102,18 +119,7 @@ def compare(
     Returns the audits by setting name. Raises ``RuntimeError`` naming the settings that failed
     (after writing the report of those that finished).
     """
-    if not settings:
-        raise ValueError("a comparison needs at least one entry under `settings:`")
-    for name, s in settings.items():
-        if s.audit_of is not None and s.audit_of not in settings:
-            raise ValueError(f"setting {name!r}: audit_of={s.audit_of!r} is not one of {sorted(settings)}")
-        if s.audit_of is not None and settings[s.audit_of].audit_of is not None:
-            raise ValueError(f"setting {name!r}: audit_of must name a setting that trains ({s.audit_of!r} does not)")
-        if s.audit_of is not None and s.args:
-            raise ValueError(
-                f"setting {name!r}: audit_of settings are audited with the settings of the run they audit ({s.audit_of!r}); "
-                f"its args {s.args} would not apply. Put them in the shared args or in {s.audit_of!r}'s"
-            )
+    check_settings(settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     group = out.name if wandb else None

@@ -465,28 +465,37 @@ def nearest_neighbors(
         out_d[i : i + rows] = best_d.add_(q_norm).clamp_(min=0.0).div_(d).sqrt_()
         out_i[i : i + rows] = best_i
 
-    # Near zero the matrix-product form loses relative precision (~1e-4 absolute at d = 0), so
-    # small distances -- the copies an audit looks for -- are recomputed from pixel differences.
-    pairs = (out_d < _EXACT_BELOW).nonzero()
-    chunk = max(1, (max_block_bytes // itemsize) // (2 * d))
-    for p in range(0, pairs.shape[0], chunk):
-        qi, col = pairs[p : p + chunk].unbind(dim=1)
-        ri = out_i[qi, col]
-        diff = r_all.index_select(0, ri).to(dtype)
-        diff.sub_(q_all.index_select(0, qi).to(dtype))  # index_select copies: safe in place
-        out_d[qi, col] = torch.linalg.vector_norm(diff, dim=1).div_(d**0.5)
+    _recompute_small(out_d, out_i, q_all, r_all, max(1, (max_block_bytes // itemsize) // (2 * d)))
     order = out_d.argsort(dim=1, stable=True)
     out_d = out_d.gather(1, order)
     out_i = out_i.gather(1, order)
     if shard is not None:
-        # Each process sends the rows of its own blocks (on the CPU) and fills in everyone else's.
         own = [torch.arange(query_blocks[b], min(n, query_blocks[b] + bq)) for b in mine]
-        own_rows = torch.cat(own) if own else torch.empty(0, dtype=torch.long)
-        shares = gather((own_rows, out_d[own_rows.to(device)].cpu(), out_i[own_rows.to(device)].cpu()), shard)
-        for share_rows, dist, idx in shares:
-            out_d[share_rows.to(device)] = dist.to(device)
-            out_i[share_rows.to(device)] = idx.to(device)
+        _share_rows(out_d, out_i, torch.cat(own) if own else torch.empty(0, dtype=torch.long), shard)
     return Neighbors(out_d, out_i)
+
+
+def _recompute_small(out_d: Tensor, out_i: Tensor, q_all: Tensor, r_all: Tensor, chunk: int) -> None:
+    """Recompute, in place and ``chunk`` pairs at a time, the selected distances below ``_EXACT_BELOW`` from pixel
+    differences: near zero the matrix-product form loses relative precision (~1e-4 absolute at d = 0), and small
+    distances are the copies an audit looks for."""
+    d = q_all.shape[1]
+    pairs = (out_d < _EXACT_BELOW).nonzero()
+    for p in range(0, pairs.shape[0], chunk):
+        qi, col = pairs[p : p + chunk].unbind(dim=1)
+        ri = out_i[qi, col]
+        diff = r_all.index_select(0, ri).to(out_d.dtype)
+        diff.sub_(q_all.index_select(0, qi).to(out_d.dtype))  # index_select copies: safe in place
+        out_d[qi, col] = torch.linalg.vector_norm(diff, dim=1).div_(d**0.5)
+
+
+def _share_rows(out_d: Tensor, out_i: Tensor, own_rows: Tensor, shard: Shard) -> None:
+    """Each process sends the rows it computed (on the CPU) and fills in everyone else's, in place."""
+    device = out_d.device
+    shares = gather((own_rows, out_d[own_rows.to(device)].cpu(), out_i[own_rows.to(device)].cpu()), shard)
+    for share_rows, dist, idx in shares:
+        out_d[share_rows.to(device)] = dist.to(device)
+        out_i[share_rows.to(device)] = idx.to(device)
 
 
 def nearest_two(

@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from privdiff.distances import l2
 from privdiff.weights import cached_or_downloaded, load_checked_weights
 
 __all__ = [
@@ -165,8 +166,8 @@ def _distance_block(method: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _l2(flat_a: np.ndarray, flat_b: np.ndarray) -> np.ndarray:
-    """Carlini et al. 2023's l2: sqrt of the mean squared pixel difference on [0, 1], row by row."""
-    return np.sqrt(np.mean((flat_a - flat_b) ** 2, axis=1))
+    """:func:`privdiff.distances.l2` (Carlini et al. 2023) of aligned rows of the float codes' pixels."""
+    return l2(torch.from_numpy(flat_a), torch.from_numpy(flat_b)).numpy()
 
 
 def _search(

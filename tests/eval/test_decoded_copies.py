@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from privdiff.eval.extraction import ExtractionAttack, round_trip
+from privdiff.eval.extraction import ExtractionAttack
+from privdiff.eval.signals import round_trip
 from privdiff.eval.plugin import AuditContext, AuditData
 from privdiff.eval.prompt_extraction import PromptExtraction
 from privdiff.eval.sampling import Generated

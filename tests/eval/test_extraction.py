@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from privdiff.eval.extraction import (
+from privdiff.eval.carlini import (
     ExtractionResult,
     _clique_members,
     calibrated_extraction,

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from privdiff.eval.memorization import by_copies, memorization_ratio, nn_ratio
+from privdiff.eval.carlini import by_copies
+from privdiff.eval.memorization import memorization_ratio, nn_ratio
 
 torch.set_num_threads(1)
 

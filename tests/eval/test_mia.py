@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
-from privdiff.eval.mia import (
+from privdiff.eval.mia_attacks import (
     MIAResult,
     attack_noise,
     audit,

@@ -11,7 +11,7 @@ import torch
 
 from privdiff.defenses.base import Defense, GenerationContext
 from privdiff.defenses.prompt_mitigation import PromptMitigationDefense
-from privdiff.eval.detection import caption_scores, first_timesteps
+from privdiff.eval.caption_scores import caption_scores, first_timesteps
 from privdiff.eval.plugin import Cases
 from privdiff.eval.sampling import generate
 from privdiff.train.latent import LatentTextToImage
