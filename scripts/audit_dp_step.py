@@ -12,7 +12,6 @@ step time with and without canaries (the canaries' cost).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import sys
@@ -20,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -65,40 +65,45 @@ def run(run_dir: Path, epsilon: float, steps: int, canaries: int, bug: str | Non
     return (found.summary if found else None), seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--canaries", type=int, default=1000)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 10.0])
-    parser.add_argument("--bug-epsilons", type=float, nargs="+", default=[1.0, 4.5])
-    a = parser.parse_args()
+def main(steps: int = 100, repeats: int = 2, canaries: int = 1000, epsilons: Sequence[float] = (1.0, 4.0, 10.0),
+         bug_epsilons: Sequence[float] = (1.0, 4.5)) -> None:
+    """Run the correct and the planted-bug fits and print one row per run, then the canaries' cost.
+
+    Args:
+        steps: DP-SGD steps per fit
+        repeats: correct runs per epsilon
+        canaries: white-box gradient canaries per run
+        epsilons: target epsilons of the correct runs
+        bug_epsilons: target epsilons of each planted bug's runs
+    """
     import os
 
     os.chdir(REPO)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        plan = [(e, None, r) for e in a.epsilons for r in range(a.repeats)]
-        plan += [(e, bug, 0) for bug in sorted(planted_bugs()) for e in a.bug_epsilons]
+        plan = [(e, None, r) for e in epsilons for r in range(repeats)]
+        plan += [(e, bug, 0) for bug in sorted(planted_bugs()) for e in bug_epsilons]
         for i, (epsilon, bug, r) in enumerate(plan):
-            s, seconds = run(Path(tmp) / f"run{i}", epsilon, a.steps, a.canaries, bug)
+            s, seconds = run(Path(tmp) / f"run{i}", epsilon, steps, canaries, bug)
             rows.append((epsilon, bug or "correct", r, s, seconds))
             print(f"  done {i + 1}/{len(plan)}: eps {epsilon:g} {bug or 'correct'} in {seconds:.0f} s", flush=True)
         # the canaries' cost: the same DP run without them and with them, interleaved
         costs = []
         for r in range(2):
-            _, without = run(Path(tmp) / f"plain{r}", a.epsilons[0], a.steps, 0, None)
-            _, with_them = run(Path(tmp) / f"canaries{r}", a.epsilons[0], a.steps, a.canaries, None)
+            _, without = run(Path(tmp) / f"plain{r}", epsilons[0], steps, 0, None)
+            _, with_them = run(Path(tmp) / f"canaries{r}", epsilons[0], steps, canaries, None)
             costs.append(with_them / without)
-    print(f"\n{a.steps} DP steps of the quickstart UNet on the digits, {a.canaries} gradient canaries, 95% confidence")
+    print(f"\n{steps} DP steps of the quickstart UNet on the digits, {canaries} gradient canaries, 95% confidence")
     print(f"{'run':<26} {'accountant eps':>14} {'lower bound':>11} {'bound/eps':>9} {'ceiling':>8}  verdict")
     for epsilon, bug, r, s, seconds in rows:
         print(f"{bug + f' (eps {epsilon:g}, #{r})':<26} {s['claimed_epsilon']:>14.3g} {s['epsilon']:>11.3g} "
               f"{s['epsilon'] / s['claimed_epsilon']:>9.2f} {s['ceiling']:>8.3g}  {s['verdict']}  "
               f"({s['right']}/{s['guesses']} right, k+ {s['k_plus']}, k- {s['k_minus']}; {seconds:.0f} s)")
-    print(f"fit time with {a.canaries} canaries / without (same eps, steps; 2 interleaved pairs): "
+    print(f"fit time with {canaries} canaries / without (same eps, steps; 2 interleaved pairs): "
           + ", ".join(f"{c:.3f}" for c in costs) + " (the whole fit: start-up, data and export included)")
 
 
 if __name__ == "__main__":
-    main()
+    from _cli import run_main  # scripts/_cli.py, beside this file
+
+    run_main(main, __doc__)

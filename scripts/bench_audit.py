@@ -20,7 +20,6 @@ stages keep on a GPU the fraction of peak they reach here; it is an estimate, no
 
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
 from pathlib import Path
@@ -91,20 +90,22 @@ def cifar10_ddpm_unet() -> torch.nn.Module:
     return build_unet(32, 3, (128, 256, 256, 256), 2, (1,), norm_num_groups=32)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--gpu-tflops", type=float, default=67.0, help="the GPU's fp32 peak in TFLOP/s (H100 SXM: 67)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def main(threads: int = 2, quick: bool = False, gpu_tflops: float = 67.0) -> None:
+    """Time the audit's stages at growing sizes here, then estimate the paper's scale on one GPU.
+
+    Args:
+        threads: torch CPU threads
+        quick: one small point per axis
+        gpu_tflops: the GPU's fp32 peak in TFLOP/s (H100 SXM: 67)
+    """
+    torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
     model = quickstart_model()
-    fixed_members, fixed_samples = (256, 256) if args.quick else (1024, 1024)
-    sample_points = (256,) if args.quick else (256, 1024, 4096)
-    member_points = (256,) if args.quick else (256, 1024, 4096)
+    fixed_members, fixed_samples = (256, 256) if quick else (1024, 1024)
+    sample_points = (256,) if quick else (256, 1024, 4096)
+    member_points = (256,) if quick else (256, 1024, 4096)
     peak = matmul_rate()
-    print(f"this machine: fp32 matmul {peak / 1e9:.0f} GFLOP/s ({args.threads} threads); quickstart UNet, 16x16 synthetic members")
+    print(f"this machine: fp32 matmul {peak / 1e9:.0f} GFLOP/s ({threads} threads); quickstart UNet, 16x16 synthetic members")
     print("\naudit seconds per stage (quickstart settings: DPM-Solver++ 20 steps, 3 MIAs on members + as many held-out, FID)")
     header = f"{'samples':>8} {'members':>8} " + " ".join(f"{s:>12}" for s in STAGES) + f" {'total':>8}"
     print(header)
@@ -131,7 +132,7 @@ def main() -> None:
     knn_eff = 2 * 2048 * 4096 * CIFAR_D / (time.perf_counter() - start) / peak
     mia = dict(settings.plugins())["mia"]
     mia_forwards = len(mia.loss_timesteps) + 2 + 1 + mia.secmi_k  # loss, PIA (2), SecMI (1 + k)
-    gpu = args.gpu_tflops * 1e12
+    gpu = gpu_tflops * 1e12
     work = {
         "sample (DPM-Solver++ 20 steps)": (PAPER_SAMPLES * 20 * cifar_flops, sample_eff),
         "sample (DDPM 1000 steps, the paper's)": (PAPER_SAMPLES * 1000 * cifar_flops, sample_eff),
@@ -142,7 +143,7 @@ def main() -> None:
         "FID (Inception-v3, samples + 50k real)": ((PAPER_SAMPLES + PAPER_MEMBERS) * INCEPTION_FLOPS, sample_eff),
     }
     print(f"\nestimate at the paper's scale: 2^20 samples of a CIFAR-10 DDPM-sized UNet ({cifar_flops / 1e9:.1f} GFLOPs per image "
-          f"per step) vs 50k members, on one GPU of {args.gpu_tflops:g} fp32 TFLOP/s")
+          f"per step) vs 50k members, on one GPU of {gpu_tflops:g} fp32 TFLOP/s")
     print(f"measured here: UNet sampling at {sample_eff:.2f} of matmul peak, kNN (k=50, D=3072) at {knn_eff:.2f}")
     print(f"{'stage':<48}{'PFLOP':>10}{'GPU hours':>11}")
     total = 0.0
@@ -155,4 +156,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _cli import run_main  # scripts/_cli.py, beside this file
+
+    run_main(main, __doc__)

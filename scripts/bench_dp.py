@@ -23,11 +23,11 @@ and checks that every DP mode computes the same per-image gradient norms as stoc
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -129,40 +129,42 @@ def per_image_norms(mode: str, batch: Batch, config: Path) -> torch.Tensor:
     return torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params], 1).norm(dim=1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--model", type=Path, default=REPO / "configs/model/small.yaml", help="a configs/model/*.yaml (the quickstart's)")
-    parser.add_argument("--batch", type=int, default=64, help="the quickstart's data.batch_size")
-    parser.add_argument("--steps", type=int, default=4, help="steps per repeat")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--modes", nargs="+", default=["none", "opacus", "hooks", "functorch", "ghost"])
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def main(threads: int = 2, model: Path = REPO / "configs/model/small.yaml", batch: int = 64, steps: int = 4,
+         repeats: int = 5, modes: Sequence[str] = ("none", "opacus", "hooks", "functorch", "ghost")) -> None:
+    """Time each mode's training step, interleaved; check the per-image gradient norms against stock Opacus.
+
+    Args:
+        threads: torch.set_num_threads
+        model: a configs/model/*.yaml (the quickstart's)
+        batch: the quickstart's data.batch_size
+        steps: steps per repeat
+        repeats: timed repeats of each mode
+        modes: modes to time, among none, opacus, hooks, functorch, ghost and hooks+canaries
+    """
+    torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
-    config = args.model
-    images = torch.rand(args.batch, 1, 16, 16)
-    batch = Batch(images, None, torch.arange(args.batch))
+    images = torch.rand(batch, 1, 16, 16)
+    fixed = Batch(images, None, torch.arange(batch))
     rates: dict[str, list[float]] = {}
-    steps = {mode: step_fn(mode, batch, config)[0] for mode in args.modes}
-    for mode in args.modes:
-        steps[mode]()  # warm-up
-    for _ in range(args.repeats):  # interleave the modes so that drifts hit all alike
-        for mode in args.modes:
+    step = {mode: step_fn(mode, fixed, model)[0] for mode in modes}
+    for mode in modes:
+        step[mode]()  # warm-up
+    for _ in range(repeats):  # interleave the modes so that drifts hit all alike
+        for mode in modes:
             start = time.perf_counter()
-            for _ in range(args.steps):
-                steps[mode]()
-            rates.setdefault(mode, []).append(args.batch * args.steps / (time.perf_counter() - start))
+            for _ in range(steps):
+                step[mode]()
+            rates.setdefault(mode, []).append(batch * steps / (time.perf_counter() - start))
     few = Batch(images[:8], None, torch.arange(8))
-    ref = per_image_norms("opacus", few, config)
-    for mode in (m for m in args.modes if m not in ("none", "opacus")):
-        err = ((per_image_norms(mode, few, config) - ref).abs() / ref).max().item()
+    ref = per_image_norms("opacus", few, model)
+    for mode in (m for m in modes if m not in ("none", "opacus")):
+        err = ((per_image_norms(mode, few, model) - ref).abs() / ref).max().item()
         print(f"per-image gradient norms, {mode} vs stock opacus: max relative difference {err:.1e}")
-    params = sum(p.numel() for p in make(config).trainable.parameters())
+    params = sum(p.numel() for p in make(model).trainable.parameters())
     base = statistics.median(rates["none"]) if "none" in rates else None
-    print(f"{args.model.name} UNet ({params / 1e6:.2f}M params), batch {args.batch} at 16x16, {args.threads} thread(s), "
-          f"median of {args.repeats} x {args.steps} steps")
-    for mode in args.modes:
+    print(f"{model.name} UNet ({params / 1e6:.2f}M params), batch {batch} at 16x16, {threads} thread(s), "
+          f"median of {repeats} x {steps} steps")
+    for mode in modes:
         rate = statistics.median(rates[mode])
         ratio = f"{rate / base:.2f}x" if base else "-"
         spread = f"[{min(rates[mode]):.0f}-{max(rates[mode]):.0f}]"
@@ -173,4 +175,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _cli import run_main  # scripts/_cli.py, beside this file
+
+    run_main(main, __doc__)

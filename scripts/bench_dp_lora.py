@@ -16,7 +16,6 @@ The modes are interleaved and repeated; prints the median images/s and the ratio
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
@@ -64,36 +63,41 @@ def step_fn(mode: str, batch: Batch, config: Path, rank: int):
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--model", type=Path, default=REPO / "configs/model/t2i_tiny.yaml", help="a configs/model/*.yaml of a text-to-image model")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (configs/defense/dp_lora.yaml's)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=4, help="steps per repeat")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def main(threads: int = 2, model: Path = REPO / "configs/model/t2i_tiny.yaml", rank: int = 8, batch: int = 64,
+         steps: int = 4, repeats: int = 5) -> None:
+    """Time LoRA and DP-LoRA steps, interleaved, and print their images/s and ratio.
+
+    Args:
+        threads: torch.set_num_threads
+        model: a configs/model/*.yaml of a text-to-image model
+        rank: LoRA rank (configs/defense/dp_lora.yaml's)
+        batch: images (and captions) per step
+        steps: steps per repeat
+        repeats: timed repeats of each mode
+    """
+    torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
     pool = load_builtin("captioned_digits", 16, 1)
-    batch = Batch(pool.unit()[: args.batch], pool.captions[: args.batch], torch.arange(args.batch))
-    steps = {mode: step_fn(mode, batch, args.model, args.rank) for mode in ("lora", "dp_lora")}
-    for step in steps.values():
+    fixed = Batch(pool.unit()[:batch], pool.captions[:batch], torch.arange(batch))
+    step_of = {mode: step_fn(mode, fixed, model, rank) for mode in ("lora", "dp_lora")}
+    for step in step_of.values():
         step()  # warm-up
-    rates: dict[str, list[float]] = {mode: [] for mode in steps}
-    for _ in range(args.repeats):
-        for mode, step in steps.items():
+    rates: dict[str, list[float]] = {mode: [] for mode in step_of}
+    for _ in range(repeats):
+        for mode, step in step_of.items():
             start = time.perf_counter()
-            for _ in range(args.steps):
+            for _ in range(steps):
                 step()
-            rates[mode].append(args.steps * args.batch / (time.perf_counter() - start))
-    adapters = sum(p.numel() for p in make(args.model, args.rank).trainable_parameters())
-    print(f"LoRA rank {args.rank} ({adapters} adapter parameters), batch {args.batch}, {args.threads} threads, "
-          f"{args.repeats} x {args.steps} steps interleaved")
+            rates[mode].append(steps * batch / (time.perf_counter() - start))
+    adapters = sum(p.numel() for p in make(model, rank).trainable_parameters())
+    print(f"LoRA rank {rank} ({adapters} adapter parameters), batch {batch}, {threads} threads, "
+          f"{repeats} x {steps} steps interleaved")
     base = statistics.median(rates["lora"])
     for mode, r in rates.items():
         print(f"  {mode:8s} {statistics.median(r):7.1f} images/s  (range {min(r):.1f}-{max(r):.1f})  {statistics.median(r) / base:.2f}x of lora")
 
 
 if __name__ == "__main__":
-    main()
+    from _cli import run_main  # scripts/_cli.py, beside this file
+
+    run_main(main, __doc__)

@@ -13,7 +13,6 @@ search over a large N x M, next to what the dense N x M distance matrix would ta
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
@@ -102,39 +101,42 @@ def faiss_line(n: int, m: int, d: int, repeats: int, threads: int) -> str:
     )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
-    p.add_argument("--large", action="store_true", help="memory run at N=100k, M=50k, D=3072")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--child-memory", nargs=4, type=int, help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.child_memory:
-        child_peak_memory(*a.child_memory)
+def main(quick: bool = False, large: bool = False, threads: int = 1, repeats: int = 3, device: str = "cpu",
+         child_memory: tuple[int, int, int, int] | None = None) -> None:
+    """Print the search's rate against matmul and faiss, then its peak memory (measured in a child process).
+
+    Args:
+        quick: small shapes, for a smoke run
+        large: memory run at N=100k, M=50k, D=3072
+        threads: torch CPU threads
+        repeats: timed repeats of each shape (the median is printed)
+        device: torch device of the throughput runs
+        child_memory: N M D THREADS: only measure one search's peak memory, in this process (what the child runs)
+    """
+    if child_memory:
+        child_peak_memory(*child_memory)
         return
-    torch.set_num_threads(a.threads)
-    n, m = (2000, 500) if a.quick else (10_000, 2000)
-    print(f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}, median of {a.repeats}")
+    torch.set_num_threads(threads)
+    n, m = (2000, 500) if quick else (10_000, 2000)
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, median of {repeats}")
     print(f"{'N':>7} {'M':>6} {'D':>5} {'k':>3} {'matmul GFLOP/s':>15} {'knn GFLOP/s':>12} {'knn/matmul':>11}")
     for d in (256, 1024):
         for k in (1, 50):
-            res = throughput(n, m, d, k, a.repeats, a.device)
+            res = throughput(n, m, d, k, repeats, device)
             print(f"{n:>7} {m:>6} {d:>5} {k:>3} {res['mm_gflops']:>15.1f} {res['nn_gflops']:>12.1f} {res['ratio']:>11.2f}")
     print("k=1 against faiss IndexFlatL2 (exact search, same threads):")
     for d in (256, 1024):
-        print(faiss_line(n, m, d, a.repeats, a.threads))
+        print(faiss_line(n, m, d, repeats, threads))
 
-    mn, mm, md = (4000, 2000, 3072) if a.quick else (100_000, 50_000, 3072) if a.large else (20_000, 10_000, 3072)
+    mn, mm, md = (4000, 2000, 3072) if quick else (100_000, 50_000, 3072) if large else (20_000, 10_000, 3072)
     out = subprocess.run(
-        [sys.executable, __file__, "--child-memory", str(mn), str(mm), str(md), str(a.threads)],
+        [sys.executable, __file__, "--child-memory", str(mn), str(mm), str(md), str(threads)],
         capture_output=True, text=True, check=True,
     )
     mem = json.loads(out.stdout.strip().splitlines()[-1])
     dense = mn * mm * 4
     print(
-        f"peak memory N={mn} M={mm} D={md} k=1 ({a.threads} thread(s), child RSS): +{mem['extra_bytes'] / 2**20:.0f} MiB "
+        f"peak memory N={mn} M={mm} D={md} k=1 ({threads} thread(s), child RSS): +{mem['extra_bytes'] / 2**20:.0f} MiB "
         f"over the float32 inputs ({mn * md * 4 / 2**20 + mm * md * 4 / 2**20:.0f} MiB), process peak "
         f"{mem['peak_bytes'] / 2**20:.0f} MiB; a dense N x M float32 matrix would be {dense / 2**20:.0f} MiB; "
         f"search took {mem['seconds']:.1f} s"
@@ -142,4 +144,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _cli import run_main  # scripts/_cli.py, beside this file
+
+    run_main(main, __doc__)

@@ -10,7 +10,6 @@ share as the run itself measured it. The final audit is off in both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -36,21 +35,23 @@ def fit(run_dir: Path, steps: int, every: int | None, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--every", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1)
-    a = parser.parse_args()
+def main(steps: int = 800, every: int = 100, threads: int = 1) -> None:
+    """Fit the demo's `none` setting without and with the periodic audit and print both wall times.
+
+    Args:
+        steps: training steps of each fit
+        every: steps between two periodic audits
+        threads: torch CPU threads of each fit
+    """
     import os
 
     os.chdir(REPO)
     with tempfile.TemporaryDirectory() as tmp:
-        plain = fit(Path(tmp) / "plain", a.steps, None, a.threads)
-        audited = fit(Path(tmp) / "audited", a.steps, a.every, a.threads)
+        plain = fit(Path(tmp) / "plain", steps, None, threads)
+        audited = fit(Path(tmp) / "audited", steps, every, threads)
         t = json.loads((Path(tmp) / "audited" / "trajectory.json").read_text())
-    print(f"\n{a.steps} steps, audited every {a.every} ({len(t['points'])} audits of {t['profile']['num_samples']} samples), "
-          f"{a.threads} thread(s)")
+    print(f"\n{steps} steps, audited every {every} ({len(t['points'])} audits of {t['profile']['num_samples']} samples), "
+          f"{threads} thread(s)")
     print(f"  fit without the periodic audit: {plain:7.1f} s")
     print(f"  fit with it:                    {audited:7.1f} s   ratio {audited / plain:.2f}x")
     print(f"  the audits, as the run measured them: {t['audit_seconds']:.1f} s = {t['audit_share']:.0%} of its training's wall time")
@@ -58,4 +59,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _cli import run_main  # scripts/_cli.py, beside this file
+
+    run_main(main, __doc__)

@@ -16,7 +16,6 @@ Usage: ``python scripts/bench_sampling.py [--quick] [--threads N] [--model-dir D
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -41,25 +40,29 @@ def _interleaved(fns: dict[str, object], repeats: int) -> dict[str, list[float]]
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="no DDPM-1000")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5, help="repeats of the 20- and 50-step cases (DDPM-1000: 2)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--model", type=Path, default=REPO / "configs/model/small.yaml", help="a configs/model/*.yaml (the quickstart's)")
-    parser.add_argument("--model-dir", type=Path, default=None, help="a trained diffusers folder for part 2 (default: train one)")
-    parser.add_argument("--train-steps", type=int, default=500, help="steps of the quickstart model trained for part 2")
-    parser.add_argument("--fit-samples", type=int, default=96, help="samples per solver in part 2")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def main(quick: bool = False, threads: int = 2, repeats: int = 5, batch: int = 64,
+         model: Path = REPO / "configs/model/small.yaml", model_dir: Path | None = None, train_steps: int = 500,
+         fit_samples: int = 96) -> None:
+    """Part 1 (speed against diffusers' pipelines), then part 2 (each solver's fit against DDPM-1000).
+
+    Args:
+        quick: no DDPM-1000
+        threads: torch CPU threads
+        repeats: repeats of the 20- and 50-step cases (DDPM-1000: 2)
+        batch: images per call
+        model: a configs/model/*.yaml (the quickstart's)
+        model_dir: a trained diffusers folder for part 2 (default: train one)
+        train_steps: steps of the quickstart model trained for part 2
+        fit_samples: samples per solver in part 2
+    """
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = module_from_config(args.model).diffusion.eval()
-    unet, sched = model.trainable, model.scheduler
-    cases = [("dpmsolver++", 20), ("ddim", 50)] + ([] if args.quick else [("ddpm", 1000)])  # diffusers has pipelines for these
-    n = args.batch
+    diffusion = module_from_config(model).diffusion.eval()
+    unet, sched = diffusion.trainable, diffusion.scheduler
+    cases = [("dpmsolver++", 20), ("ddim", 50)] + ([] if quick else [("ddpm", 1000)])  # diffusers has pipelines for these
+    n = batch
     params = sum(p.numel() for p in unet.parameters()) / 1e6
-    print(f"threads={args.threads} batch={n} model={args.model.name} ({params:.2f}M-param UNet, 16x16); "
+    print(f"threads={threads} batch={n} model={model.name} ({params:.2f}M-param UNet, 16x16); "
           f"images/s, median [range] of interleaved repeats")
     print(f"{'solver':<16}{'privdiff img/s':>22}{'diffusers img/s':>22}{'ratio':>8}")
     for solver, steps in cases:
@@ -72,33 +75,32 @@ def main() -> None:
             pipe = DDPMPipeline(unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(sched.config, algorithm_type="dpmsolver++"))
         pipe.set_progress_bar_config(disable=True)
         fns = {
-            "privdiff": lambda: generate(model, n, solver=solver, steps=steps, batch_size=n, progress=False),
+            "privdiff": lambda: generate(diffusion, n, solver=solver, steps=steps, batch_size=n, progress=False),
             "diffusers": lambda: pipe(batch_size=n, num_inference_steps=steps, output_type="np"),
         }
-        times = _interleaved(fns, 2 if steps >= 1000 else args.repeats)
+        times = _interleaved(fns, 2 if steps >= 1000 else repeats)
         rate = {k: sorted(n / t for t in v) for k, v in times.items()}
         cell = {k: f"{statistics.median(v):.1f} [{v[0]:.1f}-{v[-1]:.1f}]" for k, v in rate.items()}
         ratio = statistics.median(rate["privdiff"]) / statistics.median(rate["diffusers"])
         print(f"{solver + '-' + str(steps):<16}{cell['privdiff']:>22}{cell['diffusers']:>22}{ratio:>8.2f}")
+    agreement(model, model_dir, train_steps, fit_samples)
 
 
-    agreement(args)
-
-
-def _trained_model(args: argparse.Namespace, out: Path):
+def _trained_model(model: Path, model_dir: Path | None, train_steps: int, out: Path):
     from privdiff.cli import run_fit_cli
     from privdiff.train.pixel import PixelDiffusion
 
-    if args.model_dir is not None:
-        return PixelDiffusion.from_pretrained(args.model_dir)
-    run_fit_cli(["fit", "-c", str(REPO / "configs/base.yaml"), "-c", str(REPO / "configs/data/digits.yaml"), "-c", str(args.model),
-                 "--trainer.max_steps", str(args.train_steps), "--trainer.enable_progress_bar", "false", "--audit", "null",
+    if model_dir is not None:
+        return PixelDiffusion.from_pretrained(model_dir)
+    run_fit_cli(["fit", "-c", str(REPO / "configs/base.yaml"), "-c", str(REPO / "configs/data/digits.yaml"), "-c", str(model),
+                 "--trainer.max_steps", str(train_steps), "--trainer.enable_progress_bar", "false", "--audit", "null",
                  "--run_dir", str(out)])
     return PixelDiffusion.from_pretrained(out / "model")
 
 
-def agreement(args: argparse.Namespace) -> None:
-    """Part 2: each solver's samples against DDPM-1000 ancestral samples of the same trained weights."""
+def agreement(model: Path, model_dir: Path | None, train_steps: int, fit_samples: int) -> None:
+    """Part 2: each solver's samples against DDPM-1000 ancestral samples of the same trained weights (``model_dir``'s,
+    or the ``model`` config's trained here for ``train_steps``), ``fit_samples`` each."""
     import tempfile
     import warnings
 
@@ -108,18 +110,18 @@ def agreement(args: argparse.Namespace) -> None:
 
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as tmp:
-        model = _trained_model(args, Path(tmp)).eval()
+        trained = _trained_model(model, model_dir, train_steps, Path(tmp)).eval()
     digits = load_builtin("digits", 16, 1)
     classifier = train_feature_classifier(digits.unit(), digits.labels, seed=0)
-    n = args.fit_samples
+    n = fit_samples
     draws = {}
     cases = [("ddpm", 1000, 0), ("ddpm", 1000, 1), ("ancestral", 50, 0), ("ddpm", 100, 0), ("ddim", 50, 0), ("dpmsolver++", 20, 0)]
-    print(f"\nsolver fit on a trained model ({'--model-dir' if args.model_dir else f'quickstart UNet, {args.train_steps} steps'}), "
+    print(f"\nsolver fit on a trained model ({'--model-dir' if model_dir else f'quickstart UNet, {train_steps} steps'}), "
           f"{n} samples each, against DDPM-1000 ancestral samples of the same weights")
     print(f"{'solver':<22}{'pixels at 0':>12}{'pixels at 1':>12}{'FD to DDPM-1000':>17}{'seconds':>9}")
     for solver, steps, seed in cases:
         start = time.perf_counter()
-        draws[(solver, steps, seed)] = generate(model, n, solver=solver, steps=steps, batch_size=n, seed=seed, progress=False).images
+        draws[(solver, steps, seed)] = generate(trained, n, solver=solver, steps=steps, batch_size=n, seed=seed, progress=False).images
         seconds = time.perf_counter() - start
         x = draws[(solver, steps, seed)]
         sanity = sample_sanity(x, digits.unit())
@@ -132,4 +134,6 @@ def agreement(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _cli import run_main  # scripts/_cli.py, beside this file
+
+    run_main(main, __doc__)

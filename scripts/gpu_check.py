@@ -22,7 +22,6 @@ Prints one table (throughput, ratio, peak memory, ok/FAIL) and exits 1 when any 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import resource
@@ -561,32 +560,31 @@ def run_all(sizes: Sizes, device: torch.device, bf16: bool) -> list[Row]:
     return [*ddpm, *ddpm_dp, *lora, *lora_dp, *sampler, *run_check(["ddp all-reduce (nccl)"], lambda: ddp_check(device))]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU: the same code paths in seconds")
-    parser.add_argument("--device", default=None, help="default: cuda when present (cpu with --cpu-smoke)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per training check")
-    parser.add_argument("--batch", type=int, default=None, help="expected DP-SGD (Poisson) batch of the DDPM, and its non-private batch")
-    parser.add_argument("--lora-batch", type=int, default=None, help="batch of the LoRA checks")
-    return parser.parse_args(argv)
+def main(cpu_smoke: bool = False, device: str | None = None, steps: int | None = None, batch: int | None = None,
+         lora_batch: int | None = None) -> int:
+    """Run every check and print the table; returns the exit status (1 when any row failed, else 0).
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    Args:
+        cpu_smoke: tiny models on the CPU: the same code paths in seconds
+        device: default: cuda when present (cpu with --cpu-smoke)
+        steps: timed steps per training check
+        batch: expected DP-SGD (Poisson) batch of the DDPM, and its non-private batch
+        lora_batch: batch of the LoRA checks
+    """
     warnings.filterwarnings("ignore")
-    sizes = SMOKE if args.cpu_smoke else REAL
-    overrides = {"steps": args.steps, "batch": args.batch, "lora_batch": args.lora_batch}
+    sizes = SMOKE if cpu_smoke else REAL
+    overrides = {"steps": steps, "batch": batch, "lora_batch": lora_batch}
     sizes = replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu"))
-    if args.cpu_smoke:
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() and not cpu_smoke else "cpu"))
+    if cpu_smoke:
         # It checks code paths, not speed; on two CPU cores shared with another job, OpenMP threads waiting
         # for each other made it ten times slower (measured: 43 s of checks with 2 threads, 5 s with one).
         torch.set_num_threads(1)
-    bf16 = device.type == "cuda"  # the non-private baselines as a GPU run trains them; DP-SGD is fp32 regardless
-    print(f"gpu_check on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-          f"torch {torch.__version__}, {'smoke sizes' if args.cpu_smoke else 'real sizes'}")
+    bf16 = torch_device.type == "cuda"  # the non-private baselines as a GPU run trains them; DP-SGD is fp32 regardless
+    print(f"gpu_check on {torch.cuda.get_device_name(torch_device) if torch_device.type == 'cuda' else 'cpu'}, "
+          f"torch {torch.__version__}, {'smoke sizes' if cpu_smoke else 'real sizes'}")
     start = time.perf_counter()
-    rows = run_all(sizes, device, bf16)
+    rows = run_all(sizes, torch_device, bf16)
     print(f"\nratio: images/s over the non-private row above it (the diffusers pipeline's for the sampler); "
           f"{time.perf_counter() - start:.0f} s in all\n")
     print(format_table(rows))
@@ -597,4 +595,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _cli import run_main  # scripts/_cli.py, beside this file
+
+    sys.exit(run_main(main, __doc__))
