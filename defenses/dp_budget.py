@@ -1,19 +1,23 @@
 """DP-SGD's privacy budget: the steps taken, as an Opacus accountant's (sigma, q, steps) history, the epsilon they
-spend, the noise planned for a target, and the step after which a budget would be exceeded.
+spend, the noise planned for a target, the step after which a budget would be exceeded, and the history a
+checkpoint brings back.
 
 The accountant (PRV, Gopi et al. 2021, or RDP, Mironov 2017) is Opacus's; what is added here is book-keeping that
 Opacus leaves to its caller: an epsilon cache keyed by the history (a PRV evaluation takes ~0.3 s), the last step
-count within a budget found once by search instead of at every step, and released steps counted again on a resume.
+count within a budget found once by search instead of at every step, released steps counted again on a resume, and
+a resume refused when its privacy settings differ from the checkpoint's (the weights carry every earlier step, so
+the spent history is composed with the new one, never reset).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-__all__ = ["PrivacyLedger", "plan_noise"]
+__all__ = ["PrivacyLedger", "plan_noise", "saved_history"]
 
 History = list[tuple[float, float, int]]
 
@@ -58,6 +62,22 @@ class PrivacyLedger:
         """The noise or the sample rate changed: the steps verified within the budget must be found again."""
         self._ok_until = None
         self._epsilon_cache = None
+
+    def count_again(self, steps: int, sigma: float | None, sample_rate: float | None) -> None:
+        """Count ``steps`` released steps a resume trains again, at the sigma and sample rate they ran with.
+
+        Those are the history's last; ``sigma`` and ``sample_rate`` (this run's) serve only when the history is empty.
+        """
+        history = self.history
+        if history:
+            sigma, sample_rate, _ = history[-1]
+        elif sigma is None or sample_rate is None:
+            raise ValueError(
+                f"dp_sgd: {steps} steps after this checkpoint were already released, and the checkpoint holds no DP step to "
+                "tell their sigma and sample rate: resume from the run's last checkpoint (--ckpt_path last), or start a new run"
+            )
+        history.append((sigma, sample_rate, int(steps)))
+        self.replace_history(history)
 
     def with_steps(self, sigma: float, sample_rate: float, extra_steps: int) -> History:
         """The history after ``extra_steps`` more steps at ``sigma`` and ``sample_rate``."""
@@ -132,3 +152,37 @@ class PrivacyLedger:
         spent = create_accountant(saved["mechanism"])
         spent.load_state_dict(saved)
         return saved["mechanism"], [(float(s), float(q), int(n)) for s, q, n in spent.history]
+
+
+def saved_history(
+    state: dict[str, Any], *, num_examples: int | None, sample_rate: float | None, delta: float, accountant: str,
+    noise_multiplier: float | None, target_epsilon: float | None, new_budget: bool,
+) -> History:
+    """The (sigma, q, steps) history of a saved DP-SGD state, validated by Opacus.
+
+    Raises ``ValueError`` when the saved data size, sample rate, delta, accountant, sigma (fixed-noise runs) or
+    target epsilon differ from this run's, unless ``new_budget``: then the history is returned to be composed
+    with the new settings.
+    """
+    mechanism, history = PrivacyLedger.read_state(state["accountant"])
+    changes = []
+    if num_examples is not None and state.get("num_examples") not in (None, num_examples):
+        changes.append(f"training rows {state['num_examples']} -> {num_examples}")
+    if sample_rate is not None and state.get("sample_rate") is not None and not math.isclose(state["sample_rate"], sample_rate, rel_tol=1e-12):
+        changes.append(f"sample rate {state['sample_rate']:.6g} -> {sample_rate:.6g}")
+    if not math.isclose(state.get("delta", delta), delta, rel_tol=1e-12):
+        changes.append(f"delta {state['delta']:g} -> {delta:g}")
+    if mechanism != accountant:
+        changes.append(f"accountant {mechanism} -> {accountant}")
+    saved_sigma = state.get("noise_multiplier")
+    if target_epsilon is None and saved_sigma is not None and not math.isclose(saved_sigma, noise_multiplier, rel_tol=1e-12):
+        changes.append(f"noise_multiplier {saved_sigma:g} -> {noise_multiplier:g}")
+    if target_epsilon is not None and state.get("target_epsilon") not in (None, target_epsilon):
+        changes.append(f"target_epsilon {state['target_epsilon']:g} -> {target_epsilon:g}")
+    if changes and not new_budget:
+        raise ValueError(
+            f"dp_sgd: the checkpoint's privacy settings differ from this run's ({'; '.join(changes)}). "
+            "Resume with the original settings, or set dp_sgd new_budget: true to compose the spent "
+            f"history ({sum(h[2] for h in history)} steps) with the new settings (epsilon is not reset)"
+        )
+    return history

@@ -6,7 +6,10 @@ convolution rule, and a backward pass that skips the discarded parameter gradien
 sums, adds Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` and divides by
 the expected batch size; a ``DPDataLoader`` draws Poisson batches (each row independently with probability q = batch_size / N); an Opacus
 accountant (PRV, Gopi et al. 2021, or RDP, Mironov 2017) turns the steps taken into (epsilon, delta).
-Everything runs inside the documented Lightning hooks the Defense contract exposes.
+Everything runs inside the documented Lightning hooks the Defense contract exposes. This module
+wires the parts, cut as Opacus cuts them: the arguments and their checks (:mod:`.dp_settings`), the
+wrapped model and optimizer (:mod:`.dp_wrapping`), Poisson sampling (:mod:`.dp_sampling`), the
+accountant and budget (:mod:`.dp_budget`) and where the randomness comes from (:mod:`.dp_randomness`).
 
 Under DDP (``trainer.strategy: ddp``, any number of devices and nodes) the processes share one
 global Poisson batch (:mod:`.dp_sampling`, expected size ``batch_size``, the
@@ -25,52 +28,33 @@ dedup before DP-SGD.
 
 from __future__ import annotations
 
-import math
 import warnings
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from opacus.data_loader import DPDataLoader
-from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from .base import Defense, Guarantee
-from .dp_budget import PrivacyLedger, plan_noise
+from .dp_budget import PrivacyLedger, plan_noise, saved_history
 from .dp_randomness import DPRandomness
 from .dp_sampling import poisson_loader
+from .dp_settings import AccountantName, DPSGDSettings, GradSampleMode
+from .dp_wrapping import PrivateTraining, contiguous_inputs, device_of, per_image_gradients
 from .gradient_canaries import GradientCanaries
-from .per_sample_grads import ClippingDistributedDPOptimizer, ClippingDPOptimizer, FastGradSampleModule
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-GradSampleMode = Literal["hooks", "functorch", "ghost"]
-AccountantName = Literal["prv", "rdp"]
+__all__ = ["PRIVACY_UNIT", "DPSGDDefense"]
 
 PRIVACY_UNIT = (
     "one training row: an image present k times in the training set is protected only at "
     "group-privacy level (about k*epsilon); deduplicate before DP-SGD"
 )
 STATE_VERSION = 2  # 2: the accountant's own state_dict (same keys as 1's hand-written one)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _contiguous_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Forward pre-hook: hand a convolution contiguous inputs.
-
-    Opacus's ``unfold2d`` (``grad_sample_mode="hooks"``) assumes contiguous memory; the attention
-    block of a diffusers UNet hands on channels-last tensors, and the per-sample gradients of the
-    convolutions after it then come out exactly zero without any error. ``.contiguous()`` is a
-    no-op for tensors that already are.
-    """
-    return tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
 
 
 class DPSGDDefense(Defense):
@@ -97,7 +81,7 @@ class DPSGDDefense(Defense):
         noise_multiplicity: K (timestep, noise) draws per image (DPDM); the K per-row gradients
             of an image are averaged before clipping. The batch holds B*K rows (memory x K).
         grad_sample_mode: ``hooks`` (Opacus's per-layer rules; convolutions get contiguous
-            inputs, see ``_contiguous_inputs``) or ``functorch`` (vmap of per-layer gradients).
+            inputs, see ``dp_wrapping.contiguous_inputs``) or ``functorch`` (vmap of per-layer gradients).
             ``ghost`` is refused: Opacus's ghost clipping needs two backward passes over the
             per-row loss vector, which Lightning's one ``loss.backward()`` on the mean does not give.
         poisson_sampling: must be True. The accountants assume Poisson subsampling; shuffled
@@ -142,54 +126,13 @@ class DPSGDDefense(Defense):
         debug_noise_seed: int | None = None,
         gradient_canaries: int = 0,
     ) -> None:
-        if not max_grad_norm > 0:
-            raise ValueError(f"dp_sgd max_grad_norm must be > 0, got {max_grad_norm}")
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError(
-                "dp_sgd needs exactly one of noise_multiplier and target_epsilon, got "
-                f"noise_multiplier={noise_multiplier} and target_epsilon={target_epsilon}; set "
-                "target_epsilon (sigma is then planned for the run) or a fixed noise_multiplier"
-            )
-        if noise_multiplier is not None and not noise_multiplier > 0:
-            raise ValueError(
-                f"dp_sgd noise_multiplier must be > 0 (sigma=0 gives no privacy, epsilon=inf), got {noise_multiplier}"
-            )
-        if target_epsilon is not None and not target_epsilon > 0:
-            raise ValueError(f"dp_sgd target_epsilon must be > 0, got {target_epsilon}")
-        if max_epsilon is not None and (target_epsilon is not None or not max_epsilon > 0):
-            raise ValueError(
-                f"dp_sgd max_epsilon={max_epsilon} needs a fixed noise_multiplier and must be > 0; "
-                "with target_epsilon the target is the budget"
-            )
-        if not 0 < delta < 1:
-            raise ValueError(f"dp_sgd delta must be in (0, 1), got {delta}")
-        if steps is not None and steps < 1:
-            raise ValueError(f"dp_sgd steps must be >= 1, got {steps}")
-        if accountant not in ("prv", "rdp"):
-            raise ValueError(f"dp_sgd accountant must be 'prv' or 'rdp', got {accountant!r}")
-        if int(noise_multiplicity) != noise_multiplicity or noise_multiplicity < 1:
-            raise ValueError(f"dp_sgd noise_multiplicity must be an integer >= 1, got {noise_multiplicity}")
-        if grad_sample_mode == "ghost":
-            raise ValueError(
-                "dp_sgd grad_sample_mode='ghost' is not supported: Opacus's ghost clipping needs the "
-                "per-row loss vector and two backward passes, and Lightning runs one loss.backward() on "
-                "the mean loss; it would also clip each noise draw instead of each image when "
-                "noise_multiplicity > 1. Use grad_sample_mode='hooks' (default) or 'functorch'"
-            )
-        if grad_sample_mode not in ("hooks", "functorch"):
-            raise ValueError(
-                f"dp_sgd grad_sample_mode must be 'hooks' or 'functorch', got {grad_sample_mode!r} "
-                "(Opacus 'ew' fails on diffusers models)"
-            )
-        if not poisson_sampling:
-            raise ValueError(
-                "dp_sgd poisson_sampling=False is refused: the accountant's epsilon assumes Poisson "
-                "sampling (each row joins each batch independently with probability q); shuffled "
-                "fixed-size batches are not covered by it. Leave poisson_sampling: true"
-            )
-        if max_physical_batch_size is not None and max_physical_batch_size < 1:
-            raise ValueError(f"dp_sgd max_physical_batch_size must be >= 1 or null, got {max_physical_batch_size}")
-
+        settings = DPSGDSettings(
+            max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
+            steps=steps, max_epsilon=max_epsilon, accountant=accountant, noise_multiplicity=noise_multiplicity,
+            grad_sample_mode=grad_sample_mode, poisson_sampling=poisson_sampling,
+            max_physical_batch_size=max_physical_batch_size, gradient_canaries=gradient_canaries,
+        )
+        settings.validate()
         self.max_grad_norm = float(max_grad_norm)
         self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
         self.max_epsilon = None if max_epsilon is None else float(max_epsilon)
@@ -203,8 +146,6 @@ class DPSGDDefense(Defense):
         self.max_physical_batch_size = max_physical_batch_size
         self.new_budget = bool(new_budget)
         self.randomness = DPRandomness(secure_mode=secure_mode, debug_seed=debug_noise_seed)
-        if gradient_canaries < 0:
-            raise ValueError(f"dp_sgd gradient_canaries must be >= 0, got {gradient_canaries}")
         self.gradient_canaries = int(gradient_canaries)
         self.canaries = GradientCanaries(self.gradient_canaries, self.randomness.generator("canaries")) if gradient_canaries else None
 
@@ -214,9 +155,7 @@ class DPSGDDefense(Defense):
         self.sample_rate: float | None = None
         self.ledger = PrivacyLedger(accountant, self.delta)
         self._sigma_from_checkpoint = False
-        self._model: nn.Module | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
-        self._rank, self._world_size = 0, 1  # this process and the number of DDP processes (check_trainer)
+        self.wrappers = PrivateTraining()  # the GradSampleModule, the DPOptimizer and the DDP processes
 
     # -- data ---------------------------------------------------------------------------------
     def on_data_ready(self, num_examples: int, batch_size: int) -> None:
@@ -228,7 +167,7 @@ class DPSGDDefense(Defense):
                 f"training rows; set delta to e.g. {num_examples ** -1.1:.1e} (1/N^1.1)"
             )
         sample_rate = min(1.0, batch_size / num_examples)
-        if self._optimizer is not None and sample_rate != self.sample_rate:
+        if self.wrappers.optimizer is not None and sample_rate != self.sample_rate:
             raise ValueError(
                 f"dp_sgd: the data changed after the optimizer was built (sample rate {self.sample_rate} -> {sample_rate})"
             )
@@ -239,34 +178,9 @@ class DPSGDDefense(Defense):
 
     # -- training -----------------------------------------------------------------------------
     def check_trainer(self, trainer: "pl.Trainer") -> None:
-        from lightning.pytorch.strategies import DDPStrategy
         from lightning.pytorch.utilities import rank_zero_info
 
-        if trainer.gradient_clip_val:
-            raise ValueError(
-                f"dp_sgd clips each image's gradient itself (max_grad_norm={self.max_grad_norm}); Lightning's "
-                f"trainer.gradient_clip_val={trainer.gradient_clip_val} would clip the non-private gradient "
-                "that DP-SGD then discards, i.e. be silently ignored. Remove trainer.gradient_clip_val"
-            )
-        if trainer.accumulate_grad_batches > 1:
-            raise ValueError(
-                f"dp_sgd cannot honour trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: "
-                "accumulating Poisson batches changes the sample rate the accountant assumes. Raise "
-                "data.batch_size instead, and set dp_sgd max_physical_batch_size to bound memory"
-            )
-        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
-            raise ValueError(
-                f"dp_sgd runs on one device or with DistributedDataParallel (trainer.strategy: ddp); got "
-                f"{type(trainer.strategy).__name__} with world_size={trainer.world_size}. Opacus's per-sample "
-                "gradients need whole (unsharded) parameters: use strategy ddp"
-            )
-        self._rank, self._world_size = int(trainer.global_rank), int(trainer.world_size)
-        precision = str(trainer.precision)
-        if not precision.startswith(("32", "64")):
-            raise ValueError(
-                f"dp_sgd needs full-precision per-sample gradients; got trainer.precision={precision!r}. "
-                "Set trainer.precision: 32-true"
-            )
+        self.wrappers.check_trainer(trainer, self.max_grad_norm)
         if self.target_epsilon is not None:
             self.planned_steps = self._planned_steps(trainer)
         if self.noise_multiplier is None:
@@ -306,65 +220,33 @@ class DPSGDDefense(Defense):
             )
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        if isinstance(model, AbstractGradSampleModule):
-            self._model = model
-            return model
-        if self._model is not None and getattr(self._model, "_module", None) is model:
-            return self._model  # wrapped before: one set of Opacus hooks only
-        errors = ModuleValidator.validate(model, strict=False)
-        if errors:
-            raise ValueError(
-                f"dp_sgd cannot train this model privately: {errors}. Replace BatchNorm by GroupNorm "
-                "(opacus.validators.ModuleValidator.fix does it) and other flagged layers as Opacus says"
-            )
-        if self.grad_sample_mode == "hooks":
-            for module in model.modules():
-                # Conv2d's rule (FastGradSampleModule) takes any memory layout; Opacus's 1d/3d ones don't.
-                if isinstance(module, (nn.Conv1d, nn.Conv3d)) and not getattr(module, "_privdiff_contiguous", False):
-                    module.register_forward_pre_hook(_contiguous_inputs)
-                    module._privdiff_contiguous = True
-        wrapped = FastGradSampleModule(
-            model, batch_first=True, loss_reduction="mean", strict=True,
-            force_functorch=self.grad_sample_mode == "functorch",
-        )
-        # Poisson batches must not be accumulated: one backward per optimizer step.
-        wrapped.forbid_grad_accumulation()
-        self._model = wrapped
-        return wrapped
+        """``model`` in privdiff's ``GradSampleModule`` (``dp_wrapping``), wrapped once only."""
+        return self.wrappers.wrap_model(model, self.grad_sample_mode)
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+        """``optimizer`` in a DPOptimizer whose steps the accountant counts (sigma planned first if needed)."""
         if isinstance(optimizer, DPOptimizer):
             return optimizer
         self._require_data()
         if self.noise_multiplier is None:
             self._plan_noise(self._planned_steps())
-        # Under DDP each process divides its clipped sum (plus, on rank 0, the noise) by its share
-        # of the expected batch, and Opacus's DistributedDPOptimizer averages the processes: the
-        # update is (sum of all clipped gradients + one noise draw) / expected_batch_size.
-        distributed = self._world_size > 1
-        dp_optimizer = (ClippingDistributedDPOptimizer if distributed else ClippingDPOptimizer)(
-            optimizer,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
-            # Mean over images: each image's per-row gradients are averaged to one per-image
-            # gradient before clipping, so the expected batch counts images, not B*K rows.
-            expected_batch_size=self.expected_batch_size / self._world_size if distributed else self.expected_batch_size,
-            loss_reduction="mean",
+        dp_optimizer = self.wrappers.wrap_optimizer(
+            optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.expected_batch_size,
             # Never the global generator: Lightning seeds it from the public seed and replays it on a resume.
-            generator=self.randomness.generator("noise", _device_of(model), self.steps),
+            generator=self.randomness.generator("noise", device_of(model), self.steps),
             secure_mode=self.randomness.secure_mode,
+            step_hook=self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate),
         )
-        dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
-        if self.canaries is not None and distributed:
+        if self.canaries is not None and self.wrappers.world_size > 1:
             # Each process would place and sample them from its own entropy; shared placement is not built yet.
-            warnings.warn(f"dp_sgd gradient_canaries={self.gradient_canaries} are not inserted under DDP ({self._world_size} "
+            warnings.warn(f"dp_sgd gradient_canaries={self.gradient_canaries} are not inserted under DDP ({self.wrappers.world_size} "
                           "processes): the one-run audit of the DP step is skipped for this run; train on one process to run it")
             self.canaries = None
         if self.canaries is not None:
             names = {id(p): n for n, p in model.named_parameters()}
             self.canaries.place(dp_optimizer.params, [names.get(id(p), "?") for p in dp_optimizer.params])
             self.canaries.attach(dp_optimizer, self.sample_rate)
-        self._optimizer = dp_optimizer
         return dp_optimizer
 
     @property
@@ -382,50 +264,22 @@ class DPSGDDefense(Defense):
             raise ValueError(
                 f"dp_sgd was told N={self.num_examples} training rows but the loader holds {len(loader.dataset)}"
             )
-        rank, world = self._rank, self._world_size
+        rank, world = self.wrappers.rank, self.wrappers.world_size
         return poisson_loader(
             loader, self.sample_rate,
             # never the global generator: Lightning seeds it from the public seed and replays it on a resume
             generator=self.randomness.generator("poisson", "cpu", self.steps) if world == 1 else None,
             shared_generator=(lambda: self.randomness.shared_generator("poisson", rank, self.steps)) if world > 1 else None,
-            rank=rank, world_size=world, max_physical_batch_size=self.max_physical_batch_size, optimizer=self._optimizer,
+            rank=rank, world_size=world, max_physical_batch_size=self.max_physical_batch_size, optimizer=self.wrappers.optimizer,
         )
 
     def backward_inputs(self, model: nn.Module) -> list[torch.Tensor] | None:
-        """Backward to the layers' inputs only: the summed parameter gradients are discarded anyway.
-
-        One process only: under DDP the wrapper all-reduces parameter gradients during backward
-        and waits for every one of them.
-        """
-        if self._world_size > 1 or not isinstance(model, FastGradSampleModule):
-            return None
-        return model.backward_inputs() or None
+        """Backward to the layers' inputs only (one process): the summed parameter gradients are discarded anyway."""
+        return self.wrappers.backward_inputs(model)
 
     def on_before_optimizer_step(self, model: nn.Module) -> None:
-        """Turn per-row gradients into per-image ones before the DPOptimizer clips them.
-
-        With K > 1 the rows ``[i*K:(i+1)*K]`` belong to image i: their gradients are averaged
-        (DPDM: average the K draws before clipping). Opacus's ``loss_reduction="mean"`` scaled
-        each row's gradient by the B*K rows of the batch, so a row holds the gradient of its own
-        loss and the average is the gradient of the image's mean loss; the DPOptimizer then
-        divides the clipped sum by the expected number of *images*. An empty Poisson batch (no
-        backward ran) gets empty per-sample gradients, so the step adds noise only and is counted.
-        """
-        params = [p for p in model.parameters() if p.requires_grad]
-        samples = [getattr(p, "grad_sample", None) for p in params]
-        present = [g for g in samples if g is not None]
-        if any(isinstance(g, list) for g in present):
-            raise ValueError("dp_sgd: per-sample gradients were accumulated over several backward passes; take one optimizer step per batch")
-        # An empty Poisson batch: no backward ran (None), or Opacus's rules for 0 rows disagree.
-        rows = 0 if not present or any(g.shape[0] == 0 for g in present) else present[0].shape[0]
-        k = self.noise_multiplicity
-        if rows % k:
-            raise ValueError(f"dp_sgd: {rows} rows are not a multiple of noise_multiplicity={k}")
-        for p, g in zip(params, samples):
-            if g is None or rows == 0:  # empty batch, or a parameter the forward did not use
-                p.grad_sample = p.new_zeros((rows // k, *p.shape))
-            elif k > 1:
-                p.grad_sample = g.view(rows // k, k, *g.shape[1:]).mean(1)
+        """Turn per-row gradients into per-image ones (the K draws of an image averaged) before the DPOptimizer clips them."""
+        per_image_gradients(model, self.noise_multiplicity)
 
     def draws_per_example(self) -> int:
         return self.noise_multiplicity
@@ -444,18 +298,7 @@ class DPSGDDefense(Defense):
         epsilon covers both runs of them (at the sigma and sample rate they ran with: the history's last)."""
         if steps <= 0:
             return None
-        history = self.ledger.history
-        if history:
-            sigma, rate, _ = history[-1]
-        elif self.noise_multiplier is not None and self.sample_rate is not None:
-            sigma, rate = self.noise_multiplier, self.sample_rate
-        else:
-            raise ValueError(
-                f"dp_sgd: {steps} steps after this checkpoint were already released, and the checkpoint holds no DP step to "
-                "tell their sigma and sample rate: resume from the run's last checkpoint (--ckpt_path last), or start a new run"
-            )
-        history.append((sigma, rate, int(steps)))
-        self.ledger.replace_history(history)
+        self.ledger.count_again(steps, self.noise_multiplier, self.sample_rate)
         return (f"the {steps} steps after the checkpoint were already released (an export or a checkpoint of them is "
                 f"on disk) and run again now: both runs are counted, the accountant holds {self.steps} steps")
 
@@ -517,35 +360,20 @@ class DPSGDDefense(Defense):
         """
         if not state:
             return
-        mechanism, history = PrivacyLedger.read_state(state["accountant"])  # Opacus validates the saved accountant state
-        changes = []
-        if self.num_examples is not None and state.get("num_examples") not in (None, self.num_examples):
-            changes.append(f"training rows {state['num_examples']} -> {self.num_examples}")
-        if self.sample_rate is not None and state.get("sample_rate") is not None and not math.isclose(state["sample_rate"], self.sample_rate, rel_tol=1e-12):
-            changes.append(f"sample rate {state['sample_rate']:.6g} -> {self.sample_rate:.6g}")
-        if not math.isclose(state.get("delta", self.delta), self.delta, rel_tol=1e-12):
-            changes.append(f"delta {state['delta']:g} -> {self.delta:g}")
-        if mechanism != self.accountant_name:
-            changes.append(f"accountant {mechanism} -> {self.accountant_name}")
-        saved_sigma = state.get("noise_multiplier")
-        if self.target_epsilon is None and saved_sigma is not None and not math.isclose(saved_sigma, self.noise_multiplier, rel_tol=1e-12):
-            changes.append(f"noise_multiplier {saved_sigma:g} -> {self.noise_multiplier:g}")
-        if self.target_epsilon is not None and state.get("target_epsilon") not in (None, self.target_epsilon):
-            changes.append(f"target_epsilon {state['target_epsilon']:g} -> {self.target_epsilon:g}")
-        if changes and not self.new_budget:
-            raise ValueError(
-                f"dp_sgd: the checkpoint's privacy settings differ from this run's ({'; '.join(changes)}). "
-                "Resume with the original settings, or set dp_sgd new_budget: true to compose the spent "
-                f"history ({sum(h[2] for h in history)} steps) with the new settings (epsilon is not reset)"
-            )
+        history = saved_history(  # Opacus validates the saved accountant state; refused if the settings differ
+            state, num_examples=self.num_examples, sample_rate=self.sample_rate, delta=self.delta,
+            accountant=self.accountant_name, noise_multiplier=self.noise_multiplier,
+            target_epsilon=self.target_epsilon, new_budget=self.new_budget,
+        )
         self.ledger.replace_history(history)
         if self.canaries is not None and state.get("canaries"):
             self.canaries.load_state_dict(state["canaries"])
+        saved_sigma = state.get("noise_multiplier")
         if self.target_epsilon is not None and saved_sigma is not None and not self.new_budget:
             self.noise_multiplier = float(saved_sigma)
             self._sigma_from_checkpoint = True
-        if self._optimizer is not None and self.noise_multiplier is not None:
-            self._optimizer.noise_multiplier = self.noise_multiplier
+        if self.wrappers.optimizer is not None and self.noise_multiplier is not None:
+            self.wrappers.optimizer.noise_multiplier = self.noise_multiplier
         self.ledger.changed()
 
     # -- reporting ------------------------------------------------------------------------------

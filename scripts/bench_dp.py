@@ -32,7 +32,8 @@ from typing import Sequence
 import torch
 
 from privdiff.cli import module_from_config
-from privdiff.defenses.dp_sgd import DPSGDDefense, _contiguous_inputs
+from privdiff.defenses.dp_sgd import DPSGDDefense
+from privdiff.defenses.dp_wrapping import contiguous_inputs
 from privdiff.model import Batch, DiffusionModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,10 +57,10 @@ def plain_step(den: DiffusionModel, opt: torch.optim.Optimizer, batch: Batch):
 
 
 def contiguous_convolutions(unet: torch.nn.Module) -> None:
-    """The contiguity fix stock Opacus needs on a diffusers UNet (see ``_contiguous_inputs``)."""
+    """The contiguity fix stock Opacus needs on a diffusers UNet (see ``contiguous_inputs``)."""
     for m in unet.modules():
         if isinstance(m, torch.nn.Conv2d):
-            m.register_forward_pre_hook(_contiguous_inputs)
+            m.register_forward_pre_hook(contiguous_inputs)
 
 
 def step_fn(mode: str, batch: Batch, config: Path, max_grad_norm: float = 1.0, sigma: float = 1.0):
