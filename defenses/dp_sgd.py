@@ -42,7 +42,7 @@ from .dp_budget import PrivacyLedger, plan_noise, saved_history
 from .dp_randomness import DPRandomness
 from .dp_sampling import poisson_loader
 from .dp_settings import AccountantName, DPSGDSettings, GradSampleMode
-from .dp_wrapping import PrivateTraining, contiguous_inputs, device_of, per_image_gradients
+from .dp_wrapping import PrivateTraining, device_of, per_image_gradients
 from .gradient_canaries import GradientCanaries
 
 if TYPE_CHECKING:
