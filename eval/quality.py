@@ -26,17 +26,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
-from privdiff.files import atomic_path
+from privdiff.files import write_safetensors_atomic
 from privdiff.weights import cached_or_downloaded, load_checked_weights, privdiff_cache
 
+from ..train.preparation import CachedFit, ClassifierFit, run_preparation
 from .plugin import AuditContext, AuditPlugin, AuditResult, Column, Privacy
 
 BACKBONES: tuple[str, ...] = ("inception", "classifier")
@@ -143,8 +141,8 @@ def train_feature_classifier(
 ) -> SmallClassifier:
     """Train a ``SmallClassifier`` on ``images`` (N, C, H, W) in [0, 1] with int64 ``labels``; return it in eval mode.
 
-    Adam with cross-entropy, seeded: the initialisation and the shuffling depend on ``seed`` only, and the global
-    random state is left untouched. Seconds on CPU for the 1797 8x8 digits.
+    Adam with cross-entropy (:class:`privdiff.train.preparation.ClassifierFit`, a Lightning stage), seeded: the
+    initialisation and the shuffling depend on ``seed`` only, and the global random state is left untouched.
     """
     if labels is None:
         raise ValueError(
@@ -169,19 +167,8 @@ def train_feature_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clf = SmallClassifier(tuple(images.shape[1:]), n_cls, width=width, feature_dim=feature_dim, label_source=label_source).to(device)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    opt = torch.optim.Adam(clf.parameters(), lr=lr)
-    n = images.shape[0]
-    clf.train()
-    for _ in tqdm(range(epochs), desc="feature classifier", disable=not progress):
-        order = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            x, y = images[idx].to(device, torch.float32), labels[idx].to(device)
-            loss = F.cross_entropy(clf(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    batches = ClassifierFit.batches(images, labels, epochs, batch_size, torch.Generator(device="cpu").manual_seed(seed))
+    run_preparation(ClassifierFit(clf, lr), batches, progress=progress)
     return clf.eval()
 
 
@@ -210,25 +197,29 @@ def classes_for_features(images: Tensor, labels: Tensor | None, seed: int = 0, c
 
 def save_classifier(clf: SmallClassifier, path: str | Path, extra: dict | None = None) -> None:
     """Write the classifier's weights to a safetensors file; its constructor arguments (and ``extra``) go in the metadata."""
-    state = {k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}
-    meta = {"format": "pt", _METADATA_KEY: json.dumps(clf.config), "privdiff.extra": json.dumps(extra or {})}
-    save_file(state, str(path), metadata=meta)
+    write_safetensors_atomic(path, clf.state_dict(), _classifier_metadata(clf, extra))
+
+
+def _classifier_metadata(clf: SmallClassifier, extra: dict | None) -> dict[str, str]:
+    return {"format": "pt", _METADATA_KEY: json.dumps(clf.config), "privdiff.extra": json.dumps(extra or {})}
+
+
+def _classifier_from(state: dict[str, Tensor], meta: dict[str, str], path: Path) -> SmallClassifier:
+    if _METADATA_KEY not in meta:
+        raise ValueError(f"{path} holds no privdiff SmallClassifier (metadata key {_METADATA_KEY!r} missing)")
+    cfg = json.loads(meta[_METADATA_KEY])
+    clf = SmallClassifier(tuple(cfg["image_shape"]), cfg["num_classes"], cfg["width"], cfg["feature_dim"], cfg.get("label_source", "labels"))
+    clf.load_state_dict(state)
+    return clf.eval()
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> SmallClassifier:
     """Load a classifier written by ``save_classifier`` (weights only; returned in eval mode)."""
     path = Path(path)
-    if not path.is_file():
+    kept = CachedFit(path).load()
+    if kept is None:
         raise FileNotFoundError(f"no classifier file at {path}")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if _METADATA_KEY not in meta:
-            raise ValueError(f"{path} holds no privdiff SmallClassifier (metadata key {_METADATA_KEY!r} missing)")
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    cfg = json.loads(meta[_METADATA_KEY])
-    clf = SmallClassifier(tuple(cfg["image_shape"]), cfg["num_classes"], cfg["width"], cfg["feature_dim"], cfg.get("label_source", "labels"))
-    clf.load_state_dict(state)
-    return clf.to(device).eval()
+    return _classifier_from(*kept, path).to(device)
 
 
 # -- feature extractors for torchmetrics --------------------------------------------------------------
@@ -441,20 +432,14 @@ def cached_feature_classifier(
     that does not learn the data gives a meaningless feature space. The cache (safetensors, keyed by
     a hash of the pixels, the classes and the settings) lives in ``$XDG_CACHE_HOME/privdiff``.
     """
-    import hashlib
-
     classes, source = classes_for_features(images, labels, seed=seed)
-    digest = hashlib.sha256()
-    digest.update(images.mul(255).round().byte().contiguous().numpy().tobytes())
-    digest.update(classes.numpy().tobytes())
-    digest.update(repr((tuple(images.shape), seed, test_share, source, SmallClassifier.__init__.__defaults__)).encode())
-    folder = Path(cache_dir) if cache_dir is not None else _cache_dir()
-    path = folder / f"{digest.hexdigest()[:32]}.safetensors"
-    if path.is_file():
-        clf = load_classifier(path)
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            record = json.loads((f.metadata() or {}).get("privdiff.extra", "{}"))
-        return clf, {**record, "cached": True, "cache": str(path)}
+    settings = repr((tuple(images.shape), seed, test_share, source, SmallClassifier.__init__.__defaults__))
+    cache = CachedFit.keyed(Path(cache_dir) if cache_dir is not None else _cache_dir(),
+                            images.mul(255).round().byte(), classes, settings)
+    kept = cache.load()
+    if kept is not None:
+        record = json.loads(kept[1].get("privdiff.extra", "{}"))
+        return _classifier_from(*kept, cache.path), {**record, "cached": True, "cache": str(cache.path)}
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     cut = max(1, int(round(len(images) * (1 - test_share))))
     train, test = order[:cut], order[cut:]
@@ -464,10 +449,8 @@ def cached_feature_classifier(
         accuracy = float((clf(images[test]).argmax(1) == classes[test]).float().mean()) if len(test) else float("nan")
     record = {"classes": source, "num_classes": int(classes.max()) + 1, "num_train": len(train), "num_test": len(test),
               "test_accuracy": accuracy, "chance_accuracy": float(torch.bincount(classes).max()) / len(classes)}
-    # compare's settings audit side by side and may train the same classifier at once: one tmp file each
-    with atomic_path(path) as tmp:
-        save_classifier(clf, tmp, extra=record)
-    return clf, {**record, "cached": False, "cache": str(path)}
+    cache.save(clf.state_dict(), _classifier_metadata(clf, record))
+    return clf, {**record, "cached": False, "cache": str(cache.path)}
 
 
 # -- the audit plugin ---------------------------------------------------------------------------------

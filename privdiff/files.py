@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "write_json_atomic", "write_safetensors_atomic", "write_text_atomic"]
 
 
 @contextmanager
@@ -39,3 +39,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, data: Any, **dumps: Any) -> None:
     """Write ``data`` as JSON (``json.dumps(data, **dumps)``, indent 1 by default) to ``path`` atomically."""
     write_text_atomic(path, json.dumps(data, **{"indent": 1, **dumps}))
+
+
+def write_safetensors_atomic(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (name -> tensor) and string ``metadata`` to a safetensors file at ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

@@ -15,7 +15,6 @@ and ``<|endoftext|>`` (49408 tokens), as ``open_clip.tokenizer.SimpleTokenizer``
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,12 +24,12 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from privdiff.files import atomic_path
 from privdiff.membership import ImageTable
 from privdiff.model import Batch, DiffusionModel
 from privdiff.weights import privdiff_cache, require_safetensors
 
 from .denoiser import build_scheduler, reverse_process, unwrap
+from .preparation import AutoencoderFit, CachedFit, PublicPretraining, run_preparation
 
 PIPELINE = "StableDiffusionPipeline"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
@@ -53,6 +52,35 @@ def offline_clip_tokenizer(cache_dir: str | Path | None = None, max_tokens: int 
         vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
         merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_tokens)
+
+
+def _tiny_parts(image_size, channels, latent_channels, vae_blocks, blocks, layers, head_dim, text_width, text_layers, max_tokens,
+                timesteps, schedule):
+    """The tiny pipeline's parts, built from config: VAE, conditional UNet, CLIP text encoder, the real CLIP tokenizer, scheduler."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    levels = len(vae_blocks)
+    if image_size % 2 ** (levels - 1 + len(blocks) - 1):
+        raise ValueError(f"image_size {image_size} must divide by {2 ** (levels - 1 + len(blocks) - 1)} for these VAE and UNet blocks")
+    vae = AutoencoderKL(
+        in_channels=channels, out_channels=channels, latent_channels=latent_channels, block_out_channels=tuple(vae_blocks),
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=1, norm_num_groups=8, sample_size=image_size,
+    )
+    down = ("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (len(blocks) - 1)
+    up = ("UpBlock2D",) * (len(blocks) - 1) + ("CrossAttnUpBlock2D",)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2 ** (levels - 1), in_channels=latent_channels, out_channels=latent_channels,
+        block_out_channels=tuple(blocks), layers_per_block=layers, down_block_types=down, up_block_types=up,
+        cross_attention_dim=text_width, attention_head_dim=head_dim, norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=text_layers,
+        num_attention_heads=max(1, text_width // 16), max_position_embeddings=max_tokens,
+    ))
+    scheduler = build_scheduler(timesteps, schedule)
+    scheduler.register_to_config(clip_sample=False, steps_offset=1)  # latents are not bounded to [-1, 1]; SD's offset
+    return vae, unet, text_encoder, offline_clip_tokenizer(max_tokens=max_tokens), scheduler
 
 
 class TextToImageNet(nn.Module):
@@ -155,7 +183,7 @@ class LatentTextToImage(DiffusionModel):
             vae, unet, text_encoder, tokenizer, scheduler = self._load_parts(Path(pretrained))
             ready = True
         else:
-            vae, unet, text_encoder, tokenizer, scheduler = self._build_parts(
+            vae, unet, text_encoder, tokenizer, scheduler = _tiny_parts(
                 image_size, channels, latent_channels, vae_block_out_channels, block_out_channels, layers_per_block,
                 attention_head_dim, text_width, text_layers, max_tokens, num_train_timesteps, beta_schedule,
             )
@@ -179,34 +207,6 @@ class LatentTextToImage(DiffusionModel):
         text_encoder.train(bool(train_text_encoder))
 
     # -- parts -----------------------------------------------------------------------------
-    @staticmethod
-    def _build_parts(image_size, channels, latent_channels, vae_blocks, blocks, layers, head_dim, text_width, text_layers, max_tokens,
-                     timesteps, schedule):
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        levels = len(vae_blocks)
-        if image_size % 2 ** (levels - 1 + len(blocks) - 1):
-            raise ValueError(f"image_size {image_size} must divide by {2 ** (levels - 1 + len(blocks) - 1)} for these VAE and UNet blocks")
-        vae = AutoencoderKL(
-            in_channels=channels, out_channels=channels, latent_channels=latent_channels, block_out_channels=tuple(vae_blocks),
-            down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-            layers_per_block=1, norm_num_groups=8, sample_size=image_size,
-        )
-        down = ("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (len(blocks) - 1)
-        up = ("UpBlock2D",) * (len(blocks) - 1) + ("CrossAttnUpBlock2D",)
-        unet = UNet2DConditionModel(
-            sample_size=image_size // 2 ** (levels - 1), in_channels=latent_channels, out_channels=latent_channels,
-            block_out_channels=tuple(blocks), layers_per_block=layers, down_block_types=down, up_block_types=up,
-            cross_attention_dim=text_width, attention_head_dim=head_dim, norm_num_groups=8,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=text_layers,
-            num_attention_heads=max(1, text_width // 16), max_position_embeddings=max_tokens,
-        ))
-        scheduler = build_scheduler(timesteps, schedule)
-        scheduler.register_to_config(clip_sample=False, steps_offset=1)  # latents are not bounded to [-1, 1]; SD's offset
-        return vae, unet, text_encoder, offline_clip_tokenizer(max_tokens=max_tokens), scheduler
-
     @staticmethod
     def _load_parts(folder: Path):
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -327,7 +327,7 @@ class LatentTextToImage(DiffusionModel):
         return {"kind": "latent text-to-image", "lora_rank": self.lora_rank, "guidance_scale": self.guidance_scale,
                 "latent_shape": list(self.latent_shape), "vae": self.vae_record}
 
-    # -- the autoencoder --------------------------------------------------------------------
+    # -- the preparation stages -------------------------------------------------------------
     def prepare(self, public: ImageTable | None, members: ImageTable | None) -> dict[str, Any] | None:
         """Teach the tiny VAE to reconstruct before the diffusion training (nothing for a pretrained one).
 
@@ -336,7 +336,9 @@ class LatentTextToImage(DiffusionModel):
         membership audit and any DP guarantee of the diffusion training); without any it falls back to the members and says so (the autoencoder
         is then trained on private data outside any DP guarantee). Sets the latent scale to 1 / std
         of the latents (Stable Diffusion's scaling factor) and returns the record: images, steps,
-        reconstruction l2 (Carlini et al.'s, on [0, 1]) on images it did not train on.
+        reconstruction l2 (Carlini et al.'s, on [0, 1]) on images it did not train on. With
+        ``pretrain_steps`` the base of the UNet and text encoder is then pretrained on the public images.
+        Both are Lightning stages (:mod:`privdiff.train.preparation`).
         """
         self._warn_truncated(members)
         if bool(self.vae_ready):
@@ -344,14 +346,19 @@ class LatentTextToImage(DiffusionModel):
         unused = public is not None and len(public) >= 16
         source = NON_MEMBERS if unused else "member images (no other images in the source: outside any DP guarantee)"
         table = public if unused else members
-        cache = self._vae_cache_path(table) if unused and self.vae_cache else None
-        if cache is not None and cache.is_file():
-            self.vae_record = self._load_vae(cache)
+        cache = self._vae_cache(table) if unused and self.vae_cache else None
+        kept = cache.load() if cache is not None else None
+        if kept is not None:
+            tensors, metadata = kept
+            self.vae.load_state_dict({k[len("vae."):]: v for k, v in tensors.items() if k.startswith("vae.")})
+            self.latent_scale.fill_(float(tensors["latent_scale"][0]))
+            self.vae_record = {**json.loads(metadata.get("privdiff.vae_record", "{}")), "cache": str(cache.path)}
         else:
-            self.vae_record = {"trained_on": source, **self._train_vae(table.unit())}
+            self.vae_record = {"trained_on": source, **self._fit_vae(table.unit())}
             if cache is not None:
-                self._save_vae(cache)
-                self.vae_record["cache"] = str(cache)
+                cache.save({**{f"vae.{k}": v for k, v in self.vae.state_dict().items()}, "latent_scale": self.latent_scale.reshape(1)},
+                           {"privdiff.vae_record": json.dumps(self.vae_record)})
+                self.vae_record["cache"] = str(cache.path)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Under DDP every process trains (or loads) the same autoencoder; rank 0's weights make sure they agree
             # bit for bit (GPU kernels need not be deterministic).
@@ -362,63 +369,48 @@ class LatentTextToImage(DiffusionModel):
         self.vae_ready.fill_(True)
         return self.vae_record
 
-    def _train_vae(self, images: Tensor) -> dict[str, Any]:
-        """Train the VAE on ``images`` (seeded), set the latent scale; the record without its source."""
+    def _fit_vae(self, images: Tensor) -> dict[str, Any]:
+        """Fit the VAE to 90% of ``images`` (seeded), set the latent scale; the record without its source."""
         g = torch.Generator().manual_seed(0)
         order = torch.randperm(len(images), generator=g)
         cut = max(1, int(len(images) * 0.9))
         train, check = images[order[:cut]], images[order[cut:]] if len(images) > cut else images[order[:cut]]
-        vae, device = self.vae, self.device
-        vae.train().requires_grad_(True)
-        opt = torch.optim.Adam(vae.parameters(), lr=self.vae_lr)
-        for _ in range(self.vae_steps):
-            x = train[torch.randint(0, len(train), (min(self.vae_batch_size, len(train)),), generator=g)].to(device) * 2 - 1
-            posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
-            loss = (vae.decode(z).sample - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        vae.eval().requires_grad_(False)
+        fit = AutoencoderFit(self.vae, self.vae_lr)
+        run_preparation(fit, fit.batches(train, self.vae_steps, self.vae_batch_size, g))
         with torch.no_grad():
-            latents = torch.cat([vae.encode(train[i : i + 256].to(device) * 2 - 1).latent_dist.mean for i in range(0, len(train), 256)])
+            latents = torch.cat([self.vae.encode(train[i : i + 256].to(self.device) * 2 - 1).latent_dist.mean for i in range(0, len(train), 256)])
             self.latent_scale.fill_(float(1.0 / latents.std().clamp(min=1e-6)))
-            recon = self.decode(self.encode(check.to(device)))
+            recon = self.decode(self.encode(check.to(self.device)))
             l2 = float((recon.cpu() - check).pow(2).flatten(1).mean(1).sqrt().mean())
         return {"num_images": int(cut), "steps": int(self.vae_steps), "reconstruction_l2": l2, "num_checked": int(len(check)),
                 "latent_scale": float(self.latent_scale)}
 
     # The VAE learns from public images only, so every run of the same source, split and model trains the same
     # one (a comparison's settings, a repeated command): it is kept by content, as the FID classifier is.
-    def _vae_cache_path(self, table: ImageTable) -> Path:
-        digest = hashlib.sha256()
+    def _vae_cache(self, table: ImageTable) -> CachedFit:
         # diffusers' private config keys are left out: `_use_default_values` lists a set, in another order per process
         config = {k: v for k, v in self.vae.config.items() if not k.startswith("_")}
-        digest.update(json.dumps({"version": 1, "vae": config, "steps": self.vae_steps, "lr": self.vae_lr,
-                                  "batch_size": self.vae_batch_size}, sort_keys=True, default=str).encode())
-        for name, tensor in sorted(self.vae.state_dict().items()):  # the initial weights (the run's seed)
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        digest.update(table.images.contiguous().numpy().tobytes())
-        return privdiff_cache("vae") / f"{digest.hexdigest()[:32]}.safetensors"
+        settings = json.dumps({"version": 1, "vae": config, "steps": self.vae_steps, "lr": self.vae_lr,
+                               "batch_size": self.vae_batch_size}, sort_keys=True, default=str)
+        weights = [part for name, tensor in sorted(self.vae.state_dict().items()) for part in (name, tensor)]  # the initial weights (the seed)
+        return CachedFit.keyed(privdiff_cache("vae"), settings, *weights, table.images)
 
-    def _save_vae(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {f"vae.{k}": v.detach().cpu().contiguous() for k, v in self.vae.state_dict().items()}
-        with atomic_path(path) as tmp:  # several processes may train it at once: one tmp file each
-            save_file({**tensors, "latent_scale": self.latent_scale.detach().cpu().reshape(1)}, str(tmp),
-                      metadata={"privdiff.vae_record": json.dumps(self.vae_record)})
-
-    def _load_vae(self, path: Path) -> dict[str, Any]:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            record = json.loads((f.metadata() or {}).get("privdiff.vae_record", "{}"))
-            self.vae.load_state_dict({k[len("vae."):]: f.get_tensor(k) for k in f.keys() if k.startswith("vae.")})
-            self.latent_scale.fill_(float(f.get_tensor("latent_scale")[0]))
-        self.vae.eval().requires_grad_(False)
-        return {**record, "cache": str(path)}
+    def _pretrain(self, public: ImageTable | None) -> dict[str, Any]:
+        """Pretrain the UNet and text encoder (not the adapters) on public captioned images: the base a DP-LoRA fine-tune
+        starts from (:class:`PublicPretraining`). Non-private and outside any DP guarantee, which is why it only takes
+        images that are neither members nor held out."""
+        if public is None or public.captions is None:
+            raise ValueError("model.diffusion.init_args.pretrain_steps needs public captioned images (non-members of the "
+                             "source, at least 16): this source has none left; set pretrain_steps: 0")
+        images = public.unit()
+        fit = PublicPretraining(self.net, self.pretrain_lr, self.encode, self.add_noise, self.embed_condition)
+        run_preparation(fit, fit.batches(images, public.captions, self.pretrain_steps, self.pretrain_batch_size, self.caption_dropout,
+                                         self.num_train_timesteps, self.latent_shape, torch.Generator().manual_seed(1)))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for p in fit.base:
+                torch.distributed.broadcast(p.data, src=0)
+        return {"trained_on": NON_MEMBERS, "num_images": len(images), "steps": int(self.pretrain_steps),
+                "batch_size": min(self.pretrain_batch_size, len(images)), "final_loss": float(fit.final_loss)}
 
     def _warn_truncated(self, members: ImageTable | None) -> None:
         """Warn, before training, when member captions are longer than the text encoder's context."""
@@ -434,51 +426,6 @@ class LatentTextToImage(DiffusionModel):
                 f"{self.max_tokens} tokens, so captions that begin alike look alike to it. For the tiny model, raise "
                 f"model.diffusion.init_args.max_tokens (at most {MAX_TOKENS})"
             )
-
-    def _pretrain(self, public: ImageTable | None) -> dict[str, Any]:
-        """Train the UNet and text encoder (not the adapters) on public captioned images: the base a DP-LoRA fine-tune starts from.
-
-        Non-private and outside any DP guarantee, which is why it only takes images that are neither
-        members nor held out. The LoRA adapters are frozen meanwhile (a DP defense's per-example
-        hooks sit on them and stay idle), and everything but them is frozen again afterwards.
-        """
-        if public is None or public.captions is None:
-            raise ValueError("model.diffusion.init_args.pretrain_steps needs public captioned images (non-members of the "
-                             "source, at least 16): this source has none left; set pretrain_steps: 0")
-        net, device = self.net, self.device
-        trainable = [p for p in net.parameters() if p.requires_grad]
-        base = [p for name, p in net.named_parameters() if "lora_" not in name and "position_embedding" not in name]
-        for p in trainable:
-            p.requires_grad_(False)
-        for p in base:
-            p.requires_grad_(True)
-        was_training = net.training
-        net.train()
-        g = torch.Generator().manual_seed(1)
-        opt = torch.optim.AdamW(base, lr=self.pretrain_lr)
-        images = public.unit()
-        loss = torch.tensor(float("nan"))
-        for _ in range(self.pretrain_steps):
-            rows = torch.randint(0, len(images), (min(self.pretrain_batch_size, len(images)),), generator=g)
-            caps = ["" if float(torch.rand(1, generator=g)) < self.caption_dropout else public.captions[i] for i in rows.tolist()]
-            x0 = self.encode(images[rows].to(device))
-            t = torch.randint(0, self.num_train_timesteps, (len(rows),), generator=g).to(device)
-            noise = torch.randn(x0.shape, generator=g).to(device)
-            loss = (net(self.add_noise(x0, noise, t), t, self.embed_condition(caps)) - noise).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        for p in base:
-            p.requires_grad_(False)
-            p.grad = None
-        for p in trainable:
-            p.requires_grad_(True)
-        net.train(was_training)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for p in base:
-                torch.distributed.broadcast(p.data, src=0)
-        return {"trained_on": NON_MEMBERS, "num_images": len(images), "steps": int(self.pretrain_steps),
-                "batch_size": min(self.pretrain_batch_size, len(images)), "final_loss": float(loss)}
 
     # -- between pixels and latents ---------------------------------------------------------
     def encode(self, images: Tensor) -> Tensor:

@@ -216,7 +216,7 @@ def test_a_vae_trained_on_public_images_is_kept_by_content_and_reused_only_for_t
     # the key is the same in another process (another hash seed than this one's): the settings of a comparison share it
     script = ("import sys, torch; sys.path.insert(0, %r); from test_latent import tiny; "
               "from privdiff.train.data import load_builtin; "
-              "print(tiny(seed=4, vae_steps=5)._vae_cache_path(load_builtin('captioned_digits', 8, 1).select(range(200, 400))))"
+              "print(tiny(seed=4, vae_steps=5)._vae_cache(load_builtin('captioned_digits', 8, 1).select(range(200, 400))).path)"
               % str(Path(__file__).parent))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "1"}).stdout.strip().splitlines()[-1]
