@@ -7,58 +7,35 @@ public images of the run (:meth:`LatentTextToImage.prepare`), because a VAE with
 not an autoencoder. The model saves a folder ``StableDiffusionPipeline.from_pretrained`` loads, and
 with LoRA also the adapter weights ``pipe.load_lora_weights(folder / "lora")`` loads.
 
-Offline the CLIP tokenizer is built from the BPE file open-clip-torch ships (the real CLIP merges):
-vocabulary = the 256 byte symbols, their ``</w>`` forms, the merges joined, then ``<|startoftext|>``
-and ``<|endoftext|>`` (49408 tokens), as ``open_clip.tokenizer.SimpleTokenizer`` builds it.
+The text conditioning (CLIP tokenizer, caption dropout, classifier-free guidance) is shared with the pixel
+text-to-image model (:mod:`privdiff.train.text_model`).
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
 from privdiff.membership import ImageTable
-from privdiff.model import Batch, DiffusionModel
 from privdiff.weights import privdiff_cache, require_safetensors
 
-from .denoiser import build_scheduler, reverse_process, unwrap
+from .denoiser import build_scheduler
 from .preparation import AutoencoderFit, CachedFit, PublicPretraining, run_preparation
+from .text_model import MAX_TOKENS, TextConditionedDiffusion, TextToImageNet, offline_clip_tokenizer, tiny_text_encoder
 
 PIPELINE = "StableDiffusionPipeline"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
-MAX_TOKENS = 77  # CLIP's context length, Stable Diffusion's
 NON_MEMBERS = "non-member images of the source (neither members nor held out)"
-
-
-def offline_clip_tokenizer(cache_dir: str | Path | None = None, max_tokens: int = MAX_TOKENS):
-    """A ``transformers.CLIPTokenizer`` with the real CLIP vocabulary, from open-clip-torch's BPE file (no download)."""
-    from open_clip import tokenizer as open_clip_tokenizer
-    from transformers import CLIPTokenizer
-
-    folder = Path(cache_dir) if cache_dir else privdiff_cache("clip_tokenizer")
-    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-    if not (vocab_file.is_file() and merges_file.is_file()):
-        merges = gzip.open(open_clip_tokenizer.default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-        symbols = list(open_clip_tokenizer.bytes_to_unicode().values())
-        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-        folder.mkdir(parents=True, exist_ok=True)
-        vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_tokens)
 
 
 def _tiny_parts(image_size, channels, latent_channels, vae_blocks, blocks, layers, head_dim, text_width, text_layers, max_tokens,
                 timesteps, schedule):
     """The tiny pipeline's parts, built from config: VAE, conditional UNet, CLIP text encoder, the real CLIP tokenizer, scheduler."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     levels = len(vae_blocks)
     if image_size % 2 ** (levels - 1 + len(blocks) - 1):
         raise ValueError(f"image_size {image_size} must divide by {2 ** (levels - 1 + len(blocks) - 1)} for these VAE and UNet blocks")
@@ -74,36 +51,13 @@ def _tiny_parts(image_size, channels, latent_channels, vae_blocks, blocks, layer
         block_out_channels=tuple(blocks), layers_per_block=layers, down_block_types=down, up_block_types=up,
         cross_attention_dim=text_width, attention_head_dim=head_dim, norm_num_groups=8,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=text_layers,
-        num_attention_heads=max(1, text_width // 16), max_position_embeddings=max_tokens,
-    ))
+    text_encoder = tiny_text_encoder(text_width, text_layers, max_tokens)
     scheduler = build_scheduler(timesteps, schedule)
     scheduler.register_to_config(clip_sample=False, steps_offset=1)  # latents are not bounded to [-1, 1]; SD's offset
     return vae, unet, text_encoder, offline_clip_tokenizer(max_tokens=max_tokens), scheduler
 
 
-class TextToImageNet(nn.Module):
-    """What training updates: the conditional UNet (all of it, or its LoRA adapters) and, optionally, the text encoder.
-
-    One module with one forward (noisy latents, timesteps, token ids -> predicted noise), so that a
-    defense can wrap it whole (DP-SGD's per-example gradients then cover every trainable parameter
-    and nothing frozen).
-    """
-
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module) -> None:
-        super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
-
-    def forward(self, x_t: Tensor, t: Tensor, input_ids: Tensor, embedding_noise: float = 0.0) -> Tensor:
-        # token ids (B, max_tokens), or the text encoder's hidden states (B, max_tokens, W) of a prompt a defense adjusted
-        hidden = input_ids if input_ids.is_floating_point() else self.text_encoder(input_ids)[0]
-        if embedding_noise:  # a caption defense's Gaussian noise on the text embedding (Somepalli et al. 2023)
-            hidden = hidden + embedding_noise * torch.randn_like(hidden)
-        return self.unet(x_t, t, encoder_hidden_states=hidden).sample
-
-
-class LatentTextToImage(DiffusionModel):
+class LatentTextToImage(TextConditionedDiffusion):
     """Stable-Diffusion-style latent text-to-image model (epsilon prediction), trained fully or with LoRA.
 
     Args:
@@ -236,10 +190,6 @@ class LatentTextToImage(DiffusionModel):
         self.register_buffer("vae_ready", torch.tensor(bool(ready)))
         self.vae_record: dict[str, Any] = {}
 
-    @property
-    def net(self) -> TextToImageNet:
-        return unwrap(self.trainable)
-
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "LatentTextToImage":
         """Load a ``StableDiffusionPipeline`` folder (safetensors weights only) for an audit: the constructor with
@@ -292,15 +242,6 @@ class LatentTextToImage(DiffusionModel):
 
     # -- what it is -------------------------------------------------------------------------
     @property
-    def max_tokens(self) -> int:
-        """The text encoder's context length: captions are padded or truncated to it."""
-        return int(self.tokenizer.model_max_length)
-
-    @property
-    def calls_per_sampling_step(self) -> int:
-        return 1 if self.guidance_scale == 1.0 else 2
-
-    @property
     def image_shape(self) -> tuple[int, int, int]:
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         size = self.net.unet.config.sample_size
@@ -312,10 +253,6 @@ class LatentTextToImage(DiffusionModel):
         size = self.net.unet.config.sample_size
         size = size if isinstance(size, int) else size[0]
         return (int(self.net.unet.config.in_channels), size, size)
-
-    @property
-    def conditioning(self) -> str:
-        return "text"
 
     def get_extra_state(self) -> dict[str, Any]:  # kept in checkpoints: a resume reports the autoencoder too
         return {"vae_record": json.dumps(self.vae_record)}
@@ -340,7 +277,7 @@ class LatentTextToImage(DiffusionModel):
         ``pretrain_steps`` the base of the UNet and text encoder is then pretrained on the public images.
         Both are Lightning stages (:mod:`privdiff.train.preparation`).
         """
-        self._warn_truncated(members)
+        self.warn_truncated(members)
         if bool(self.vae_ready):
             return self.vae_record or None
         unused = public is not None and len(public) >= 16
@@ -412,21 +349,6 @@ class LatentTextToImage(DiffusionModel):
         return {"trained_on": NON_MEMBERS, "num_images": len(images), "steps": int(self.pretrain_steps),
                 "batch_size": min(self.pretrain_batch_size, len(images)), "final_loss": float(fit.final_loss)}
 
-    def _warn_truncated(self, members: ImageTable | None) -> None:
-        """Warn, before training, when member captions are longer than the text encoder's context."""
-        if members is None or members.captions is None:
-            return
-        lengths = [len(ids) for ids in self.tokenizer(list(members.captions), verbose=False).input_ids]
-        long = [(n, caption) for n, caption in zip(lengths, members.captions) if n > self.max_tokens]
-        if long:
-            n, caption = max(long)
-            rank_zero_warn(
-                f"{len(long)} of {len(lengths)} member captions are longer than the text encoder's {self.max_tokens} tokens "
-                f"and are truncated (the longest has {n}: {caption[:80]!r}); the model sees only their first "
-                f"{self.max_tokens} tokens, so captions that begin alike look alike to it. For the tiny model, raise "
-                f"model.diffusion.init_args.max_tokens (at most {MAX_TOKENS})"
-            )
-
     # -- between pixels and latents ---------------------------------------------------------
     def encode(self, images: Tensor) -> Tensor:
         with torch.no_grad():  # the VAE is frozen while the diffusion model trains
@@ -435,64 +357,3 @@ class LatentTextToImage(DiffusionModel):
     def decode(self, x0: Tensor) -> Tensor:
         with torch.no_grad():
             return self.vae.decode(x0 / self.latent_scale).sample.clamp(-1, 1).add(1).div(2)
-
-    def embed_condition(self, cond: Tensor | Sequence[str] | None) -> Tensor | None:
-        """Captions -> CLIP token ids (B, max_tokens), on the model's device; a prompt embedding (B, max_tokens, W) passes unchanged."""
-        if cond is None:
-            return None
-        if isinstance(cond, Tensor) and cond.is_floating_point() and cond.ndim == 3:
-            return cond.to(self.device)
-        if isinstance(cond, Tensor):
-            raise ValueError("a text-to-image model is conditioned on captions, got a tensor (class labels?): "
-                             "give the data captions (data.caption_column, or data.source: captioned_digits)")
-        ids = self.tokenizer(list(cond), padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt").input_ids
-        return ids.to(self.device)
-
-    def condition_embedding(self, cond: Tensor | Sequence[str] | None) -> Tensor | None:
-        """Captions -> the text encoder's last hidden states (B, max_tokens, W): what the UNet attends to."""
-        ids = self.embed_condition(cond)
-        if ids is None or ids.is_floating_point():
-            return ids
-        return self.net.text_encoder(ids)[0]
-
-    def embed_batch_condition(self, batch: Batch) -> Any:
-        ids = self.embed_condition(batch.cond)
-        return (ids, float(batch.cond_noise)) if batch.cond_noise else ids
-
-    def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        """``cond``: token ids (B, max_tokens), or (ids, std of the noise on their embedding) as :meth:`embed_batch_condition` gives."""
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        if cond is None:
-            cond = self.embed_condition([""] * x_t.shape[0])
-        if isinstance(cond, tuple):
-            return self.trainable(x_t, t, cond[0], cond[1])
-        return self.trainable(x_t, t, cond)
-
-    def per_example_loss(self, batch: Batch, timesteps: Tensor | None = None, noise: Tensor | None = None,
-                         generator: torch.Generator | None = None) -> Tensor:
-        if self.training and self.caption_dropout > 0 and batch.cond is not None:
-            # Classifier-free guidance training (Ho & Salimans 2022; Stable Diffusion drops 10%).
-            drop = torch.rand(len(batch), generator=generator) < self.caption_dropout
-            batch = Batch(batch.images, ["" if d else c for c, d in zip(batch.cond, drop.tolist())], batch.rows, batch.cond_noise)
-        return super().per_example_loss(batch, timesteps, noise, generator)
-
-    @torch.no_grad()
-    def sample(self, n: int, solver: str = "ancestral", steps: int = 50, cond: Tensor | Sequence[str] | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-        ids = self.embed_condition(cond if cond is not None else [""] * n)
-        empty = self.embed_condition([""] * n)
-        if ids is not None and ids.is_floating_point():  # an adjusted prompt embedding: guide against the empty one's
-            empty = self.condition_embedding([""] * n)
-        assert ids is not None and empty is not None
-        g = self.guidance_scale
-
-        def predict(x_t: Tensor, t: Tensor) -> Tensor:
-            if g == 1.0:
-                return self.predict_noise(x_t, t, ids)
-            both = self.predict_noise(torch.cat([x_t, x_t]), t.expand(2 * n) if t.ndim == 0 else torch.cat([t, t]), torch.cat([empty, ids]))
-            uncond, conditional = both.chunk(2)
-            return uncond + g * (conditional - uncond)
-
-        latents = reverse_process(predict, self.scheduler, (n, *self.latent_shape), solver, steps, self.device, generator)
-        return self.decode(latents)

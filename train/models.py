@@ -8,9 +8,10 @@ from privdiff.model import DiffusionModel
 
 from .latent import LatentTextToImage
 from .pixel import PixelDiffusion
+from .pixel_text import PixelTextToImage
 
 # Each implementation recognises its own folders (diffusers' model_index.json names the pipeline).
-IMPLEMENTATIONS: tuple[type[DiffusionModel], ...] = (PixelDiffusion, LatentTextToImage)
+IMPLEMENTATIONS: tuple[type[DiffusionModel], ...] = (PixelDiffusion, LatentTextToImage, PixelTextToImage)
 
 
 def load_model(path: str | Path) -> DiffusionModel:
