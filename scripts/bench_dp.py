@@ -9,8 +9,9 @@ defense's per-image reduction, optimizer step) on a fixed batch:
 * ``none``: non-private AdamW.
 * ``opacus``: stock Opacus 1.6 (``GradSampleModule`` hooks with the contiguity fix, ``DPOptimizer``),
   what privdiff ran before its own per-example rules.
-* ``hooks``: privdiff's default (``defenses/per_sample_grads.py``: convolution rule without im2col,
-  clipping without copies, backward to the layers' inputs only).
+* ``hooks``: privdiff's default (``defenses/per_sample_grads.py``: convolution rule without im2col
+  (the batch as groups of one grouped weight gradient), clipping without copies, backward to the
+  layers' inputs only).
 * ``functorch``: the same defense with Opacus's vmap per-sample gradients.
 * ``ghost``: Opacus's ghost clipping driven by hand (two backward passes); privdiff refuses it
   under Lightning, it is measured here to show what it would be worth.
@@ -18,7 +19,8 @@ defense's per-image reduction, optimizer step) on a fixed batch:
   ``python scripts/bench_dp.py --modes hooks hooks+canaries --repeats 9``).
 
 The modes are interleaved and repeated; prints the median images/s and the ratio to non-private,
-and checks that every DP mode computes the same per-image gradient norms as stock Opacus.
+and checks on 8 images that every DP mode computes the same per-image gradient norms and the same
+clipped sum of per-image gradients (before noise, half the images clipped) as stock Opacus.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def step_fn(mode: str, batch: Batch, config: Path, max_grad_norm: float = 1.0, s
             torch.optim.AdamW(gsm.parameters(), lr=1e-4), noise_multiplier=sigma,
             max_grad_norm=max_grad_norm, expected_batch_size=len(batch), loss_reduction="mean",
         )
+        den.bench_parts = {"optimizer": opt}
         return plain_step(den, opt, batch), den
     if mode == "ghost":
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
@@ -108,6 +111,7 @@ def step_fn(mode: str, batch: Batch, config: Path, max_grad_norm: float = 1.0, s
     defense.on_data_ready(10 * len(batch), len(batch))
     den.trainable = defense.wrap_model(den.trainable)
     opt = defense.wrap_optimizer(torch.optim.AdamW(den.trainable.parameters(), lr=1e-4), den.trainable)
+    den.bench_parts = {"optimizer": opt, "defense": defense}
 
     def step() -> None:  # DiffusionModule's training step, backward and on_before_optimizer_step
         opt.zero_grad()
@@ -118,20 +122,37 @@ def step_fn(mode: str, batch: Batch, config: Path, max_grad_norm: float = 1.0, s
     return step, den
 
 
-def per_image_norms(mode: str, batch: Batch, config: Path) -> torch.Tensor:
-    """Per-image gradient norms as ``mode`` computes them (to check that the modes agree)."""
-    _, den = step_fn(mode, batch, config)
+def norms_and_clipped_sum(mode: str, batch: Batch, config: Path, max_grad_norm: float) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Per-image gradient norms and the clipped sum of per-image gradients (before noise) as ``mode``
+    computes them on ``batch`` (to check that the modes agree); ghost gives no clipped sum here."""
+    _, den = step_fn(mode, batch, config, max_grad_norm=max_grad_norm)
+    parts = getattr(den, "bench_parts", {})
     torch.manual_seed(1)
     per_row = den.per_example_loss(batch)
     params = [p for p in den.trainable.parameters() if p.requires_grad]
-    per_row.mean().backward()
+    defense = parts.get("defense")
+    if defense is None:
+        per_row.mean().backward()
+    else:  # the trainer's path: backward to the layers' inputs, then the per-image reduction
+        per_row.mean().backward(inputs=defense.backward_inputs(den.trainable))
+        defense.on_before_optimizer_step(den.trainable)
     if mode == "ghost":
-        return torch.stack([p._norm_sample for p in params], 1).norm(dim=1)
-    return torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params], 1).norm(dim=1)
+        return torch.stack([p._norm_sample for p in params], 1).norm(dim=1), None
+    norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params], 1).norm(dim=1)
+    parts["optimizer"].clip_and_accumulate()
+    return norms, [p.summed_grad.detach().clone() for p in params]
+
+
+def max_relative_difference(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """max |got - ref| / max |ref| over all coordinates of all parameters (a coordinate-wise ratio would divide by
+    the exact zeros some parameters have, e.g. the attention key bias, whose gradient vanishes under softmax)."""
+    got_flat, ref_flat = torch.cat([g.flatten() for g in got]), torch.cat([r.flatten() for r in ref])
+    return ((got_flat - ref_flat).abs().max() / ref_flat.abs().max()).item()
 
 
 def main(threads: int = 2, model: Path = REPO / "configs/model/small.yaml", batch: int = 64, steps: int = 4,
-         repeats: int = 5, modes: Sequence[str] = ("none", "opacus", "hooks", "functorch", "ghost")) -> None:
+         repeats: int = 5, modes: Sequence[str] = ("none", "opacus", "hooks", "functorch", "ghost"),
+         check_grad_norm: float | None = None) -> None:
     """Time each mode's training step, interleaved; check the per-image gradient norms against stock Opacus.
 
     Args:
@@ -141,6 +162,7 @@ def main(threads: int = 2, model: Path = REPO / "configs/model/small.yaml", batc
         steps: steps per repeat
         repeats: timed repeats of each mode
         modes: modes to time, among none, opacus, hooks, functorch, ghost and hooks+canaries
+        check_grad_norm: the clipping bound of the exactness check; default: the median per-image norm (half clipped)
     """
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
@@ -157,10 +179,15 @@ def main(threads: int = 2, model: Path = REPO / "configs/model/small.yaml", batc
                 step[mode]()
             rates.setdefault(mode, []).append(batch * steps / (time.perf_counter() - start))
     few = Batch(images[:8], None, torch.arange(8))
-    ref = per_image_norms("opacus", few, model)
+    if check_grad_norm is None:  # half the images clipped: both branches of the clipping factor checked
+        check_grad_norm = float(norms_and_clipped_sum("opacus", few, model, 1.0)[0].median())
+    ref_norms, ref_sum = norms_and_clipped_sum("opacus", few, model, check_grad_norm)
     for mode in (m for m in modes if m not in ("none", "opacus")):
-        err = ((per_image_norms(mode, few, model) - ref).abs() / ref).max().item()
-        print(f"per-image gradient norms, {mode} vs stock opacus: max relative difference {err:.1e}")
+        norms, clipped = norms_and_clipped_sum(mode, few, model, check_grad_norm)
+        err = ((norms - ref_norms).abs() / ref_norms).max().item()
+        sums = f"{max_relative_difference(clipped, ref_sum):.1e}" if clipped is not None else "n/a"
+        print(f"{mode} vs stock opacus, max relative difference: per-image gradient norms {err:.1e}, "
+              f"clipped sum of gradients {sums} ({int((ref_norms > check_grad_norm).sum())} of {len(ref_norms)} images clipped)")
     params = sum(p.numel() for p in make(model).trainable.parameters())
     base = statistics.median(rates["none"]) if "none" in rates else None
     print(f"{model.name} UNet ({params / 1e6:.2f}M params), batch {batch} at 16x16, {threads} thread(s), "

@@ -14,6 +14,7 @@ from opacus.accountants import create_accountant
 from torch.utils.data import DataLoader
 
 from privdiff.defenses.dp_sgd import DPSGDDefense
+from privdiff.defenses.per_sample_grads import per_example_norms
 from privdiff.cli import run_fit_cli
 from privdiff.train.data import DiffusionDataModule, ImageTable
 from privdiff.model import Batch
@@ -156,14 +157,19 @@ def test_one_images_update_never_exceeds_the_clipping_bound(k: int) -> None:
     assert contribution >= c * (1 - 1e-4)  # clipped to the bound, not below it
 
 
-def test_clipped_sum_is_the_sum_of_clipped_per_image_means() -> None:
-    b, k, c = 3, 2, 0.05
+@pytest.mark.parametrize("k", [1, 2])
+def test_clipped_sum_is_the_sum_of_clipped_per_image_means(k: int) -> None:
+    """Per-image norms and the clipped sum equal a loop of per-image backward passes (UNet with attention and GroupNorm)."""
+    b = 3
     reference = per_image_loop(b, k)
+    names = [n for n, _ in tiny_unet().named_parameters()]
+    assert any("attentions" in n for n in names) and any("norm" in n for n in names)
+    norms = torch.stack([torch.cat([r[n].flatten() for n in names]).norm() for r in reference])
+    c = float(norms.median())  # one image below the bound, one at it, one above
     d = dp(max_grad_norm=c, noise_multiplicity=k)
     den, opt = wrapped_step(d, b, k)
+    torch.testing.assert_close(per_example_norms([p.grad_sample for p in den.trainable.parameters()]), norms, atol=0, rtol=1e-5)
     opt.step()
-    names = [n for n, _ in den.trainable._module.named_parameters()]
-    norms = torch.stack([torch.cat([r[n].flatten() for n in names]).norm() for r in reference])
     factors = (c / (norms + 1e-6)).clamp(max=1.0)
     for name, p in den.trainable._module.named_parameters():
         expected = sum(f * r[name] for f, r in zip(factors, reference))

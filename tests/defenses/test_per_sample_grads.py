@@ -10,6 +10,8 @@ from torch import nn
 
 from privdiff.defenses.per_sample_grads import (
     ClippingDPOptimizer,
+    _is_pointwise,
+    _uses_grouped_convolution,
     _uses_shifted_products,
     conv2d_per_example_grads,
     per_example_norms,
@@ -29,23 +31,29 @@ def loop_reference(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> tuple[
 
 
 @pytest.mark.parametrize(
-    "c_in,c_out,size,kernel,padding,stride,shifted",
+    "c_in,c_out,size,kernel,padding,stride,rule,dilation",
     [
-        (8, 16, 8, 3, 1, 1, True),
-        (16, 8, 7, 3, 1, 1, True),  # odd size
-        (8, 8, 6, 1, 0, 1, True),  # 1x1 shortcut
-        (8, 4, 9, 3, 0, 1, True),  # no padding: output narrower than the padded width
-        (8, 4, 8, (3, 5), (1, 2), 1, True),  # rectangular kernel and padding
-        (8, 8, 8, 3, 1, 2, False),  # strided (downsampling): Opacus's rule
-        (1, 8, 8, 3, 1, 1, False),  # one input channel: Opacus's rule
+        (8, 16, 8, 3, 1, 1, "grouped", 1),
+        (16, 8, 7, 3, 1, 1, "grouped", 1),  # odd size
+        (8, 8, 6, 1, 0, 1, "pointwise", 1),  # 1x1 shortcut
+        (8, 8, 9, 3, 0, 1, "grouped", 1),  # no padding
+        (8, 8, 8, (3, 5), (1, 2), 1, "grouped", 1),  # rectangular kernel and padding
+        (8, 8, 8, 3, 1, 2, "grouped", 1),  # strided (downsampling)
+        (16, 8, 8, 3, 2, 1, "grouped", 2),  # dilated
+        (8, 4, 9, 3, 0, 1, "shifted", 1),  # few output channels, no padding: output narrower than the padded width
+        (8, 4, 8, (3, 5), (1, 2), 1, "shifted", 1),  # rectangular kernel and padding
+        (8, 4, 8, 3, 1, 2, "opacus", 1),  # strided, few output channels: Opacus's rule
+        (1, 8, 8, 3, 1, 1, "opacus", 1),  # one input channel: Opacus's rule
     ],
 )
-def test_convolution_rule_equals_a_loop_of_single_image_gradients(c_in, c_out, size, kernel, padding, stride, shifted) -> None:
+def test_convolution_rule_equals_a_loop_of_single_image_gradients(c_in, c_out, size, kernel, padding, stride, rule, dilation) -> None:
     torch.manual_seed(0)
-    layer = nn.Conv2d(c_in, c_out, kernel, padding=padding, stride=stride)
+    layer = nn.Conv2d(c_in, c_out, kernel, padding=padding, stride=stride, dilation=dilation)
     x = torch.randn(5, c_in, size, size)
     g = torch.randn_like(layer(x))
-    assert _uses_shifted_products(layer, x) is shifted
+    chosen = ("pointwise" if _is_pointwise(layer) else "grouped" if _uses_grouped_convolution(layer, x)
+              else "shifted" if _uses_shifted_products(layer, x) else "opacus")
+    assert chosen == rule
     weight, bias = loop_reference(layer, x, g)
     for memory_format in (torch.contiguous_format, torch.channels_last):  # attention blocks hand on channels-last
         out = conv2d_per_example_grads(layer, [x.to(memory_format=memory_format)], g)
