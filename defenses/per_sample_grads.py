@@ -1,17 +1,14 @@
 """Per-example gradients for DP-SGD: Opacus's ``GradSampleModule`` made cheaper on the CPU.
 
-Written here because Opacus (1.6) offers no alternative for these pieces. Measured on the
-1.1M-parameter UNet at batch 64 (``scripts/bench_dp.py`` and a profile): of a stock-Opacus DP step
-of ~750 ms against ~280 ms non-private, about 140 ms went into unfolding convolution inputs
-(im2col), about 95 ms into zero-filling per-example buffers, and the discarded summed parameter
-gradients cost a further ~60 ms. privdiff's pieces:
+Written here because Opacus (1.6) offers no alternative for these pieces. A profile of a stock-Opacus
+DP step on a diffusers UNet (docs/benchmarks.md) shows its extra time going into unfolding convolution
+inputs (im2col), zero-filling per-example buffers and the summed parameter gradients DP-SGD discards.
+privdiff's pieces:
 
 * ``conv2d_per_example_grads`` computes, for a convolution with at least 8 input and output
   channels, the per-example weight gradients as the weight gradient of ONE grouped convolution with
   the batch folded into the channels (N groups): the library's weight-gradient kernel, no im2col, at
-  about 1.1-1.3x the cost of the batch-summed weight gradient (2026-12-07: the DP step of the
-  quickstart UNet went from 0.65x to 0.74x of non-private on one thread). A 1x1 convolution is one
-  batched product. Stride-1 convolutions with few output channels take one batched product per
+  close to the cost of the batch-summed weight gradient. A 1x1 convolution is one batched product. Stride-1 convolutions with few output channels take one batched product per
   kernel offset on a *shifted view* of the padded input (laid out channels-last once, never copied
   per offset; it returns a permuted view); the rest (few input channels, where im2col is cheap,
   grouped convolutions) use Opacus's rule on a contiguous input. All are exactly the per-example
@@ -25,7 +22,7 @@ gradients cost a further ~60 ms. privdiff's pieces:
 * ``LayoutFreeClipping`` replaces ``DPOptimizer.clip_and_accumulate`` by the same computation (per
   example norm over all parameters, factor ``min(1, C / (norm + 1e-6))``, clipped sum) done in
   whatever memory order a per-example gradient lies: Opacus reshapes each one to (N, -1), which
-  copies every non-contiguous gradient (0.3 s of a 0.8 s step with the permuted convolution gradients).
+  copies every non-contiguous gradient (a large share of the step with the permuted convolution gradients).
 
 None of this changes what DP-SGD computes; noise, scaling and accounting stay Opacus's optimizer's.
 """
