@@ -8,9 +8,10 @@ privdiff's pieces:
 * ``conv2d_per_example_grads`` computes, for a convolution with at least 8 input and output
   channels, the per-example weight gradients as the weight gradient of ONE grouped convolution with
   the batch folded into the channels (N groups): the library's weight-gradient kernel, no im2col, at
-  close to the cost of the batch-summed weight gradient. A 1x1 convolution is one batched product. Stride-1 convolutions with few output channels take one batched product per
-  kernel offset on a *shifted view* of the padded input (laid out channels-last once, never copied
-  per offset; it returns a permuted view); the rest (few input channels, where im2col is cheap,
+  close to the cost of the batch-summed weight gradient. A 1x1 convolution is one batched product.
+  Stride-1 convolutions with few output channels take one batched product per kernel offset on a
+  *shifted view* of the padded input (laid out channels-last once, never copied per offset; it
+  returns a permuted view); the rest (few input channels, where im2col is cheap,
   grouped convolutions) use Opacus's rule on a contiguous input. All are exactly the per-example
   gradient (tests compare them with Opacus's rule and with a loop of single-image backward passes).
 * ``FastGradSampleModule`` is a ``GradSampleModule`` with that rule; it takes each layer's output
