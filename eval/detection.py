@@ -1,26 +1,18 @@
 """Memorization detection for text-to-image models without sampling to the end.
 
-Two per-caption scores from the first denoising step(s) of a few seeds:
-
-- **Noise-difference magnitude** (Wen et al., ICLR 2024, "Detecting, Explaining, and Mitigating
-  Memorization in Diffusion Models", Sec. 3): a memorized caption pulls the noise prediction far
-  from the unconditional one, whatever the start noise. The score is
-  ``mean_seeds mean_k ||eps(x_tk, c) - eps(x_tk, "")||``, RMS over the latent, over the first
-  ``first_steps`` steps of a deterministic DDIM trajectory; higher = more memorized.
-- **One-step consistency** (Webster 2023, "A Reproducible Extraction of Training Images from
-  Diffusion Models"): a memorized caption gives the same one-step estimate of x0 from any start
-  noise. The score is minus the mean pairwise l2 between the decoded x0 estimates of the seeds,
-  taken at the last of the ``first_steps`` steps; higher = more memorized. At t = T - 1 itself the
-  estimate divides by sqrt(abar_T) (0.006 on the linear schedule) and amplifies every error of the
-  noise prediction, so the score is taken after the first steps instead (the AUCs per step and model
-  are in docs/benchmarks.md). Neither score wins everywhere: a tiny model maps a planted caption to a mixture of the planted images (the
-  consistency suffers), and where the planted rows are half of the data it generates them
-  unconditionally too (the magnitude suffers). The plugin reports both.
+Two per-caption scores from the first denoising step(s) of a few seeds (defined and computed in
+:mod:`privdiff.eval.caption_scores`): Wen et al.'s noise-difference magnitude (ICLR 2024) and Webster's
+one-step consistency (2023); higher = more memorized. At t = T - 1 itself the one-step estimate divides by
+sqrt(abar_T) (0.006 on the linear schedule) and amplifies every error of the noise prediction, so the
+score is taken after the first steps instead (the AUCs per step and model are in docs/benchmarks.md).
+Neither score wins everywhere: a tiny model maps a planted caption to a mixture of the planted images (the
+consistency suffers), and where the planted rows are half of the data it generates them unconditionally
+too (the magnitude suffers). The plugin reports both.
 
 Both cost ``2 * seeds * first_steps`` noise-predictor calls per caption (conditional and
 unconditional), against ``samples * steps`` for sampling a caption to the end, which is why the
 prompt extraction attack (:mod:`privdiff.eval.prompt_extraction`) uses them as a screen.
-The scores are computed in :mod:`privdiff.eval.caption_scores`. The plugin :class:`MemorizationDetection` reports how well each score tells the captions of
+The plugin :class:`MemorizationDetection` reports how well each score tells the captions of
 duplicated training pairs from the others (ROC AUC) and how many member captions a threshold taken
 from held-out captions flags.
 """

@@ -30,7 +30,7 @@ from .carlini import (
 )
 from .controls import ChanceControl, chance_text, keep_closest
 from .plugin import AuditContext, AuditPlugin, Cases, Column, Privacy, SummaryResult
-from .signals import CopyCriteria, copy_thresholds, floor_note, lower_bound, reconstruction_floor, space_images, spaces
+from .signals import CopyCriteria, copy_signals, copy_thresholds, floor_note, lower_bound, reconstruction_floor, space_images, spaces
 from .thresholds import Threshold
 
 __all__ = ["ExtractionAttack", "ExtractionReport"]
@@ -160,7 +160,7 @@ class ExtractionAttack(AuditPlugin):
 
     @property
     def needs(self) -> tuple[str, ...]:  # type: ignore[override]  (the decodings only where it compares with them)
-        return ("decodings", "reconstruction_floor", "copy_thresholds") if self.decoded else ("reconstruction_floor", "copy_thresholds")
+        return copy_signals(self.decoded)
 
     def criteria(self) -> CopyCriteria:
         """Its copy criteria as configured (the audit's shared signal computes their thresholds)."""

@@ -32,7 +32,7 @@ from .controls import ChanceControl, chance_text
 from .caption_scores import caption_scores, member_captions, natural_near_copies
 from .carlini import generate_and_filter
 from .plugin import AuditContext, AuditPlugin, Cases, Column, Privacy, SummaryResult
-from .signals import CopyCriteria, copy_thresholds, floor_note, lower_bound, reconstruction_floor, space_images
+from .signals import CopyCriteria, copy_signals, copy_thresholds, floor_note, lower_bound, reconstruction_floor, space_images
 from .signals import spaces as copy_spaces
 from .thresholds import calibrate
 
@@ -215,7 +215,7 @@ class PromptExtraction(AuditPlugin):
 
     @property
     def needs(self) -> tuple[str, ...]:  # type: ignore[override]  (the decodings only where it compares with them)
-        return ("decodings", "reconstruction_floor", "copy_thresholds") if self.decoded else ("reconstruction_floor", "copy_thresholds")
+        return copy_signals(self.decoded)
 
     def check(self, num_members: int, num_heldout: int) -> None:
         if num_heldout < 1:

@@ -23,8 +23,8 @@ from privdiff.distances import _pairwise_tiled, _tile_shape, calibrated_l2, l2, 
 from .plugin import AuditContext
 from .thresholds import Threshold, calibrate, given
 
-__all__ = ["SIGNALS", "CopyCriteria", "SPACES", "compute_signal", "copy_thresholds", "floor_note", "has_decoder", "lower_bound", "reconstruction_floor",
-           "round_trip", "signal_order", "space_images", "spaces"]
+__all__ = ["SIGNALS", "CopyCriteria", "SPACES", "compute_signal", "copy_signals", "copy_thresholds", "floor_note", "has_decoder",
+           "lower_bound", "reconstruction_floor", "round_trip", "signal_order", "space_images", "spaces"]
 
 SPACES = ("pixel", "decoded")
 
@@ -212,6 +212,12 @@ SIGNALS = {
     "reconstruction_floor": lambda context: has_decoder(context),  # the members' l2 to their own decodings
     "copy_thresholds": _copy_thresholds,  # the audit's copy criteria on pixels (decoded: when first asked)
 }
+
+
+def copy_signals(decoded: bool) -> tuple[str, ...]:
+    """What a plugin that confirms copies reads: the floor and the copy criteria, and the decodings where it compares
+    with them (``decoded``)."""
+    return ("decodings", "reconstruction_floor", "copy_thresholds") if decoded else ("reconstruction_floor", "copy_thresholds")
 
 
 def signal_order(names: set[str] | frozenset[str]) -> list[str]:

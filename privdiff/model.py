@@ -13,10 +13,11 @@ the noise predictor (membership inference) work in the model's space, reached wi
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -212,6 +213,15 @@ class DiffusionModel(nn.Module, ABC):
         """
 
     # -- folders anyone can load --------------------------------------------------------------
+    # model_index.json's _class_name of the diffusers folders this implementation reads and writes
+    pipeline: ClassVar[str | None] = None
+
+    @classmethod
+    def is_folder(cls, path: Path) -> bool:
+        """Whether ``path`` is a diffusers folder of this implementation's pipeline (its model_index.json says so)."""
+        index = Path(path) / "model_index.json"
+        return cls.pipeline is not None and index.is_file() and json.loads(index.read_text()).get("_class_name") == cls.pipeline
+
     @abstractmethod
     def save_pretrained(self, path: str | Path) -> None:
         """Write a folder that the matching diffusers pipeline loads (safetensors weights)."""

@@ -26,7 +26,15 @@ from privdiff.weights import privdiff_cache, require_safetensors
 
 from .denoiser import build_scheduler
 from .preparation import AutoencoderFit, CachedFit, PublicPretraining, run_preparation
-from .text_model import MAX_TOKENS, TextConditionedDiffusion, TextToImageNet, offline_clip_tokenizer, tiny_text_encoder
+from .text_model import (
+    MAX_TOKENS,
+    TextConditionedDiffusion,
+    TextToImageNet,
+    offline_clip_tokenizer,
+    read_model_record,
+    tiny_text_encoder,
+    write_model_record,
+)
 
 PIPELINE = "StableDiffusionPipeline"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
@@ -88,6 +96,8 @@ class LatentTextToImage(TextConditionedDiffusion):
             captioned images (neither members nor held out) before the private training: the base that
             a (DP-)LoRA fine-tune starts from (0: none).
     """
+
+    pipeline = PIPELINE
 
     def __init__(
         self,
@@ -202,17 +212,11 @@ class LatentTextToImage(TextConditionedDiffusion):
             configs[part] = json.loads((path / part / "config.json").read_text())
         size = configs["unet"].get("sample_size", 64)
         size = (size if isinstance(size, int) else size[0]) * 2 ** (len(configs["vae"].get("block_out_channels", [0])) - 1)
-        record = path / "privdiff_model.json"
-        info = json.loads(record.read_text()) if record.is_file() else {}
+        info = read_model_record(path)
         model = cls(image_size=int(size), channels=int(configs["vae"].get("in_channels", 3)), pretrained=str(path),
                     caption_dropout=0.0, guidance_scale=float(info.get("guidance_scale", 1.0)), vae_steps=0, vae_cache=False)
         model.vae_record = info.get("vae", {})
         return model.eval()
-
-    @staticmethod
-    def is_folder(path: Path) -> bool:
-        index = path / "model_index.json"
-        return index.is_file() and json.loads(index.read_text()).get("_class_name") == PIPELINE
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a ``StableDiffusionPipeline`` folder (LoRA fused into the UNet) and, with LoRA, ``lora/`` for ``load_lora_weights``."""
@@ -238,7 +242,7 @@ class LatentTextToImage(TextConditionedDiffusion):
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.save_pretrained(str(path), safe_serialization=True)
-        (path / "privdiff_model.json").write_text(json.dumps({"vae": self.vae_record, "guidance_scale": self.guidance_scale}, indent=1))
+        write_model_record(path, {"vae": self.vae_record, "guidance_scale": self.guidance_scale})
 
     # -- what it is -------------------------------------------------------------------------
     @property

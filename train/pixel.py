@@ -8,7 +8,6 @@ from the hyper-parameters below) or fine-tunes a saved model (``pretrained``: a 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,6 +44,8 @@ class PixelDiffusion(DiffusionModel):
         pretrained: a diffusers folder (``DDPMPipeline``: ``unet/`` + ``scheduler/``) to start from
             instead of random weights; its image size and channels must match the data.
     """
+
+    pipeline = PIPELINE
 
     def __init__(
         self,
@@ -94,11 +95,6 @@ class PixelDiffusion(DiffusionModel):
     def from_pretrained(cls, path: str | Path) -> "PixelDiffusion":
         """Load a ``DDPMPipeline`` folder (``privdiff fit``'s ``<run>/model``), safetensors weights only."""
         return cls.from_parts(*cls._load_parts(Path(path)))
-
-    @staticmethod
-    def is_folder(path: Path) -> bool:
-        index = path / "model_index.json"
-        return index.is_file() and json.loads(index.read_text()).get("_class_name") == PIPELINE
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a folder that ``DDPMPipeline.from_pretrained`` loads (safetensors weights)."""

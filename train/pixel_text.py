@@ -31,7 +31,15 @@ from privdiff.membership import ImageTable
 from privdiff.weights import require_safetensors
 
 from .denoiser import build_scheduler
-from .text_model import MAX_TOKENS, TextConditionedDiffusion, TextToImageNet, offline_clip_tokenizer, tiny_text_encoder
+from .text_model import (
+    MAX_TOKENS,
+    TextConditionedDiffusion,
+    TextToImageNet,
+    offline_clip_tokenizer,
+    read_model_record,
+    tiny_text_encoder,
+    write_model_record,
+)
 
 PIPELINE = "IFPipeline"  # model_index.json's _class_name of the folders this model reads and writes
 
@@ -95,6 +103,8 @@ class PixelTextToImage(TextConditionedDiffusion):
         guidance_scale: classifier-free guidance of sampling (1 = none).
     """
 
+    pipeline = PIPELINE
+
     def __init__(
         self,
         image_size: int = 16,
@@ -156,15 +166,9 @@ class PixelTextToImage(TextConditionedDiffusion):
             raise ValueError(f"{path} is not an IF pipeline folder: expected unet/config.json")
         config = json.loads((path / "unet" / "config.json").read_text())
         size = config.get("sample_size", 64)
-        record = path / "privdiff_model.json"
-        info = json.loads(record.read_text()) if record.is_file() else {}
+        info = read_model_record(path)
         return cls(image_size=int(size if isinstance(size, int) else size[0]), channels=int(config.get("in_channels", 3)),
                    pretrained=str(path), caption_dropout=0.0, guidance_scale=float(info.get("guidance_scale", 1.0))).eval()
-
-    @staticmethod
-    def is_folder(path: Path) -> bool:
-        index = path / "model_index.json"
-        return index.is_file() and json.loads(index.read_text()).get("_class_name") == PIPELINE
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a folder ``IFPipeline.from_pretrained`` loads (safetensors weights; no safety checker or watermarker)."""
@@ -174,7 +178,7 @@ class PixelTextToImage(TextConditionedDiffusion):
                           scheduler=self.scheduler, safety_checker=None, feature_extractor=None, watermarker=None,
                           requires_safety_checker=False)
         pipe.save_pretrained(str(path), safe_serialization=True)
-        (path / "privdiff_model.json").write_text(json.dumps({"guidance_scale": self.guidance_scale}, indent=1))
+        write_model_record(path, {"guidance_scale": self.guidance_scale})
 
     # -- what it is -------------------------------------------------------------------------
     @property

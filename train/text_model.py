@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from privdiff.files import write_json_atomic
 from privdiff.membership import ImageTable
 from privdiff.model import Batch, DiffusionModel
 from privdiff.weights import privdiff_cache
@@ -29,8 +30,10 @@ from privdiff.weights import privdiff_cache
 from .denoiser import reverse_process, unwrap
 
 MAX_TOKENS = 77  # CLIP's context length, Stable Diffusion's and DeepFloyd IF's
+MODEL_RECORD = "privdiff_model.json"  # what a saved folder keeps beside the pipeline (guidance scale, the VAE's record)
 
-__all__ = ["MAX_TOKENS", "TextConditionedDiffusion", "TextToImageNet", "offline_clip_tokenizer", "tiny_text_encoder"]
+__all__ = ["MAX_TOKENS", "TextConditionedDiffusion", "TextToImageNet", "offline_clip_tokenizer", "read_model_record", "tiny_text_encoder",
+           "write_model_record"]
 
 
 def offline_clip_tokenizer(cache_dir: str | Path | None = None, max_tokens: int = MAX_TOKENS):
@@ -58,6 +61,16 @@ def tiny_text_encoder(text_width: int, text_layers: int, max_tokens: int) -> nn.
         vocab_size=49408, hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=text_layers,
         num_attention_heads=max(1, text_width // 16), max_position_embeddings=max_tokens,
     ))
+
+
+def read_model_record(folder: Path) -> dict[str, Any]:
+    """The privdiff record a saved text-to-image folder keeps beside its pipeline ({} for a folder from elsewhere)."""
+    record = Path(folder) / MODEL_RECORD
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
+def write_model_record(folder: Path, record: dict[str, Any]) -> None:
+    write_json_atomic(Path(folder) / MODEL_RECORD, record)
 
 
 class TextToImageNet(nn.Module):

@@ -1,5 +1,6 @@
 """The text-to-image audit against planted ground truth: a tiny latent model over-trained on a few duplicated
-image-caption pairs, and the same model trained on the same data deduplicated (no duplicates left).
+image-caption pairs, the same model trained on the same data deduplicated (no duplicates left), and the tiny
+pixel (Imagen-style) model over-trained on the captioned digits at 8x8.
 
 Prompt extraction must recall the planted pairs (>= 90%) and flag no held-out caption; the detection
 score must rank the planted captions above the rest; the screen must find the same set for fewer
@@ -17,7 +18,7 @@ import pytest
 from privdiff.cli import run_fit_cli
 
 REPO = Path(__file__).resolve().parents[2]
-# Opt-in (`make test-t2i`): two trainings (1000 and 460 steps of batch 64) and their audits take 15–18 min with 2 threads (6 min 36 s on a faster machine, 2026-12-02)
+# Opt-in (`make test-t2i`): three trainings (1000 and 460 steps of batch 64, the pixel model's 400 of 32) and their audits take 15–18 min with 2 threads (6 min 36 s on a faster machine, 2026-12-02)
 # here, on top of the ~16 min `make test` already takes in CI, whose whole run must stay under 30 minutes.
 pytestmark = [
     pytest.mark.slow,
@@ -120,3 +121,42 @@ def test_a_model_trained_on_no_duplicates_gets_nothing_flagged(audits) -> None:
     assert found["planted"] == 0 and found["planted_recall"] is None
     assert found["extracted"] == 0 and found["screen"]["unscreened_extracted"] == 0 and found["heldout_flagged"] == 0
     assert audits["no_duplicates"]["detection"]["one_step"]["auc_duplicated_vs_rest"] is None
+
+
+# -- the pixel text-to-image model ---------------------------------------------------------------
+# Every caption sampled (no screen): the 8 most duplicated member captions (the 4 planted ones first) and 16 held-out.
+PIXEL_AUDIT = """
+audit:
+  num_samples: 1
+  steps: 20
+  progress: false
+  attacks:
+    prompt_extraction:
+      class_path: privdiff.eval.prompt_extraction.PromptExtraction
+      init_args: {samples_per_caption: 12, heldout_captions: 16, max_captions: 8, steps: 20, screen: none}
+"""
+
+
+def test_prompt_extraction_recalls_the_planted_pairs_of_a_pixel_model_and_flags_no_heldout_caption(tmp_path, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.chdir(REPO)
+    (tmp_path / "audit.yaml").write_text(PIXEL_AUDIT)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # 32 members, 4 image-caption pairs planted 20x, 400 steps of 32 (split 3; the same regime on split 7 with 64
+        # members, 600 steps of 64 and every caption searched found 4 of 4 too: docs/benchmarks.md).
+        run_fit_cli(["fit", "-c", "configs/base.yaml", "-c", "configs/data/captioned_digits.yaml", "-c", "configs/model/t2i_pixel_tiny.yaml",
+                     "-c", str(tmp_path / "audit.yaml"), "--data.image_size", "8", "--data.num_members", "32", "--data.num_heldout", "100",
+                     "--data.duplicate_copies", "20", "--data.batch_size", "32", "--data.seed", "3", "--trainer.max_steps", "400",
+                     "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+                     "--run_dir", str(tmp_path / "run")])
+    finally:
+        torch.set_num_threads(threads)
+    found = json.loads((tmp_path / "run" / "audit.json").read_text())["prompt_extraction"]
+    print({k: found[k] for k in ("planted", "planted_found", "extracted", "heldout_flagged", "heldout_copies_member")})
+    assert found["planted"] == 4
+    assert found["planted_found"] / found["planted"] >= 0.9
+    assert found["heldout_flagged"] == 0
+    assert all(r["rows"] == 20 for r in found["records"])  # what it recovers are the duplicated pairs
