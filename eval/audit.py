@@ -17,7 +17,6 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import Tensor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from privdiff.classpath import class_from_path
@@ -28,7 +27,8 @@ from privdiff.shard import Shard, check_shard
 
 from ..defenses.base import DEFENSES_RECORD, Defense, DefenseRecord, DefenseStack, GenerationContext, Guarantee, as_stack
 from .plugin import AuditContext, AuditData, AuditPlugin, AuditResult, Cases
-from .sampling import generate, member_prompts, sample_sanity, solver_sanity
+from .sample_stream import KeepAll, digest, remove_shards, stream_samples
+from .sampling import Generated, generate, member_prompts, saturation_sanity, solver_sanity
 from .signals import CopyCriteria, compute_signal, copy_thresholds, signal_order
 from .thresholds import split_heldout
 
@@ -36,6 +36,7 @@ AUDIT_SCHEMA = "privdiff.audit/3"  # 3: controls beside every count, decoded com
 FLAG_RATE_LIMIT = 0.01  # a criterion that flags more real held-out images than this is too loose for the data
 UNKNOWN = "unknown"
 CALIBRATION_SHARE = 0.5  # of the held-out images, set aside to take thresholds from
+SHARD_FOLDER = "audit_shards"  # in the run directory: the finished shards of an audit under way (removed when it ends)
 
 __all__ = ["AuditCallback", "AuditConfig", "AuditData", "audit_saved", "default_attacks", "privacy_summary", "run_audit"]
 
@@ -72,6 +73,9 @@ class AuditConfig:
             default, whose samples match 1000-step DDPM samples of the same weights, trained or
             under-trained (``scripts/bench_sampling.py``); ``ddim`` (deterministic) and
             ``dpmsolver++`` did not on a DP-SGD model, and DPM-Solver++ saturates pixels.
+        shard_size: samples drawn and reduced at a time (:mod:`privdiff.eval.sample_stream`): the audit's memory
+            grows with this, not with ``num_samples``; with a run directory, each finished shard is saved there, and a
+            killed audit resumes from them.
         seed: seeds sampling, the attacks' noise and the split of the held-out images into calibration
             images (half: thresholds are taken from them) and evaluation images (the rest).
         flag_rate: the share of real held-out images a threshold taken from the data may flag
@@ -87,6 +91,7 @@ class AuditConfig:
     solver: str = "ancestral"
     steps: int = 50
     batch_size: int = 256
+    shard_size: int = 4096
     seed: int = 0
     flag_rate: float = 0.01
     progress: bool = True
@@ -95,6 +100,8 @@ class AuditConfig:
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ValueError(f"audit num_samples must be >= 1, got {self.num_samples}")
+        if self.shard_size < 1:
+            raise ValueError(f"audit shard_size must be >= 1, got {self.shard_size}")
         if not 0 < self.flag_rate < 1:
             raise ValueError(f"audit flag_rate must be in (0, 1), got {self.flag_rate}")
 
@@ -103,7 +110,8 @@ class AuditConfig:
         return [(name, _instantiate(spec)) for name, spec in (self.attacks or {}).items() if spec is not None]
 
     def to_dict(self) -> dict[str, Any]:
-        plain = {k: getattr(self, k) for k in ("num_samples", "solver", "steps", "batch_size", "seed", "flag_rate", "progress")}
+        plain = {k: getattr(self, k) for k in ("num_samples", "solver", "steps", "batch_size", "shard_size", "seed", "flag_rate",
+                                             "progress")}
         return {**plain, "attacks": {name: plugin.config() for name, plugin in self.plugins()}}
 
     def check(self, num_members: int, num_heldout: int) -> None:
@@ -157,19 +165,15 @@ def run_audit(
     generation = GenerationContext(reference=reference, public_prompts=calibration.captions)
     record = stack.record() if training is None else training.merged(stack.record())
 
-    start = time.perf_counter()
-    samples, labels, sampling = _sample(model, data, config, stack, generation, shard, writes, any(p.needs_samples for _, p in plugins))
-    timings["sample"] = time.perf_counter() - start
-
     def sampler(prompts: Sequence[str], seed: int, steps: int | None = None):
         # More samples for an attack that picks its own prompts, through the same sampler and defenses.
         return generate(model, len(prompts), solver=config.solver, steps=steps or config.steps, batch_size=config.batch_size,
                         prompts=list(prompts), defenses=stack, context=generation,
                         seed=seed, progress=False, shard=shard)
 
-    context = AuditContext(model, data, samples, labels, seed=config.seed, batch_size=config.batch_size,
-                           progress=config.progress and writes, shard=shard, calibration=calibration, heldout=heldout,
-                           flag_rate=config.flag_rate, steps=config.steps,
+    context = AuditContext(model, data, torch.empty(0, *data.members.image_shape), None, seed=config.seed,
+                           batch_size=config.batch_size, progress=config.progress and writes, shard=shard,
+                           calibration=calibration, heldout=heldout, flag_rate=config.flag_rate, steps=config.steps,
                            sampler=sampler if model.conditioning == "text" else None, evidence=record.evidence,
                            claimed=privacy_summary(record.guarantees, known=record.describe != UNKNOWN))
 
@@ -179,8 +183,12 @@ def run_audit(
     criteria = provider.criteria() if provider is not None else CopyCriteria()
     context.copy_thresholds = lambda space="pixel": copy_thresholds(context, criteria, space)
 
+    folder = Path(run_dir) / SHARD_FOLDER if run_dir is not None else None
+    computed: set[str] = set()
+    sampling = _stream(model, data, config, stack, generation, plugins, context, computed, timings, folder, record, shard, writes)
+
     result: dict[str, Any] = {"schema": AUDIT_SCHEMA}
-    results = _run_plugins(plugins, context, timings)
+    results = _run_plugins(plugins, context, timings, computed)
     result.update({name: found.to_dict() for name, found in results.items()})
 
     result.update(
@@ -214,37 +222,78 @@ def run_audit(
     if run_dir is not None and writes:
         _save_cases(Path(run_dir), [c for r in results.values() if (c := r.cases()) is not None], data.members.image_shape)
         write_json(Path(run_dir) / "audit.json", result)
+        remove_shards(Path(run_dir) / SHARD_FOLDER)
     return result
 
 
-def _sample(model: DiffusionModel, data: AuditData, config: AuditConfig, stack: DefenseStack, generation: GenerationContext,
-            shard: Shard | None, writes: bool, needed: bool) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
-    """The audit's samples (through the generation-side defenses), their labels, and the sampling record."""
-    if not needed:
-        return torch.empty(0, *data.members.image_shape), None, {"num_samples": 0, "num_drawn": 0, "num_rejected": 0,
-                                                                 "reject_rate": 0.0}
+def _stream(model: DiffusionModel, data: AuditData, config: AuditConfig, stack: DefenseStack, generation: GenerationContext,
+            plugins: list[tuple[str, AuditPlugin]], context: AuditContext, computed: set[str], timings: dict[str, float],
+            folder: Path | None, record: DefenseRecord, shard: Shard | None, writes: bool) -> dict[str, Any]:
+    """Draw the audit's samples in shards through the generation-side defenses and every plugin's reduction
+    (:mod:`privdiff.eval.sample_stream`); put what the plugins kept into ``context`` and return the sampling record.
+
+    The signals a plugin that reads samples needs are computed first (its reduction may read them: the copy
+    thresholds); their time and its reduction's count to that plugin, the drawing to ``sample``.
+    """
+    readers = [(name, plugin) for name, plugin in plugins if plugin.needs_samples]
+    if not readers:
+        return {"num_samples": 0, "num_drawn": 0, "num_rejected": 0, "reject_rate": 0.0}
     prompts = None
     if model.conditioning == "text":
         if data.members.captions is None:
             raise ValueError("a text-to-image model is audited with its members' captions, and the members have none")
         prompts = member_prompts(data.members.captions, config.num_samples)
-    generated = generate(
-        model, config.num_samples, solver=config.solver, steps=config.steps, batch_size=config.batch_size,
-        prompts=prompts, defenses=stack, context=generation,
-        seed=config.seed, progress=config.progress and writes, shard=shard,
-    )
-    samples = generated.images
-    sampling = {"num_samples": len(samples), "num_drawn": generated.num_drawn, "num_rejected": generated.num_rejected,
-                "reject_rate": generated.reject_rate, "sanity": sample_sanity(samples, data.members.unit())}
+    reductions = {}
+    for name, plugin in readers:
+        start = time.perf_counter()
+        for signal in signal_order(set(plugin.needs) - computed):
+            compute_signal(signal, context)
+            computed.add(signal)
+        own = type(plugin).reduction is not AuditPlugin.reduction
+        reduction = plugin.reduction(context) if own else KeepAll()
+        if reduction is not None:
+            reductions[name] = reduction
+        timings[name] = time.perf_counter() - start
+    number = {p: i for i, p in enumerate(dict.fromkeys(prompts))} if prompts is not None else None
+
+    def draw(k: int, first: int, count: int) -> Generated:
+        part = prompts[first : first + count] if prompts is not None else None
+        generated = generate(model, count, solver=config.solver, steps=config.steps, batch_size=config.batch_size,
+                             prompts=part, defenses=stack, context=generation, seed=config.seed, progress=False,
+                             shard=shard, stream=k)
+        if part is not None and generated.labels is not None:  # the shard numbers its own prompts: number them as one audit
+            generated.labels = torch.tensor([number[p] for p in dict.fromkeys(part)])[generated.labels]
+        return generated
+
+    fingerprint = digest(config.to_dict(), config.shard_size, data.members.ids, context.calibration.ids if context.calibration
+                         else None, context.heldout.ids if context.heldout else None, record.describe,
+                         model=model) if folder is not None else ""
+    streamed = stream_samples(draw, config.num_samples, config.shard_size, reductions, folder=folder, fingerprint=fingerprint,
+                              writes=writes, progress=config.progress and writes, shard=shard)
+    for name, plugin in readers:
+        if name not in reductions:
+            continue
+        timings[name] += streamed.seconds[name]
+        if isinstance(reductions[name], KeepAll):
+            context.samples, context.sample_labels = streamed.reduced[name]
+        else:
+            context.reductions[id(plugin)] = streamed.reduced[name]
+    context.sample_count = streamed.num_samples
+    timings["sample"] = streamed.seconds["sample"]
+    sampling = {"num_samples": streamed.num_samples, "num_drawn": streamed.num_drawn, "num_rejected": streamed.num_rejected,
+                "reject_rate": streamed.num_rejected / streamed.num_drawn if streamed.num_drawn else 0.0,
+                "sanity": saturation_sanity(streamed.saturated, data.members.unit()),
+                "shard_size": config.shard_size, "resumed_shards": streamed.resumed_shards}
     if not sampling["sanity"]["ok"]:
         sampling["solver_check"] = check_solvers(model, config, sampling["sanity"], data.members.unit(), prompts)
-    return samples, generated.labels, sampling
+    return sampling
 
 
-def _run_plugins(plugins: list[tuple[str, AuditPlugin]], context: AuditContext, timings: dict[str, float]) -> dict[str, AuditResult]:
+def _run_plugins(plugins: list[tuple[str, AuditPlugin]], context: AuditContext, timings: dict[str, float],
+                 computed: set[str]) -> dict[str, AuditResult]:
     """Every plugin in order, each after the audit signals it declares (``AuditPlugin.needs``) that no plugin before it
-    needed: a signal is computed once, and its time counts to the first plugin that reads it."""
-    computed: set[str] = set()
+    needed (``computed`` holds those already computed): a signal is computed once, and its time counts to the first
+    plugin that reads it, with that plugin's sample reduction (``timings`` holds it)."""
     results: dict[str, AuditResult] = {}
     for name, plugin in plugins:
         start = time.perf_counter()
@@ -253,8 +302,9 @@ def _run_plugins(plugins: list[tuple[str, AuditPlugin]], context: AuditContext, 
             computed.add(signal)
         found = plugin.run(context)
         if found is None:  # nothing to measure (e.g. no canaries in this run): no column, no timing
+            timings.pop(name, None)
             continue
-        timings[name] = time.perf_counter() - start
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         results[name] = found
     return results
 

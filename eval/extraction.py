@@ -10,19 +10,19 @@ same samples and thresholds flag with held-out images in the members' place (:mo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from privdiff.distances import calibrated_l2, nearest_neighbors, resolve_tile_size
+from privdiff.distances import Calibrated, calibrated_l2, nearest_neighbors, resolve_tile_size
+from privdiff.shard import Shard
 
 from .carlini import (
     ExtractionRecord,
     ExtractionResult,
     _calibrated_result,
-    _clique_result,
     _closest_per_train,
     by_copies,
     clique_flags,
@@ -30,6 +30,7 @@ from .carlini import (
 )
 from .controls import ChanceControl, chance_text, keep_closest
 from .plugin import AuditContext, AuditPlugin, Cases, Column, Privacy, SummaryResult
+from .sample_stream import SampleReduction, concat
 from .signals import CopyCriteria, copy_signals, copy_thresholds, floor_note, lower_bound, reconstruction_floor, space_images, spaces
 from .thresholds import Threshold
 
@@ -115,6 +116,75 @@ class _SpaceRun:
     control: dict[str, dict[int, float]]
 
 
+@dataclass
+class _Kept:
+    """What extraction keeps of the audit's samples: per space, every sample's calibrated l2 to the members
+    (``score``, ``nearest_index``, ``nearest_l2``, ``scale``) and its nearest held-out image (``heldout``,
+    ``heldout_l2``); and the candidates, the samples within reach of a copy (their images, labels and index among all
+    samples)."""
+
+    per_space: dict[str, dict[str, Tensor]]
+    images: Tensor
+    labels: Tensor | None
+    index: Tensor
+    num_samples: int
+
+    def image(self, sample_index: int) -> Tensor:
+        """A candidate's image by its index among all samples."""
+        return self.images[int((self.index == sample_index).nonzero()[0, 0])]
+
+
+@dataclass
+class _Candidates(SampleReduction):
+    """Extraction's reduction of each shard of samples (see :class:`_Kept`).
+
+    A sample is kept as a candidate when, in some space, it lies within tau + delta (plain l2) of a member or a
+    held-out image, or passes the calibrated test against either. Every sample a copy can be confirmed on passes this
+    (its l2 to the image is at most delta, or its calibrated score is below the threshold), and so does every member
+    of a clique it belongs to: a tiled l2 is never below the plain one, so a clique-mate within tau of a sample within
+    delta of an image lies within tau + delta of that image. The cliques found among the candidates are therefore
+    the cliques of the samples that can match an image, and ``num_samples_flagged`` counts those.
+    """
+
+    sets: dict[str, tuple[Tensor, Tensor | None]]  # space -> (members, held-out images) in that space
+    bounds: dict[str, tuple[float, float]]  # space -> (tau + delta, calibrated threshold)
+    n: int
+    alpha: float
+    shard: Shard | None
+
+    def update(self, images: Tensor, labels: Tensor | None, first: int) -> dict[str, Tensor]:
+        if not len(images):
+            return {}
+        keep = torch.zeros(len(images), dtype=torch.bool)
+        out: dict[str, Tensor] = {}
+        for space, (members, heldout) in self.sets.items():
+            reach, cal_t = self.bounds[space]
+            cal = calibrated_l2(images, members, n=self.n, alpha=self.alpha, shard=self.shard)
+            out.update({f"{space}.score": cal.score, f"{space}.nearest_index": cal.nearest_index,
+                        f"{space}.nearest_l2": cal.nearest_l2, f"{space}.scale": cal.scale})
+            keep |= ((cal.nearest_l2 <= reach) | (cal.score < cal_t)).cpu()
+            if heldout is not None:
+                nb = nearest_neighbors(images, heldout, k=1, shard=self.shard)
+                d = nb.distances[:, 0]
+                out.update({f"{space}.heldout_l2": d, f"{space}.heldout": nb.indices[:, 0]})
+                keep |= ((d <= reach) | (d < cal_t * cal.scale)).cpu()
+        rows = keep.nonzero().squeeze(1)
+        out.update(images=images[rows], index=rows + first)
+        if labels is not None:
+            out["labels"] = labels[rows]
+        return out
+
+    def merge(self, shards: list[dict[str, Tensor]]) -> _Kept:
+        shards = [s for s in shards if s]
+        if not shards:
+            return _Kept({}, torch.empty(0), None, torch.empty(0, dtype=torch.long), 0)
+        per_space = {space: {key.partition(".")[2]: concat(shards, key) for key in shards[0] if key.startswith(space + ".")}
+                     for space in self.sets}
+        labels = concat(shards, "labels") if "labels" in shards[0] else None
+        count = len(next(iter(per_space.values()))["score"])
+        return _Kept(per_space, concat(shards, "images"), labels, concat(shards, "index"), count)
+
+
 class ExtractionAttack(AuditPlugin):
     """Carlini et al. 2023's generate-and-filter attack and calibrated-l2 check, against the members, with a control.
 
@@ -175,16 +245,32 @@ class ExtractionAttack(AuditPlugin):
         """tau, delta and the calibrated-l2 threshold of one space (:func:`privdiff.eval.signals.copy_thresholds`)."""
         return copy_thresholds(context, self.criteria(), space)
 
-    def _attack(self, context: AuditContext, space: str, found: Mapping[str, Threshold]) -> _SpaceRun:
+    def reduction(self, context: AuditContext) -> SampleReduction | None:
+        sets, bounds = {}, {}
+        for space in self.spaces(context):
+            found = self.thresholds(context, space)
+            sets[space] = (space_images(context, "members", space), space_images(context, "heldout", space))
+            bounds[space] = (found["tau"].value + found["delta"].value, found["calibrated_threshold"].value)
+        return _Candidates(sets, bounds, min(self.calibrated_n, len(context.members)), self.calibrated_alpha, context.shard)
+
+    def _attack(self, context: AuditContext, space: str, found: Mapping[str, Threshold], kept: _Kept) -> _SpaceRun:
         """Both attacks in one space, and the held-out images each flags with the same samples and thresholds."""
-        samples, shard = context.samples, context.shard
+        shard = context.shard
         members, heldout = space_images(context, "members", space), space_images(context, "heldout", space)
         tau, delta, cal_t = (found[k].value for k in ("tau", "delta", "calibrated_threshold"))
-        flags = clique_flags(samples, context.sample_labels, tau, self.min_clique, self.tile_size, shard=shard)
-        gf = _clique_result(flags, match_flagged(samples, flags, members, delta, shard=shard), len(members),
-                            {"tau": tau, "min_clique": self.min_clique, "delta": delta, "space": space,
-                             "tile_size": resolve_tile_size(samples.shape[-2], samples.shape[-1], self.tile_size)})
-        cal = calibrated_l2(samples, members, n=self.calibrated_n, alpha=self.calibrated_alpha, shard=shard)
+        flags = clique_flags(kept.images, kept.labels, tau, self.min_clique, self.tile_size, shard=shard)
+
+        def matched(references: Tensor) -> list[ExtractionRecord]:  # candidate rows -> indices among all samples
+            return [replace(r, sample_index=int(kept.index[r.sample_index]))
+                    for r in match_flagged(kept.images, flags, references, delta, shard=shard)]
+
+        gf = ExtractionResult("generate_and_filter", matched(members), int(flags.sum()), kept.num_samples, len(members),
+                              {"tau": tau, "min_clique": self.min_clique, "delta": delta, "space": space,
+                               "tile_size": resolve_tile_size(members.shape[-2], members.shape[-1], self.tile_size),
+                               "candidates": len(kept.images)})
+        v = kept.per_space[space]
+        cal = Calibrated(score=v["score"], nearest_index=v["nearest_index"], nearest_l2=v["nearest_l2"],
+                         n=min(self.calibrated_n, len(members)), alpha=float(self.calibrated_alpha), scale=v["scale"])
         cal_result = _calibrated_result(cal, cal_t, len(members), {"n": self.calibrated_n, "space": space})
 
         # Evidence for the rank test: a pair's l2 over the sample's scale (its calibrated l2), whichever attack flagged
@@ -194,16 +280,16 @@ class ExtractionAttack(AuditPlugin):
 
         control: dict[str, dict[int, float]] = {m: {} for m in METHODS}
         if heldout is not None:
-            control["generate_and_filter"] = evidence(match_flagged(samples, flags, heldout, delta, shard=shard))
+            control["generate_and_filter"] = evidence(matched(heldout))
             # The calibrated test against the members is l2 < threshold x the sample's scale (its neighbourhood among the
             # members); a held-out image passes in a member's place when it is the sample's nearest and within that radius.
-            nb = nearest_neighbors(samples, heldout, k=1, shard=shard)
-            passed = nb.distances[:, 0] < cal_t * cal.scale
-            control["calibrated_l2"] = evidence(_closest_per_train(nb.indices[passed, 0], passed.nonzero().squeeze(1), nb.distances[passed, 0]))
+            d_h, h = v["heldout_l2"], v["heldout"]
+            passed = d_h < cal_t * cal.scale
+            control["calibrated_l2"] = evidence(_closest_per_train(h[passed], passed.nonzero().squeeze(1), d_h[passed]))
         return _SpaceRun([gf, cal_result], {r.method: evidence(r.records) for r in (gf, cal_result)}, control)
 
     def run(self, context: AuditContext) -> ExtractionReport:
-        samples, ids = context.samples, context.data.members.ids
+        ids = context.data.members.ids
         groups = context.data.group_of()
         reps = sorted(set(groups.tolist()))
         num_control = len(context.heldout) if context.heldout is not None else 0
@@ -216,9 +302,10 @@ class ExtractionAttack(AuditPlugin):
         hits: dict[str, dict[int, float]] = {m: {} for m in METHODS}  # member row -> its evidence (see _SpaceRun)
         control: dict[str, dict[int, float]] = {m: {} for m in METHODS}
         labelled: list[tuple[ExtractionRecord, str]] = []
-        if len(samples):
+        kept = self.reduced(context) if context.num_samples else None
+        if kept is not None:
             for space in spaces:
-                ran = self._attack(context, space, found[space])
+                ran = self._attack(context, space, found[space], kept)
                 where = summary if space == "pixel" else summary.setdefault(
                     "decoded", {"thresholds": {k: t.to_dict() for k, t in found[space].items()}})
                 where.update({r.method: _summary(r, ids) for r in ran.results})
@@ -250,10 +337,10 @@ class ExtractionAttack(AuditPlugin):
         summary["by_copies"] = {str(k): v for k, v in by_copies([position[g] for g in extracted_groups], copies).items()}
         rates = {f"extraction {k}": t.heldout_rate for k, t in found["pixel"].items() if t.heldout_rate is not None}
         rates.update({f"extraction {k} (decoded)": t.heldout_rate for k, t in found.get("decoded", {}).items() if t.heldout_rate is not None})
-        grid = self._cases(samples, context.members, ids, labelled, context.data.group_copies(), context.data.members.captions)
+        grid = self._cases(kept, context.members, ids, labelled, context.data.group_copies(), context.data.members.captions)
         return ExtractionReport(summary, rates, grid)
 
-    def _cases(self, samples: Tensor, members: Tensor, ids: list[str], labelled: list[tuple[ExtractionRecord, str]],
+    def _cases(self, kept: _Kept | None, members: Tensor, ids: list[str], labelled: list[tuple[ExtractionRecord, str]],
                copies: Tensor, captions: list[str] | None = None) -> Cases:
         """The closest extracted pair of each extracted member, closest first, at most ``max_cases``."""
         best: dict[int, tuple[ExtractionRecord, str]] = {}
@@ -263,7 +350,7 @@ class ExtractionAttack(AuditPlugin):
         chosen = sorted(best.values(), key=lambda rm: rm[0].distance)[: self.max_cases]
         shape = (0, *members.shape[1:])
         return Cases(
-            samples=torch.stack([samples[r.sample_index] for r, _ in chosen]) if chosen else torch.empty(shape),
+            samples=torch.stack([kept.image(r.sample_index) for r, _ in chosen]) if chosen else torch.empty(shape),
             nearest=members[[r.train_index for r, _ in chosen]] if chosen else torch.empty(shape),
             distance=torch.tensor([float(r.distance) for r, _ in chosen]),
             member_ids=[ids[r.train_index] for r, _ in chosen],

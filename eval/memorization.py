@@ -20,6 +20,7 @@ from privdiff.shard import Shard
 
 from .controls import ChanceControl, keep_closest
 from .plugin import AuditContext, AuditPlugin, Column, Privacy, SummaryResult
+from .sample_stream import SampleReduction, concat
 from .thresholds import Threshold, calibrate, given
 
 PUBLISHED = 1 / 3  # Gu et al. 2023
@@ -210,6 +211,27 @@ def grouped_ratio(samples: Tensor, members: Tensor, groups: Tensor, shard: Shard
     return _ratio(d[:, 0], d2), idx[:, 0], d[:, 0]
 
 
+@dataclass
+class _Nearest(SampleReduction):
+    """Per sample: the grouped ratio, the nearest member and its l2, and the nearest held-out image and its l2."""
+
+    members: Tensor
+    groups: Tensor
+    heldout: Tensor | None
+    shard: Shard | None
+
+    def update(self, images: Tensor, labels: Tensor | None, first: int) -> dict[str, Tensor]:
+        ratio, nearest, d1 = grouped_ratio(images, self.members, self.groups, self.shard)
+        out = {"ratio": ratio, "nearest": nearest, "d1": d1}
+        if self.heldout is not None:
+            nb = nearest_neighbors(images, self.heldout, k=1, shard=self.shard)
+            out.update(heldout_l2=nb.distances[:, 0], heldout=nb.indices[:, 0])
+        return out
+
+    def merge(self, shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return {key: concat(shards, key) for key in shards[0]} if shards else {}
+
+
 class NNRatioMemorization(AuditPlugin):
     """Share of samples memorized by Gu et al. 2023's nearest / second-nearest member ratio.
 
@@ -229,6 +251,12 @@ class NNRatioMemorization(AuditPlugin):
             raise ValueError(f"memorization threshold must be in (0, 1], got {threshold!r}")
         self.threshold, self.flag_rate = threshold, flag_rate
 
+    def reduction(self, context: AuditContext) -> SampleReduction | None:
+        if len(context.members) < 2 or len(set(context.data.group_of().tolist())) < 2:
+            return None  # no ratio to take (run says so)
+        heldout = context.heldout.unit() if context.heldout is not None and len(context.heldout) else None
+        return _Nearest(context.members, context.data.group_of(), heldout, context.shard)
+
     def run(self, context: AuditContext) -> MemorizationReport:
         members, groups = context.members, context.data.group_of()
         summary: dict[str, Any] = {}
@@ -245,33 +273,34 @@ class NNRatioMemorization(AuditPlugin):
             raise ValueError("the NN-ratio threshold is calibrated on held-out images, and there are none: give data.num_heldout > 0")
         if context.heldout is not None and len(context.heldout):
             threshold.evaluate(grouped_ratio(context.heldout.unit(), members, groups, context.shard)[0])
-        if len(context.samples):
-            ratio, nearest, d1 = grouped_ratio(context.samples, members, groups, context.shard)
+        if context.num_samples:
+            near = self.reduced(context)
+            ratio, nearest, d1 = near["ratio"], near["nearest"], near["d1"]
             memorized = threshold.flags(ratio)
             matched = sorted({int(groups[i]) for i in nearest[memorized].tolist()})
             summary = MemorizationResult(
                 threshold=threshold.value, ratio=ratio, nearest_index=nearest, nearest_l2=d1, memorized=memorized,
                 matched_indices=matched, num_references=len(set(groups.tolist())),
             ).to_dict()
-            summary["control"] = self._control(context, threshold, groups, nearest, d1, memorized).to_dict()
+            summary["control"] = self._control(context, threshold, groups, near, memorized).to_dict()
         summary["thresholds"] = {"threshold": threshold.to_dict()}
         rates = {"memorization NN-ratio": threshold.heldout_rate} if threshold.heldout_rate is not None else {}
         return MemorizationReport(summary, rates)
 
     @staticmethod
-    def _control(context: AuditContext, threshold: Threshold, groups: Tensor, nearest: Tensor, d1: Tensor, memorized: Tensor) -> ChanceControl:
+    def _control(context: AuditContext, threshold: Threshold, groups: Tensor, near: dict[str, Tensor], memorized: Tensor) -> ChanceControl:
         """The member groups matched beside the held-out images matched with them in a member's place.
 
         A held-out image h in the members' place is matched by a sample x when it is x's nearest image and the ratio
         l2(x, h) / l2(x, nearest member) passes the same threshold (below 1, the second implies the first).
         """
         reps = len(set(groups.tolist()))
+        nearest, d1 = near["nearest"], near["d1"]
         best = keep_closest({}, ((int(groups[i]), d) for i, d in zip(nearest[memorized].tolist(), d1[memorized].tolist())))
         heldout = context.heldout
         if heldout is None or not len(heldout):
             return ChanceControl.of_evidence("NN-ratio", best, reps, {}, 0)
-        nb = nearest_neighbors(context.samples, heldout.unit(), k=1, shard=context.shard)
-        d_h, h = nb.distances[:, 0], nb.indices[:, 0]
+        d_h, h = near["heldout_l2"], near["heldout"]
         passed = threshold.flags(_ratio(d_h, d1))
         chance = keep_closest({}, zip(h[passed].tolist(), d_h[passed].tolist()))
         return ChanceControl.of_evidence("NN-ratio", best, reps, chance, len(heldout))

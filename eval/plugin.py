@@ -23,6 +23,8 @@ from privdiff.membership import ImageTable, Manifest
 from privdiff.model import DiffusionModel
 from privdiff.shard import Shard
 
+from .sample_stream import SampleReduction, reduce_at_once
+
 __all__ = ["AuditContext", "AuditData", "AuditPlugin", "AuditResult", "Cases", "Column", "Privacy", "setting_panels",
            "table_condition"]
 
@@ -90,6 +92,15 @@ class AuditContext:
     # copy_thresholds(space) -> {"tau", "delta", "calibrated_threshold": Threshold}: the copy criteria of the audit's
     # extraction attack as configured, computed once by the runner; what another plugin that flags copies uses
     copy_thresholds: Callable[[str], Mapping[str, Any]] | None = None
+    # the audit's samples as each plugin's SampleReduction kept them (keyed by id of the plugin), where the runner
+    # streamed them in shards (then ``samples`` is empty and ``sample_count`` says how many there were)
+    reductions: dict[int, Any] = field(default_factory=dict)
+    sample_count: int | None = None
+
+    @property
+    def num_samples(self) -> int:
+        """How many samples the audit drew (and kept through the generation-side defenses)."""
+        return self.sample_count if self.sample_count is not None else len(self.samples)
 
     def memoized(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per audit for ``key`` (a hashable of everything the result depends on but the context)."""
@@ -210,6 +221,21 @@ class AuditPlugin(ABC):
 
     def check(self, num_members: int, num_heldout: int) -> None:
         """Raise ``ValueError`` before training when this plugin cannot run on data of these sizes."""
+
+    def reduction(self, context: AuditContext) -> SampleReduction | None:
+        """What this plugin keeps of each shard of the audit's samples (None: it reads no samples, or reads
+        ``context.samples`` whole, which then holds every sample)."""
+        return None
+
+    def reduced(self, context: AuditContext) -> Any:
+        """This plugin's reduction of the audit's samples: the runner's, streamed shard by shard; for a context built
+        with its samples in hand, one pass over them."""
+        if id(self) in context.reductions:
+            return context.reductions[id(self)]
+        reduction = self.reduction(context)
+        if reduction is None:
+            raise TypeError(f"{type(self).__name__} reads reduced samples but defines no reduction")
+        return reduce_at_once(reduction, context.samples, context.sample_labels)
 
     @abstractmethod
     def run(self, context: AuditContext) -> AuditResult | None:

@@ -36,6 +36,9 @@ from privdiff.weights import cached_or_downloaded, load_checked_weights, privdif
 
 from ..train.preparation import CachedFit, ClassifierFit, run_preparation
 from .plugin import AuditContext, AuditPlugin, AuditResult, Column, Privacy
+from .sample_stream import SampleReduction, concat
+
+FEATURE_SUBSET = 4096  # samples whose features KID and recall read (their subsets and balls need the features themselves)
 
 BACKBONES: tuple[str, ...] = ("inception", "classifier")
 _METADATA_KEY = "privdiff.small_classifier"
@@ -406,16 +409,21 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3, block: int = 1024) 
     recall the share of real points inside some fake ball (coverage). Written here because
     torchmetrics has no such metric; blocked, so no full N x M matrix is held.
     """
-    def radii(x: Tensor) -> Tensor:
-        kk = min(k + 1, len(x))
-        return torch.cat([torch.cdist(x[i : i + block], x).topk(kk, largest=False).values[:, -1] for i in range(0, len(x), block)])
-
-    def covered(points: Tensor, centres: Tensor, r: Tensor) -> float:
-        inside = [(torch.cdist(points[i : i + block], centres) <= r[None]).any(1) for i in range(0, len(points), block)]
-        return float(torch.cat(inside).float().mean())
-
     real, fake = real.double(), fake.double()
-    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+    return covered(fake, real, ball_radii(real, k, block), block).float().mean().item(), \
+        covered(real, fake, ball_radii(fake, k, block), block).float().mean().item()
+
+
+def ball_radii(x: Tensor, k: int = 3, block: int = 1024) -> Tensor:
+    """(N,) each point's distance to its k-th nearest neighbour in its own set (itself excluded)."""
+    kk = min(k + 1, len(x))
+    return torch.cat([torch.cdist(x[i : i + block], x).topk(kk, largest=False).values[:, -1] for i in range(0, len(x), block)])
+
+
+def covered(points: Tensor, centres: Tensor, radii: Tensor, block: int = 1024) -> Tensor:
+    """(N,) bool: which points lie inside some centre's ball."""
+    inside = [(torch.cdist(points[i : i + block], centres) <= radii[None]).any(1) for i in range(0, len(points), block)]
+    return torch.cat(inside) if inside else torch.zeros(0, dtype=torch.bool)
 
 
 def _cache_dir() -> Path:
@@ -509,6 +517,47 @@ class QualityReport(AuditResult):
         return notes
 
 
+class _Features(nn.Module):
+    """Features given as input (KID of features already extracted)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+@dataclass
+class _FeatureStats(SampleReduction):
+    """What quality keeps of each shard: the samples' feature sums (FID's mean and covariance, summed as torchmetrics
+    sums them, batch by batch in float64), how many lie in some real image's ball (precision), and the features of
+    the first ``subset`` samples (KID's subsets and recall's balls)."""
+
+    extractor: nn.Module
+    real_features: Tensor
+    real_radii: Tensor
+    subset: int = FEATURE_SUBSET
+    batch_size: int = 256
+
+    def update(self, images: Tensor, labels: Tensor | None, first: int) -> dict[str, Tensor]:
+        f = extract_features(self.extractor, images, self.batch_size)
+        width = self.extractor.num_features
+        total, outer = torch.zeros(width, dtype=torch.float64), torch.zeros(width, width, dtype=torch.float64)
+        for i in range(0, len(f), self.batch_size):
+            part = f[i : i + self.batch_size].double()
+            total += part.sum(0)
+            outer += part.t().mm(part)
+        inside = covered(f.double(), self.real_features.double(), self.real_radii)
+        return {"sum": total, "outer": outer, "count": torch.tensor([len(f)]), "inside": inside.sum().reshape(1),
+                "subset": f[: max(0, self.subset - first)]}
+
+    def merge(self, shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return {"sum": sum(s["sum"] for s in shards), "outer": sum(s["outer"] for s in shards),
+                "count": concat(shards, "count").sum(), "inside": concat(shards, "inside").sum(),
+                "subset": concat(shards, "subset")}
+
+
 class SampleQuality(AuditPlugin):
     """FID (Heusel et al. 2017), KID (Binkowski et al. 2018) and precision/recall (Kynkaanniemi et al. 2019) of the samples.
 
@@ -536,23 +585,43 @@ class SampleQuality(AuditPlugin):
         if self.backbone == "inception":
             load_feature_extractor("inception", weights_path=self.weights)  # its weights: now, not after training
 
-    def run(self, context: AuditContext) -> QualityReport | None:
-        if len(context.samples) < 2:
-            return None
+    def _real(self, context: AuditContext) -> tuple[Tensor, Tensor | None, dict]:
+        """The real images, their labels, and what the report says of them."""
         data = context.data
         if self.real == "heldout":
             table = data.heldout
         else:
             table = data.pool if (self.real == "pool" and data.pool is not None) else data.members
-        real = table.unit()
-        extra: dict = {"real": self.real}
-        classifier = None
-        if self.backbone == "classifier":
-            classifier, extra["classifier"] = cached_feature_classifier(real, table.labels, seed=context.seed, cache_dir=self.cache_dir)
-        extractor = load_feature_extractor(self.backbone, classifier, self.weights)
-        result = compute_quality(real, context.samples, feature_extractor=extractor, seed=context.seed)
-        real_f, fake_f = extract_features(extractor, real), extract_features(extractor, context.samples)
-        extra["precision"], extra["recall"] = precision_recall(real_f, fake_f)
+        return table.unit(), table.labels, {"real": self.real}
+
+    def _extractor(self, context: AuditContext) -> tuple[nn.Module, Tensor, dict]:
+        """The feature extractor (training or loading the classifier once per audit), the real images, what to report."""
+        def load() -> tuple[nn.Module, Tensor, dict]:
+            real, labels, extra = self._real(context)
+            classifier = None
+            if self.backbone == "classifier":
+                classifier, extra["classifier"] = cached_feature_classifier(real, labels, seed=context.seed, cache_dir=self.cache_dir)
+            return load_feature_extractor(self.backbone, classifier, self.weights), real, extra
+
+        return context.memoized(("quality features", self.backbone, self.real, self.weights, self.cache_dir), load)
+
+    def reduction(self, context: AuditContext) -> SampleReduction | None:
+        extractor, real, _ = self._extractor(context)
+        real_f = context.memoized(("quality real features", self.backbone, self.real), lambda: extract_features(extractor, real))
+        return _FeatureStats(extractor, real_f, ball_radii(real_f.double()))
+
+    def run(self, context: AuditContext) -> QualityReport | None:
+        if context.num_samples < 2:
+            return None
+        stats = self.reduced(context)
+        extractor, real, extra = self._extractor(context)
+        extra = dict(extra)
+        real_f = context.memoized(("quality real features", self.backbone, self.real), lambda: extract_features(extractor, real))
+        result = _fid_kid(extractor, real, real_f, stats, context.seed)
+        extra["precision"] = float(stats["inside"]) / int(stats["count"])
+        extra["recall"] = covered(real_f.double(), stats["subset"].double(), ball_radii(stats["subset"].double())).float().mean().item()
+        if len(stats["subset"]) < int(stats["count"]):
+            extra["feature_subset"] = len(stats["subset"])  # KID and recall read the first samples' features only
         half = torch.randperm(len(real), generator=torch.Generator().manual_seed(context.seed))
         a, b = real[half[: len(real) // 2]], real[half[len(real) // 2 :]]
         noise = torch.rand((min(len(real), 512), *real.shape[1:]), generator=torch.Generator().manual_seed(context.seed))
@@ -560,3 +629,30 @@ class SampleQuality(AuditPlugin):
         fid_noise = compute_quality(real, noise, feature_extractor=extractor, kid_subsets=10, seed=context.seed).fid
         extra["reference"] = {"fid_real_vs_real": fid_rr, "fid_noise": fid_noise, "ok": fid_noise > 5 * max(fid_rr, 1e-6)}
         return QualityReport(result, extra)
+
+
+def _fid_kid(extractor: nn.Module, real: Tensor, real_f: Tensor, stats: dict[str, Tensor], seed: int,
+             kid_subset_size: int = 1000, kid_subsets: int = 100, batch_size: int = 256) -> QualityResult:
+    """FID from the samples' streamed feature sums and KID from their feature subset, each against the real images,
+    computed by torchmetrics as :func:`compute_quality` computes them from images."""
+    params = list(extractor.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    fake_f, count = stats["subset"], int(stats["count"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+        fid = FrechetInceptionDistance(feature=extractor, reset_real_features=True).to(device)
+        kid = KernelInceptionDistance(feature=_Features(extractor.num_features), subsets=kid_subsets,
+                                      subset_size=min(kid_subset_size, len(real), len(fake_f)))
+    for i in range(0, len(real), batch_size):
+        fid.update(real[i : i + batch_size].to(device, torch.float32), real=True)
+    fid.fake_features_sum = stats["sum"].to(device)
+    fid.fake_features_cov_sum = stats["outer"].to(device)
+    fid.fake_features_num_samples = torch.tensor(count, device=device)
+    kid.update(real_f, real=True)
+    kid.update(fake_f, real=False)
+    fid_value = float(fid.compute())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return QualityResult(fid=fid_value, kid_mean=float(kid_mean), kid_std=float(kid_std),
+                         backbone=getattr(extractor, "name", type(extractor).__name__), num_real=len(real), num_fake=count)

@@ -54,11 +54,13 @@ def generate(
     max_rounds: int = 3,
     progress: bool = True,
     shard: Shard | None = None,
+    stream: int = 0,
 ) -> Generated:
     """Draw ``num_samples`` images in [0, 1] from ``model``, applying generation-side defenses.
 
     Batch ``b`` uses a generator seeded with ``(seed, b)``, so the same seed gives the same images
-    whatever process draws the batch. A sample a defense rejects is redrawn (same label) up to
+    whatever process draws the batch; ``stream`` > 0 draws an independent sequence of batches under the same seed
+    (the audit's shard ``stream`` of its samples). A sample a defense rejects is redrawn (same label) up to
     ``max_rounds`` rounds; samples still rejected then are dropped and counted in ``num_rejected``.
     A class-conditional model gets balanced labels when ``class_labels`` is None; a text-to-image
     model needs ``prompts`` (one per sample), and ``labels`` then numbers the distinct prompts (so
@@ -101,7 +103,7 @@ def generate(
             rows = pending[starts[j] : starts[j] + batch_size]
             labels = class_labels[rows] if class_labels is not None else None
             cond = [prompts[i] for i in rows.tolist()] if prompts is not None else labels
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + batch_index + j)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + batch_index + j + (stream << 40))
             if adjusting:
                 cond = stack.adjust_condition(model, cond, gen, replace(context, labels=labels))
             drawn_batches.append((j, model.sample(len(rows), solver, steps, cond, gen).cpu()))
@@ -145,13 +147,21 @@ def sample_sanity(samples: torch.Tensor, real: torch.Tensor) -> dict:
     fake extractions and a small FID. ``ok`` is False when either share exceeds the real images'
     by more than ``SATURATION_EXCESS``.
     """
-    def shares(x: torch.Tensor) -> tuple[float, float]:
-        if not x.numel():
-            return 0.0, 0.0
-        return float((x <= 0.5 / 255).float().mean()), float((x >= 254.5 / 255).float().mean())
+    return saturation_sanity(saturated_pixels(samples), real)
 
-    low, high = shares(samples)
-    real_low, real_high = shares(real)
+
+def saturated_pixels(x: torch.Tensor) -> tuple[int, int, int]:
+    """Pixels at 0, pixels at 1, and all pixels of images in [0, 1] (counts add up over shards of samples)."""
+    return int((x <= 0.5 / 255).sum()), int((x >= 254.5 / 255).sum()), x.numel()
+
+
+def saturation_sanity(counts: tuple[int, int, int], real: torch.Tensor) -> dict:
+    """:func:`sample_sanity` from the samples' :func:`saturated_pixels` counts."""
+    def shares(c: tuple[int, int, int]) -> tuple[float, float]:
+        return (c[0] / c[2], c[1] / c[2]) if c[2] else (0.0, 0.0)
+
+    low, high = shares(counts)
+    real_low, real_high = shares(saturated_pixels(real))
     ok = low - real_low <= SATURATION_EXCESS and high - real_high <= SATURATION_EXCESS
     return {"saturated_low": low, "saturated_high": high, "real_saturated_low": real_low, "real_saturated_high": real_high,
             "excess_limit": SATURATION_EXCESS, "ok": ok}

@@ -2,6 +2,7 @@
 
     python scripts/bench_audit.py            # ~5 minutes on 2 cores
     python scripts/bench_audit.py --quick    # one small point per axis
+    python scripts/bench_audit.py --memory   # peak memory at 2^14 and 2^16 samples, streamed and held at once
 
 Part 1 runs ``privdiff.eval.audit.run_audit`` (the quickstart's audit settings: DPM-Solver++ 20
 steps, generate-and-filter and calibrated-l2 extraction, memorization ratio, loss/PIA/SecMI, FID
@@ -16,10 +17,20 @@ Inception-v3's published 5.7 GFLOPs per image for FID), and divided by the rate 
 *here*, expressed as a fraction of this machine's fp32 matrix-product rate measured in the same
 run, times the GPU's fp32 peak (``--gpu-tflops``; default 67, an H100 SXM's fp32). It assumes the
 stages keep on a GPU the fraction of peak they reach here; it is an estimate, not a measurement.
+
+``--memory`` measures instead the audit's peak resident memory (each point in a fresh process) at 2^14 and 2^16
+samples of 16x16 against 512 digit members and 512 held-out digits (FID and precision/recall, both extraction attacks,
+NN-ratio): streamed in shards of 4096 (the default), and, for contrast, in one shard holding every sample. The samples
+come from a stand-in model that draws uniform noise with one noisy copy of a member in 64 samples (drawn by the
+batch's generator, as a sampler's), so that the time goes to the audit rather than to a UNet on 2 cores; a UNet's
+sampling holds one batch at a time either way.
 """
 
 from __future__ import annotations
 
+import resource
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -90,16 +101,87 @@ def cifar10_ddpm_unet() -> torch.nn.Module:
     return build_unet(32, 3, (128, 256, 256, 256), 2, (1,), norm_num_groups=32)
 
 
-def main(threads: int = 2, quick: bool = False, gpu_tflops: float = 67.0) -> None:
+class NoiseSampler(torch.nn.Module):
+    """The stand-in model of ``--memory``: uniform noise, and a noisy copy of a member in one sample of 64."""
+
+    def __init__(self, members: torch.Tensor) -> None:
+        super().__init__()
+        from privdiff.train.pixel import PixelDiffusion
+
+        self.model = PixelDiffusion(16, 1, block_out_channels=(8, 16), attention_levels=(), num_train_timesteps=100)
+        self.members = members
+
+    def __call__(self):
+        members, model = self.members, self.model
+
+        def sample(n, solver="ancestral", steps=50, cond=None, generator=None):
+            x = torch.rand(n, *members.shape[1:], generator=generator)
+            copy = torch.rand(n, generator=generator) < 1 / 64
+            rows = torch.randint(0, len(members), (n,), generator=generator)
+            x[copy] = (members[rows[copy]] + 0.02 * torch.randn(x[copy].shape, generator=generator)).clamp(0, 1)
+            return x
+
+        model.sample = sample
+        return model
+
+
+def one_memory_point(num_samples: int, shard_size: int) -> None:
+    """One ``--memory`` point in this process: print resident memory before the audit and at its peak (MiB)."""
+    from privdiff.eval.extraction import ExtractionAttack
+    from privdiff.eval.memorization import NNRatioMemorization
+    from privdiff.eval.quality import SampleQuality
+    from privdiff.train.data import load_builtin
+
+    pool = load_builtin("digits", 16, 1)
+    members, heldout = pool.select(range(512)), pool.select(range(512, 1024))
+    data = AuditData(members=members, heldout=heldout, copies=torch.ones(512, dtype=torch.long), pool=pool)
+    config = AuditConfig(num_samples=num_samples, shard_size=shard_size, batch_size=256, progress=False, attacks={
+        "quality": SampleQuality(), "extraction": ExtractionAttack(min_clique=5), "memorization": NNRatioMemorization()})
+    model = NoiseSampler(members.unit())()
+    run_audit(model, data, AuditConfig(**{**config.__dict__, "num_samples": 256}))  # warm-up: libraries, classifier cache
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    result = run_audit(model, data, config)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{num_samples} {shard_size} {before:.0f} {peak:.0f} {time.perf_counter() - start:.1f} "
+          f"{result['extraction']['union']['extracted']} {result['quality']['fid']:.2f}")
+
+
+def measure_memory(threads: int) -> None:
+    """Peak memory of the audit at 2^14 and 2^16 samples, streamed and in one shard; each point in a fresh process."""
+    print("audit peak resident memory (MiB), 16x16 samples vs 512 members; each point a fresh process")
+    print(f"{'samples':>8} {'shard':>8} {'before':>8} {'peak':>8} {'growth':>8} {'samples held':>13} {'seconds':>8} "
+          f"{'extracted':>9} {'FID':>7}")
+    for shard_size, counts in ((4096, (2**14, 2**16)), (None, (2**14, 2**16))):
+        for n in counts:
+            out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--memory-point", str(n),
+                                  "--shard-size", str(shard_size or n)], capture_output=True, text=True, check=True)
+            _, size, before, peak, seconds, extracted, fid = out.stdout.split()[-7:]
+            held = n * 16 * 16 * 4 / 2**20
+            print(f"{n:>8} {size:>8} {before:>8} {peak:>8} {float(peak) - float(before):>8.0f} {held:>12.0f}M "
+                  f"{seconds:>8} {extracted:>9} {fid:>7}")
+
+
+def main(threads: int = 2, quick: bool = False, gpu_tflops: float = 67.0, memory: bool = False, memory_point: int = 0,
+         shard_size: int = 4096) -> None:
     """Time the audit's stages at growing sizes here, then estimate the paper's scale on one GPU.
 
     Args:
         threads: torch CPU threads
         quick: one small point per axis
         gpu_tflops: the GPU's fp32 peak in TFLOP/s (H100 SXM: 67)
+        memory: measure the audit's peak memory at 2^14 and 2^16 samples instead
+        memory_point: (internal) one memory point of this many samples in this process
+        shard_size: (internal) the memory point's audit shard size
     """
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
+    if memory_point:
+        one_memory_point(memory_point, shard_size)
+        return
+    if memory:
+        measure_memory(threads)
+        return
     model = quickstart_model()
     fixed_members, fixed_samples = (256, 256) if quick else (1024, 1024)
     sample_points = (256,) if quick else (256, 1024, 4096)

@@ -76,7 +76,7 @@ def workload(shard) -> dict:
     refs[3] = queries[5]  # an exact copy: recomputed exactly, distance 0
     nb = nearest_neighbors(queries, refs, k=4, block_size=5, shard=shard)
     out["knn"] = (nb.distances, nb.indices)
-    config = AuditConfig(num_samples=48, batch_size=7, steps=2, solver="ddim", progress=False, attacks={
+    config = AuditConfig(num_samples=48, batch_size=7, shard_size=21, steps=2, solver="ddim", progress=False, attacks={
         "extraction": ExtractionAttack(min_clique=3, tau=0.05, delta=0.05, calibrated_threshold=0.35, calibrated_n=8),
         "memorization": NNRatioMemorization(),
     })

@@ -1,0 +1,151 @@
+"""The audit draws and reduces its samples in shards: the same numbers as one pass, and a killed audit resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from privdiff.eval import audit as audit_module
+from privdiff.eval.audit import SHARD_FOLDER, AuditConfig, AuditData, run_audit
+from privdiff.eval.carlini import generate_and_filter
+from privdiff.eval.extraction import ExtractionAttack
+from privdiff.eval.memorization import NNRatioMemorization
+from privdiff.eval.plugin import AuditContext
+from privdiff.eval.quality import SampleQuality
+from privdiff.eval.sample_stream import stream_samples
+from privdiff.eval.sampling import Generated
+from privdiff.train.data import load_builtin
+from privdiff.train.pixel import PixelDiffusion
+
+
+class CopyingSampler(PixelDiffusion):
+    """Samples are noisy copies of six members or uniform noise, chosen by the batch's generator only."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        super().__init__(16, 1, block_out_channels=(8, 16), attention_levels=(), num_train_timesteps=100)
+        self.images = images
+
+    def sample(self, n, solver="ddim", steps=10, cond=None, generator=None):
+        rows = torch.randint(0, 6, (n,), generator=generator)
+        noise = torch.randn(n, *self.images.shape[1:], generator=generator)
+        novel = torch.rand(n, generator=generator) < 0.5
+        x = torch.where(novel.view(-1, 1, 1, 1), torch.rand(n, *self.images.shape[1:], generator=generator),
+                        self.images[rows] + 0.01 * noise)
+        return x.clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    pool = load_builtin("digits", 16, 1)
+    members, heldout = pool.select(range(40)), pool.select(range(40, 80))
+    return AuditData(members, heldout, torch.ones(len(members), dtype=torch.long), pool=pool)
+
+
+def plugins(tmp_path) -> dict:
+    return {"quality": SampleQuality(cache_dir=str(tmp_path / "cache")),
+            "extraction": ExtractionAttack(min_clique=3, calibrated_n=8),
+            "memorization": NNRatioMemorization()}
+
+
+def comparable(result: dict) -> dict:
+    """An audit.json without what may differ between two runs of one audit: timings, folders, how it was resumed."""
+    out = json.loads(json.dumps(result))
+    for key in ("timings_s", "environment"):
+        out.pop(key)
+    out["run"].pop("run_dir")
+    out["sampling"].pop("resumed_shards")
+    if "quality" in out:
+        out["quality"].pop("classifier")  # trained by the first audit, read from the cache by the next
+    return out
+
+
+def test_plugins_reduce_shards_as_they_reduce_all_samples_at_once(digits, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = CopyingSampler(digits.members.unit()[:6])
+    samples = model.sample(72, generator=torch.Generator().manual_seed(3))
+    found = {}
+    for shard_size in (72, 20):  # one shard; four shards, the last one short
+        context = AuditContext(model, digits, torch.empty(0, 1, 16, 16), heldout=digits.heldout, calibration=digits.heldout,
+                               sample_count=len(samples))
+        named = plugins(tmp_path)
+        reductions = {name: p.reduction(context) for name, p in named.items()}
+
+        def draw(k, first, count):
+            return Generated(samples[first : first + count], None, count, 0)
+
+        streamed = stream_samples(draw, len(samples), shard_size, reductions)
+        context.reductions = {id(p): streamed.reduced[name] for name, p in named.items()}
+        found[shard_size] = {name: p.run(context).to_dict() for name, p in named.items()}
+        found[shard_size]["quality"].pop("classifier")  # trained by the first, read from the cache by the second
+    for name in found[72]:
+        assert found[20][name] == found[72][name], (name, {k: (v, found[72][name].get(k)) for k, v in found[20][name].items() if v != found[72][name].get(k)})
+    assert found[72]["extraction"]["union"]["extracted"] >= 3 and found[72]["memorization"]["num_memorized"] > 0
+    # the one-pass run equals the plugin on samples in hand too (a context built by hand)
+    context = AuditContext(model, digits, samples, heldout=digits.heldout, calibration=digits.heldout)
+    assert ExtractionAttack(min_clique=3, calibrated_n=8).run(context).to_dict() == found[72]["extraction"]
+
+
+def test_cliques_among_the_candidates_extract_what_cliques_among_all_samples_do(digits) -> None:
+    model = CopyingSampler(digits.members.unit()[:6])
+    samples = model.sample(96, generator=torch.Generator().manual_seed(4))
+    members = digits.members.unit()
+    attack = ExtractionAttack(tau=0.1, delta=0.1, calibrated_threshold=0.3, min_clique=4, calibrated_n=8)
+    context = AuditContext(model, digits, samples, heldout=digits.heldout, calibration=digits.heldout)
+    kept = attack.reduced(context)
+    assert 0 < len(kept.images) < len(samples)  # the noise samples are no candidates
+    summary = attack.run(context).to_dict()["generate_and_filter"]
+    every = generate_and_filter(samples, members, tau=0.1, delta=0.1, min_clique=4)
+    assert summary["extracted"] == every.num_extracted >= 3
+    assert [r["sample"] for r in summary["records"]] == [r.sample_index for r in sorted(every.records, key=lambda r: r.distance)]
+
+
+def test_an_audit_killed_mid_sampling_resumes_with_the_numbers_of_an_uninterrupted_one(digits, tmp_path, monkeypatch) -> None:
+    model = CopyingSampler(digits.members.unit()[:6])
+    config = AuditConfig(num_samples=64, shard_size=16, batch_size=8, steps=2, solver="ddim", progress=False,
+                         attacks=plugins(tmp_path))
+    whole = run_audit(model, digits, config, run_dir=tmp_path / "whole")
+    assert not (tmp_path / "whole" / SHARD_FOLDER).exists()  # removed when the audit ends: they hold copies
+
+    real_generate, calls = audit_module.generate, []
+
+    def killed_at_third_shard(*args, **kwargs):
+        calls.append(kwargs["stream"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(audit_module, "generate", killed_at_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(model, digits, config, run_dir=tmp_path / "resumed")
+    assert sorted(p.name for p in (tmp_path / "resumed" / SHARD_FOLDER).iterdir()) == ["shard_00000.safetensors", "shard_00001.safetensors"]
+
+    calls.clear()
+    monkeypatch.setattr(audit_module, "generate", lambda *a, **k: (calls.append(k["stream"]), real_generate(*a, **k))[1])
+    resumed = run_audit(model, digits, config, run_dir=tmp_path / "resumed")
+    assert calls == [2, 3] and resumed["sampling"]["resumed_shards"] == 2
+    assert comparable(resumed) == comparable(whole)
+    assert whole["extraction"]["union"]["extracted"] >= 3  # a non-trivial result was compared
+
+
+def test_shards_of_another_audit_are_not_resumed_from(digits, tmp_path, monkeypatch) -> None:
+    model = CopyingSampler(digits.members.unit()[:6])
+    config = AuditConfig(num_samples=32, shard_size=16, batch_size=8, steps=2, solver="ddim", progress=False,
+                         attacks={"memorization": NNRatioMemorization()})
+    real_generate, calls = audit_module.generate, []
+
+    def killed_at_second_shard(*args, **kwargs):
+        calls.append(kwargs["stream"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(audit_module, "generate", killed_at_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(model, digits, config, run_dir=tmp_path)
+    monkeypatch.setattr(audit_module, "generate", real_generate)
+    other = AuditConfig(**{**config.__dict__, "seed": 1})
+    resumed = run_audit(model, digits, other, run_dir=tmp_path)
+    assert resumed["sampling"]["resumed_shards"] == 0
+    assert comparable(resumed) == comparable(run_audit(model, digits, other))
