@@ -56,8 +56,10 @@ class AuditData:
 
 @dataclass
 class AuditContext:
-    """What a plugin may look at. ``samples`` are the audit's generated images in [0, 1] (after
-    the generation-side defenses), ``sample_labels`` the class each was drawn for (or None).
+    """What a plugin may look at. The runner draws the audit's samples in shards and gives each plugin what its
+    :meth:`AuditPlugin.reduction` kept of them (:meth:`AuditPlugin.reduced`); ``samples`` holds the generated images
+    in [0, 1] themselves (after the generation-side defenses) only where a plugin without a reduction reads them, or
+    where the context was built by hand with them, and ``sample_labels`` the class each was drawn for (or None).
 
     The held-out images come in two parts: ``calibration`` (set aside to take thresholds from) and
     ``heldout`` (the rest: non-members of membership inference, and where a threshold's false-flag

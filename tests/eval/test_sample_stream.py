@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +153,19 @@ def test_shards_of_another_audit_are_not_resumed_from(digits, tmp_path, monkeypa
     resumed = run_audit(model, digits, other, run_dir=tmp_path)
     assert resumed["sampling"]["resumed_shards"] == 0
     assert comparable(resumed) == comparable(run_audit(model, digits, other))
+
+
+def test_the_documented_plugin_with_a_reduction_runs_in_a_streamed_audit(digits, monkeypatch) -> None:
+    text = (Path(__file__).parents[2] / "docs" / "extending.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", text, re.S) if block.startswith("# myattacks.py"))
+    module = types.ModuleType("myattacks")
+    monkeypatch.setitem(sys.modules, "myattacks", module)
+    exec(compile(code, "docs/extending.md", "exec"), module.__dict__)
+    namespace = module.__dict__
+    model = CopyingSampler(digits.members.unit()[:6])
+    plugin = namespace["NearestMemberDistance"]()
+    config = AuditConfig(num_samples=48, shard_size=16, batch_size=8, steps=2, solver="ddim", progress=False,
+                         attacks={"nearest_member": plugin})
+    result = run_audit(model, digits, config)
+    # half the samples are copies of members at l2 ~0.01, half uniform noise far from every digit
+    assert 0 < result["nearest_member"]["median_l2"] < 0.5 and result["sampling"]["num_samples"] == 48
