@@ -265,7 +265,8 @@ def _stream(model: DiffusionModel, data: AuditData, config: AuditConfig, stack: 
             generated.labels = torch.tensor([number[p] for p in dict.fromkeys(part)])[generated.labels]
         return generated
 
-    fingerprint = digest(config.to_dict(), config.shard_size, data.members.ids, context.calibration.ids if context.calibration
+    settings = {k: v for k, v in config.to_dict().items() if k != "progress"}
+    fingerprint = digest(settings, data.members.ids, context.calibration.ids if context.calibration
                          else None, context.heldout.ids if context.heldout else None, record.describe,
                          model=model) if folder is not None else ""
     streamed = stream_samples(draw, config.num_samples, config.shard_size, reductions, folder=folder, fingerprint=fingerprint,
@@ -573,6 +574,14 @@ def load_audit_data(manifest: Manifest) -> AuditData:
     return data
 
 
+def _unfinished_audit(audits: Path) -> Path | None:
+    """The newest audit folder under ``audits`` left with finished shards and no audit.json (a killed audit)."""
+    if not audits.is_dir():
+        return None
+    killed = [d for d in audits.iterdir() if (d / SHARD_FOLDER).is_dir() and not (d / "audit.json").exists()]
+    return max(killed, key=lambda d: d.name, default=None)
+
+
 def audit_saved(
     run: str | None = None,
     model: str | None = None,
@@ -593,7 +602,9 @@ def audit_saved(
         manifest: the manifest.json of the run that trained ``model`` (members and held-out images).
         audit: the audit's settings (``-c configs/audit/full.yaml``, ``--audit.num_samples ...``).
         out: where audit.json and the report go; default a new folder audits/<UTC time> in the
-            run directory (or beside the manifest), so the run's own audit.json is never overwritten.
+            run directory (or beside the manifest), so the run's own audit.json is never overwritten; or
+            the newest such folder whose audit was killed mid-sampling (it resumes from its finished shards
+            when its settings, data and weights are those of this audit, and starts afresh otherwise).
         defenses: generation-side defenses to add to the sampler (e.g. an output filter).
     """
     from ..train.models import load_model
@@ -625,7 +636,8 @@ def audit_saved(
             f"defenses {training_only} act on training or data, not on generation: an audit of a saved model cannot "
             "apply them (train with them instead); --defenses takes generation-side defenses such as an output filter"
         )
-    out_dir = Path(out) if out else run_dir / "audits" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out_dir = Path(out) if out else (_unfinished_audit(run_dir / "audits")
+                                      or run_dir / "audits" / time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
     loaded_model = load_model(model_dir)
     loaded = Manifest.load(manifest_path)
     if list(loaded_model.image_shape) != list(loaded.image_shape):

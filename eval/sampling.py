@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -37,6 +38,14 @@ def member_prompts(captions: Sequence[str], num_samples: int) -> list[str]:
 def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
     """Class labels 0, 1, ..., C-1, 0, 1, ... so that every class gets the same share of samples."""
     return torch.arange(num_samples) % num_classes
+
+
+def _batch_seed(seed: int, stream: int, batch: int) -> int:
+    """The seed of one batch. torch's CPU generator keeps only a seed's low 32 bits, so a stream is mixed in by
+    numpy's SeedSequence rather than by high bits (which would give every stream the same samples)."""
+    if stream == 0:
+        return seed * 1_000_003 + batch
+    return int(np.random.SeedSequence([seed, stream, batch]).generate_state(1)[0])
 
 
 def generate(
@@ -103,7 +112,7 @@ def generate(
             rows = pending[starts[j] : starts[j] + batch_size]
             labels = class_labels[rows] if class_labels is not None else None
             cond = [prompts[i] for i in rows.tolist()] if prompts is not None else labels
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + batch_index + j + (stream << 40))
+            gen = torch.Generator().manual_seed(_batch_seed(seed, stream, batch_index + j))
             if adjusting:
                 cond = stack.adjust_condition(model, cond, gen, replace(context, labels=labels))
             drawn_batches.append((j, model.sample(len(rows), solver, steps, cond, gen).cpu()))

@@ -169,3 +169,15 @@ def test_the_documented_plugin_with_a_reduction_runs_in_a_streamed_audit(digits,
     result = run_audit(model, digits, config)
     # half the samples are copies of members at l2 ~0.01, half uniform noise far from every digit
     assert 0 < result["nearest_member"]["median_l2"] < 0.5 and result["sampling"]["num_samples"] == 48
+
+
+def test_every_shard_draws_other_samples(digits) -> None:
+    from privdiff.eval.sampling import generate
+
+    model = CopyingSampler(digits.members.unit()[:6])
+    drawn = [generate(model, 16, batch_size=8, seed=0, progress=False, stream=k).images for k in range(4)]
+    drawn.append(generate(model, 16, batch_size=8, seed=1, progress=False, stream=1).images)
+    for i in range(len(drawn)):
+        for j in range(i):
+            assert not torch.equal(drawn[i], drawn[j]), (i, j)
+    assert torch.equal(drawn[2], generate(model, 16, batch_size=8, seed=0, progress=False, stream=2).images)
