@@ -221,6 +221,8 @@ class _Nearest(SampleReduction):
     shard: Shard | None
 
     def update(self, images: Tensor, labels: Tensor | None, first: int) -> dict[str, Tensor]:
+        if not len(images):  # every sample of the shard rejected by a generation-side defense
+            return {}
         ratio, nearest, d1 = grouped_ratio(images, self.members, self.groups, self.shard)
         out = {"ratio": ratio, "nearest": nearest, "d1": d1}
         if self.heldout is not None:
@@ -229,6 +231,7 @@ class _Nearest(SampleReduction):
         return out
 
     def merge(self, shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        shards = [s for s in shards if s]
         return {key: concat(shards, key) for key in shards[0]} if shards else {}
 
 

@@ -44,8 +44,8 @@ class SampleReduction(ABC):
     @abstractmethod
     def update(self, images: Tensor, labels: Tensor | None, first: int) -> dict[str, Tensor]:
         """What to keep of one shard: ``images`` (n, C, H, W) in [0, 1] are the audit's samples ``first`` to
-        ``first + n - 1``, ``labels`` the class (or prompt number) each was drawn for, or None. Tensors only: they are
-        written to disk for resume."""
+        ``first + n - 1`` (numbered among the samples the generation-side defenses kept, in shard order), ``labels``
+        the class (or prompt number) each was drawn for, or None. Tensors only: they are written to disk for resume."""
 
     @abstractmethod
     def merge(self, shards: list[dict[str, Tensor]]) -> Any:
@@ -161,7 +161,7 @@ def stream_samples(
             for name, reduction in reductions.items():
                 start = time.perf_counter()
                 done[name] = {key: value.detach().cpu().contiguous() for key, value in
-                              reduction.update(images, generated.labels, first).items()}
+                              reduction.update(images, generated.labels, kept).items()}
                 seconds[name] += time.perf_counter() - start
             counts = {"kept": len(images), "drawn": generated.num_drawn, "rejected": generated.num_rejected,
                       **dict(zip(("low", "high", "pixels"), saturated_pixels(images)))}

@@ -181,3 +181,39 @@ def test_every_shard_draws_other_samples(digits) -> None:
         for j in range(i):
             assert not torch.equal(drawn[i], drawn[j]), (i, j)
     assert torch.equal(drawn[2], generate(model, 16, batch_size=8, seed=0, progress=False, stream=2).images)
+
+
+def test_a_reaudit_of_a_run_resumes_the_newest_killed_audit_folder(tmp_path) -> None:
+    from privdiff.eval.audit import _unfinished_audit
+
+    audits = tmp_path / "audits"
+    assert _unfinished_audit(audits) is None
+    for name, finished in (("20261201-000000", False), ("20261202-000000", False), ("20261203-000000", True)):
+        (audits / name / SHARD_FOLDER).mkdir(parents=True)
+        if finished:
+            (audits / name / "audit.json").write_text("{}")
+    assert _unfinished_audit(audits) == audits / "20261202-000000"
+
+
+def test_a_shard_whose_samples_a_defense_all_rejected_is_reduced_to_nothing(digits, tmp_path) -> None:
+    from privdiff.defenses.base import Defense
+
+    class RejectFirstShard(Defense):
+        """Rejects every sample drawn before the 16th call (the first shard and its redraws)."""
+
+        name = "reject_first"
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def keep_mask(self, images, context):
+            self.calls += 1
+            return torch.full((len(images),), self.calls > 6)
+
+    model = CopyingSampler(digits.members.unit()[:6])
+    config = AuditConfig(num_samples=32, shard_size=16, batch_size=8, steps=2, solver="ddim", progress=False,
+                         attacks=plugins(tmp_path))
+    result = run_audit(model, digits, config, defenses=[RejectFirstShard()])
+    # the first shard: 16 drawn in each of 3 rounds, all rejected; the second: 16 drawn and kept
+    assert (result["sampling"]["num_samples"], result["sampling"]["num_drawn"], result["sampling"]["num_rejected"]) == (16, 64, 48)
+    assert result["memorization"]["num_memorized"] > 0 and result["extraction"]["union"]["extracted"] >= 1
