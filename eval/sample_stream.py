@@ -80,9 +80,12 @@ def digest(*parts: Any, model: torch.nn.Module | None = None) -> str:
     shards written by another audit are never resumed from."""
     h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     if model is not None:
-        for name, tensor in model.state_dict().items():
+        for name, value in model.state_dict().items():
             h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            if isinstance(value, Tensor):
+                h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            else:  # a module's extra state (a dict of settings)
+                h.update(json.dumps(value, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 

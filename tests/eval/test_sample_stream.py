@@ -217,3 +217,28 @@ def test_a_shard_whose_samples_a_defense_all_rejected_is_reduced_to_nothing(digi
     # the first shard: 16 drawn in each of 3 rounds, all rejected; the second: 16 drawn and kept
     assert (result["sampling"]["num_samples"], result["sampling"]["num_drawn"], result["sampling"]["num_rejected"]) == (16, 64, 48)
     assert result["memorization"]["num_memorized"] > 0 and result["extraction"]["union"]["extracted"] >= 1
+
+
+def test_the_fingerprint_reads_weights_and_a_module_s_extra_state() -> None:
+    from privdiff.eval.sample_stream import digest
+
+    class WithSettings(torch.nn.Module):  # a state_dict with a non-tensor entry, as some diffusers modules have
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+            self.settings = {"scale": 1}
+
+        def get_extra_state(self):
+            return self.settings
+
+        def set_extra_state(self, state) -> None:
+            self.settings = state
+
+    model = WithSettings()
+    first = digest("settings", model=model)
+    assert digest("settings", model=model) == first and digest("other", model=model) != first
+    model.settings = {"scale": 2}
+    second = digest("settings", model=model)
+    with torch.no_grad():
+        model.layer.weight[0, 0] += 1e-3
+    assert len({first, second, digest("settings", model=model)}) == 3
