@@ -122,6 +122,7 @@ class AuditConfig:
         for _, plugin in self.plugins():
             signal_order(set(plugin.needs))  # a need no signal computes is an error now, not after training
             plugin.check(num_members, num_heldout - int(round(num_heldout * CALIBRATION_SHARE)))
+            plugin.check_sampler(self.steps)
 
 
 # ---------------------------------------------------------------------------------------------

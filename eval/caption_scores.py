@@ -35,6 +35,9 @@ SCORES = ("magnitude", "one_step")
 
 def first_timesteps(num_train_timesteps: int, steps: int, count: int) -> list[int]:
     """The first ``count`` timesteps of an evenly spaced ``steps``-step sampler (DDIM's "trailing" spacing from T - 1)."""
+    if count > steps:
+        raise ValueError(f"the first {count} timesteps of a {steps}-step sampler do not exist: score over fewer first steps "
+                         "than the sampler has (first_steps < steps)")
     stride = max(1, num_train_timesteps // steps)
     return [num_train_timesteps - 1 - k * stride for k in range(count)]
 

@@ -119,6 +119,8 @@ class MemorizationDetection(AuditPlugin):
         if seeds < 2 or first_steps < 1 or max_heldout < 1 or unconditional_samples < 0:
             raise ValueError(f"detection needs seeds >= 2, first_steps >= 1, max_heldout >= 1 and unconditional_samples >= 0, "
                              f"got {seeds}, {first_steps}, {max_heldout}, {unconditional_samples}")
+        if first_steps >= steps:
+            raise ValueError(f"detection scores the first {first_steps} of {steps} steps: give first_steps < steps")
         self.seeds, self.first_steps, self.steps, self.max_heldout, self.flag_rate = seeds, first_steps, steps, max_heldout, flag_rate
         self.unconditional_samples = unconditional_samples
 

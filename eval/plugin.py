@@ -224,6 +224,9 @@ class AuditPlugin(ABC):
     def check(self, num_members: int, num_heldout: int) -> None:
         """Raise ``ValueError`` before training when this plugin cannot run on data of these sizes."""
 
+    def check_sampler(self, steps: int) -> None:
+        """Raise ``ValueError`` before training when this plugin cannot run with the audit sampler's ``steps``."""
+
     def reduction(self, context: AuditContext) -> SampleReduction | None:
         """What this plugin keeps of each shard of the audit's samples (None: it reads no samples, or reads
         ``context.samples`` whole, which then holds every sample)."""

@@ -222,6 +222,13 @@ class PromptExtraction(AuditPlugin):
             raise ValueError("prompt_extraction takes its thresholds from held-out images and searches held-out captions: "
                              "give data.num_heldout > 0")
 
+    def check_sampler(self, steps: int) -> None:
+        steps = self.steps or steps
+        if self.screen != "none" and self.screen_first_steps >= steps:
+            raise ValueError(f"prompt_extraction screens captions over the first {self.screen_first_steps} of {steps} sampler "
+                             f"steps: set audit.attacks.prompt_extraction.init_args.screen_first_steps below {steps} (or "
+                             "more audit steps)")
+
     # -- the search -------------------------------------------------------------------------
     def _search(self, context: AuditContext, captions: list[str], pool: dict[str, Tensor], own: list[list[int]],
                 limits: dict[str, tuple[float, float]], seed: int) -> _Search:

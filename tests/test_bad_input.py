@@ -154,3 +154,20 @@ def test_images_edited_behind_the_manifests_ids_are_refused_on_resume_and_audit(
     old = json.loads((tmp_path / "run" / "manifest.json").read_text())
     old.pop("fingerprint")
     assert len(load_audit_data(Manifest(**old)).members) == 6
+
+
+def test_a_caption_screen_longer_than_the_sampler_is_refused_before_training() -> None:
+    from privdiff.eval.audit import AuditConfig
+    from privdiff.eval.caption_scores import first_timesteps
+    from privdiff.eval.detection import MemorizationDetection
+    from privdiff.eval.prompt_extraction import PromptExtraction
+
+    short = AuditConfig(steps=4, attacks={"prompt_extraction": PromptExtraction(screen_first_steps=10)})
+    with pytest.raises(ValueError, match="screen_first_steps below 4"):
+        short.check(64, 64)
+    AuditConfig(steps=4, attacks={"prompt_extraction": PromptExtraction(screen_first_steps=3)}).check(64, 64)
+    AuditConfig(steps=4, attacks={"prompt_extraction": PromptExtraction(screen="none")}).check(64, 64)
+    with pytest.raises(ValueError, match="first_steps < steps"):
+        MemorizationDetection(first_steps=10, steps=10)
+    with pytest.raises(ValueError, match="first_steps < steps"):
+        first_timesteps(1000, 4, 11)
