@@ -89,6 +89,18 @@ def test_privdiff_reads_both_stages_back_as_the_same_model(cascade_folder) -> No
     assert isinstance(PixelTextToImage.from_pretrained(folder), PixelTextToImage)
 
 
+def test_a_base_model_folder_starts_the_base_stage_of_a_new_cascade(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = PixelTextToImage(image_size=8, channels=1, block_out_channels=(8, 16), attention_head_dim=4, text_width=16, text_layers=1)
+    base.save_pretrained(tmp_path / "base")
+    cascade = tiny(pretrained=str(tmp_path / "base"))
+    assert cascade.image_shape == (1, 16, 16) and cascade.latent_shape == (1, 8, 8)
+    for name, p in base.net.unet.state_dict().items():
+        assert torch.equal(p, cascade.net.unet.state_dict()[name]), name
+    with pytest.raises(ValueError, match="data are"):
+        tiny(image_size=32, scale_factor=2, pretrained=str(tmp_path / "base"))  # a 16x16 base stage from an 8x8 folder
+
+
 def test_a_dp_step_gives_each_image_its_own_gradient_through_both_stages() -> None:
     from privdiff.defenses.dp_sgd import DPSGDDefense
 
