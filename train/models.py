@@ -6,12 +6,14 @@ from pathlib import Path
 
 from privdiff.model import DiffusionModel
 
+from .cascade import PixelCascade
 from .latent import LatentTextToImage
 from .pixel import PixelDiffusion
 from .pixel_text import PixelTextToImage
 
-# Each implementation recognises its own folders (diffusers' model_index.json names the pipeline).
-IMPLEMENTATIONS: tuple[type[DiffusionModel], ...] = (PixelDiffusion, LatentTextToImage, PixelTextToImage)
+# Each implementation recognises its own folders (diffusers' model_index.json names the pipeline). A cascade's base
+# stage is an IFPipeline folder too, so the cascade (which also needs its super_resolution/) is asked first.
+IMPLEMENTATIONS: tuple[type[DiffusionModel], ...] = (PixelDiffusion, LatentTextToImage, PixelCascade, PixelTextToImage)
 
 
 def load_model(path: str | Path) -> DiffusionModel:

@@ -43,7 +43,7 @@ from .text_model import (
 
 PIPELINE = "IFPipeline"  # model_index.json's _class_name of the folders this model reads and writes
 
-__all__ = ["PixelTextToImage"]
+__all__ = ["PixelTextToImage", "noise_half", "unet_image_shape", "with_variance_half"]
 
 
 def _tiny_unet(image_size: int, channels: int, blocks: Sequence[int], layers: int, head_dim: int, text_width: int) -> nn.Module:
@@ -58,7 +58,7 @@ def _tiny_unet(image_size: int, channels: int, blocks: Sequence[int], layers: in
     )
 
 
-def _with_variance_half(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+def with_variance_half(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     """A copy of ``unet`` whose output adds a variance half of zeros (IF's UNet predicts noise and variance)."""
     c = unet.config.out_channels
     wide = UNet2DConditionModel.from_config({**unet.config, "out_channels": 2 * c})
@@ -69,9 +69,10 @@ def _with_variance_half(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     return wide
 
 
-def _noise_half(unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    """The UNet of an IF folder with its noise half of the output only (privdiff's models predict fixed-variance noise)."""
-    c = unet.config.in_channels
+def noise_half(unet: UNet2DConditionModel, channels: int | None = None) -> UNet2DConditionModel:
+    """The UNet of an IF folder with its noise half of the output only (privdiff's models predict fixed-variance noise);
+    ``channels``: the image's (default the UNet's input channels; a super-resolution UNet also takes the low-resolution image)."""
+    c = unet.config.in_channels if channels is None else channels
     if unet.config.out_channels == c:
         return unet
     if unet.config.out_channels != 2 * c:
@@ -82,6 +83,13 @@ def _noise_half(unet: UNet2DConditionModel) -> UNet2DConditionModel:
         state[name] = state[name][:c]
     narrow.load_state_dict(state)
     return narrow
+
+
+def unet_image_shape(unet: UNet2DConditionModel) -> tuple[int, int, int]:
+    """(C, H, W) of the images a pixel UNet denoises: its output channels (the noise) and its sample size."""
+    size = unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return (int(unet.config.out_channels), int(size), int(size))
 
 
 class PixelTextToImage(TextConditionedDiffusion):
@@ -133,8 +141,8 @@ class PixelTextToImage(TextConditionedDiffusion):
             scheduler = build_scheduler(num_train_timesteps, beta_schedule)
         self.trainable = TextToImageNet(unet, text_encoder, end_token=tokenizer.eos_token_id)
         self.tokenizer, self.scheduler = tokenizer, scheduler
-        if self.image_shape != (channels, image_size, image_size):
-            raise ValueError(f"the model makes {self.image_shape} images but the data are {(channels, image_size, image_size)}: "
+        if unet_image_shape(unet) != (channels, image_size, image_size):
+            raise ValueError(f"the model makes {unet_image_shape(unet)} images but the data are {(channels, image_size, image_size)}: "
                              "set data.image_size / data.channels to match it")
         text_encoder.requires_grad_(bool(train_text_encoder))
         if train_text_encoder:
@@ -151,7 +159,7 @@ class PixelTextToImage(TextConditionedDiffusion):
                 raise ValueError(f"{folder} is not an IF pipeline folder: expected {part}/config.json (and tokenizer/, scheduler/), "
                                  "as `privdiff fit` writes <run>/model for model.diffusion: PixelTextToImage")
             require_safetensors(folder / part, model_class)
-        unet = _noise_half(UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True))
+        unet = noise_half(UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True))
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
         config = DDPMScheduler.load_config(folder / "scheduler")
         if config.get("prediction_type", "epsilon") != "epsilon":
@@ -174,7 +182,7 @@ class PixelTextToImage(TextConditionedDiffusion):
         """Write a folder ``IFPipeline.from_pretrained`` loads (safetensors weights; no safety checker or watermarker)."""
         path = Path(path)
         net = self.net
-        pipe = IFPipeline(tokenizer=self.tokenizer, text_encoder=net.text_encoder, unet=_with_variance_half(net.unet),
+        pipe = IFPipeline(tokenizer=self.tokenizer, text_encoder=net.text_encoder, unet=with_variance_half(net.unet),
                           scheduler=self.scheduler, safety_checker=None, feature_extractor=None, watermarker=None,
                           requires_safety_checker=False)
         pipe.save_pretrained(str(path), safe_serialization=True)
@@ -183,9 +191,7 @@ class PixelTextToImage(TextConditionedDiffusion):
     # -- what it is -------------------------------------------------------------------------
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        size = self.net.unet.config.sample_size
-        size = size if isinstance(size, int) else size[0]
-        return (int(self.net.unet.config.in_channels), size, size)
+        return unet_image_shape(self.net.unet)
 
     def summary(self) -> dict[str, Any]:
         return {"kind": "pixel text-to-image", "guidance_scale": self.guidance_scale, "export": PIPELINE}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -89,11 +89,15 @@ class TextToImageNet(nn.Module):
         self.end_token = end_token  # None: no attention mask
 
     def forward(self, x_t: Tensor, t: Tensor, input_ids: Tensor, embedding_noise: float = 0.0) -> Tensor:
-        # token ids (B, max_tokens), or the text encoder's hidden states (B, max_tokens, W) of a prompt a defense adjusted
+        return self.unet(x_t, t, encoder_hidden_states=self.hidden_states(input_ids, embedding_noise)).sample
+
+    def hidden_states(self, input_ids: Tensor, embedding_noise: float = 0.0) -> Tensor:
+        """What the UNet attends to: the text encoder's hidden states (B, max_tokens, W) of token ids (B, max_tokens), or
+        the hidden states of a prompt a defense adjusted as they are; plus a caption defense's noise of std ``embedding_noise``."""
         hidden = input_ids if input_ids.is_floating_point() else self.encode_text(input_ids)
         if embedding_noise:  # a caption defense's Gaussian noise on the text embedding (Somepalli et al. 2023)
             hidden = hidden + embedding_noise * torch.randn_like(hidden)
-        return self.unet(x_t, t, encoder_hidden_states=hidden).sample
+        return hidden
 
     def encode_text(self, input_ids: Tensor) -> Tensor:
         """The text encoder's last hidden states (B, max_tokens, W) of token ids."""
@@ -179,30 +183,50 @@ class TextConditionedDiffusion(DiffusionModel):
             return self.trainable(x_t, t, cond[0], cond[1])
         return self.trainable(x_t, t, cond)
 
+    def drop_captions(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
+        """``batch`` with a ``caption_dropout`` share of its captions replaced by the empty one while training."""
+        if not (self.training and self.caption_dropout > 0 and batch.cond is not None):
+            return batch
+        # Classifier-free guidance training (Ho & Salimans 2022; Stable Diffusion drops 10%).
+        drop = torch.rand(len(batch), generator=generator) < self.caption_dropout
+        return Batch(batch.images, ["" if d else c for c, d in zip(batch.cond, drop.tolist())], batch.rows, batch.cond_noise)
+
     def per_example_loss(self, batch: Batch, timesteps: Tensor | None = None, noise: Tensor | None = None,
                          generator: torch.Generator | None = None) -> Tensor:
-        if self.training and self.caption_dropout > 0 and batch.cond is not None:
-            # Classifier-free guidance training (Ho & Salimans 2022; Stable Diffusion drops 10%).
-            drop = torch.rand(len(batch), generator=generator) < self.caption_dropout
-            batch = Batch(batch.images, ["" if d else c for c, d in zip(batch.cond, drop.tolist())], batch.rows, batch.cond_noise)
-        return super().per_example_loss(batch, timesteps, noise, generator)
+        return super().per_example_loss(self.drop_captions(batch, generator), timesteps, noise, generator)
 
-    @torch.no_grad()
-    def sample(self, n: int, solver: str = "ancestral", steps: int = 50, cond: Tensor | Sequence[str] | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
+    def sampling_conditions(self, n: int, cond: Tensor | Sequence[str] | None) -> tuple[Tensor, Tensor]:
+        """The conditioning of ``n`` samples (token ids, or an adjusted prompt's hidden states) and the empty caption's in
+        the same form, for classifier-free guidance."""
         ids = self.embed_condition(cond if cond is not None else [""] * n)
         empty = self.embed_condition([""] * n)
         if ids is not None and ids.is_floating_point():  # an adjusted prompt embedding: guide against the empty one's
             empty = self.condition_embedding([""] * n)
         assert ids is not None and empty is not None
-        g = self.guidance_scale
+        return ids, empty
 
-        def predict(x_t: Tensor, t: Tensor) -> Tensor:
+    def guided(self, predict: Callable[[Tensor, Tensor, Tensor], Tensor], ids: Tensor, empty: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+        """eps(x_t, t) with classifier-free guidance (Ho & Salimans 2022, eq. 6) at ``guidance_scale`` from
+        ``predict(x_t, t, conditioning)``; with guidance ``predict`` gets the empty and the given conditioning as one batch."""
+        g, n = self.guidance_scale, ids.shape[0]
+
+        def eps(x_t: Tensor, t: Tensor) -> Tensor:
             if g == 1.0:
-                return self.predict_noise(x_t, t, ids)
-            both = self.predict_noise(torch.cat([x_t, x_t]), t.expand(2 * n) if t.ndim == 0 else torch.cat([t, t]), torch.cat([empty, ids]))
+                return predict(x_t, t, ids)
+            both = predict(torch.cat([x_t, x_t]), t.expand(2 * n) if t.ndim == 0 else torch.cat([t, t]), torch.cat([empty, ids]))
             uncond, conditional = both.chunk(2)
             return uncond + g * (conditional - uncond)
 
-        x0 = reverse_process(predict, self.scheduler, (n, *self.latent_shape), solver, steps, self.device, generator)
-        return self.decode(x0)
+        return eps
+
+    @torch.no_grad()
+    def sample(self, n: int, solver: str = "ancestral", steps: int = 50, cond: Tensor | Sequence[str] | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        return self.decode(self.sample_x0(n, solver, steps, cond, generator))
+
+    @torch.no_grad()
+    def sample_x0(self, n: int, solver: str = "ancestral", steps: int = 50, cond: Tensor | Sequence[str] | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+        """What :meth:`sample` decodes: ``n`` guided samples in the noise predictor's space, ``(n, *latent_shape)``."""
+        eps = self.guided(self.predict_noise, *self.sampling_conditions(n, cond))
+        return reverse_process(eps, self.scheduler, (n, *self.latent_shape), solver, steps, self.device, generator)
