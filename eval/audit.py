@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from privdiff.classpath import class_from_path
 from privdiff.files import write_json_atomic
 from privdiff.membership import Manifest, copies_per_member, image_fingerprint
-from privdiff.model import DiffusionModel
+from privdiff.model import DiffusionModel, GenerativeModel
 from privdiff.shard import Shard, check_shard
 
 from ..defenses.base import DEFENSES_RECORD, Defense, DefenseRecord, DefenseStack, GenerationContext, Guarantee, as_stack
@@ -120,7 +120,7 @@ class AuditConfig:
 # The suite
 # ---------------------------------------------------------------------------------------------
 def run_audit(
-    model: DiffusionModel,
+    model: GenerativeModel,
     data: AuditData,
     config: AuditConfig,
     defenses: DefenseStack | Sequence[Defense] | None = None,
@@ -236,7 +236,11 @@ def _sample(model: DiffusionModel, data: AuditData, config: AuditConfig, stack: 
     samples = generated.images
     sampling = {"num_samples": len(samples), "num_drawn": generated.num_drawn, "num_rejected": generated.num_rejected,
                 "reject_rate": generated.reject_rate, "sanity": sample_sanity(samples, data.members.unit())}
-    if not sampling["sanity"]["ok"]:
+    if not sampling["sanity"]["ok"] and not model.has_noise_predictor:
+        # one sampler, no solver to change: the saturation is the model's
+        sampling["solver_check"] = {"not_applicable": "the model has no solver to change", "model_saturated": True}
+        rank_zero_warn("the model's samples are saturated (it has no solver to change): extractions and FID are suspect")
+    elif not sampling["sanity"]["ok"]:
         sampling["solver_check"] = check_solvers(model, config, sampling["sanity"], data.members.unit(), prompts)
     return samples, generated.labels, sampling
 
