@@ -201,6 +201,23 @@ class GenerativeModel(nn.Module, ABC):
         index = Path(path) / "model_index.json"
         return cls.pipeline is not None and index.is_file() and json.loads(index.read_text()).get("_class_name") == cls.pipeline
 
+    # -- what sees the training images (what DP-SGD wraps) ---------------------------------------
+    @property
+    def private_module(self) -> nn.Module:
+        """The module whose gradients depend on the training images: what a training-stage defense (DP-SGD) wraps and
+        privatises. Default ``trainable``; a GAN's is its discriminator (the generator sees the images only through it,
+        so a DP discriminator makes the generator DP by post-processing, Xie et al. 2018)."""
+        return self.trainable
+
+    def set_private_module(self, module: nn.Module) -> None:
+        """Put ``module`` (a defense's wrapper of :attr:`private_module`) in its place; the model must then call it.
+        A method, not a property setter: ``nn.Module.__setattr__`` would register a module under the property's name."""
+        self.trainable = module
+
+    def check_private_training(self) -> None:
+        """Raise ``ValueError`` when a training-stage defense that wraps :attr:`private_module` cannot honour how this
+        model trains it (a model that ``owns_training`` must step the private module's optimizer once per batch)."""
+
     # -- a model that trains itself (``owns_training``) ------------------------------------------
     def discriminator_score(self, images: Tensor) -> Tensor:
         """(N,) the discriminator's realness logit of pixels in [0, 1] (models with ``has_discriminator``)."""

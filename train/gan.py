@@ -89,6 +89,9 @@ class DCGAN(GenerativeModel):
         width: channels of the generator's last and the discriminator's first layer (doubling per resolution).
         lr, betas: Adam for both networks (DCGAN: 2e-4, (0.5, 0.999)).
         d_steps: discriminator updates per generator update.
+        fake_batch: generated images per discriminator and generator update; None: as many as the batch's real
+            images. A private discriminator (DP-SGD) needs a number: the Poisson batch's size is private, and each
+            fake image's clipped gradient would otherwise move with it.
     """
 
     owns_training = True
@@ -103,13 +106,16 @@ class DCGAN(GenerativeModel):
         lr: float = 2e-4,
         betas: Sequence[float] = (0.5, 0.999),
         d_steps: int = 1,
+        fake_batch: int | None = None,
     ) -> None:
         super().__init__()
+        if fake_batch is not None and fake_batch < 1:
+            raise ValueError(f"DCGAN fake_batch must be >= 1 (or null), got {fake_batch}")
         if latent_dim < 1 or width < 1 or lr <= 0 or d_steps < 1 or len(betas) != 2:
             raise ValueError(f"DCGAN needs latent_dim, width, d_steps >= 1, lr > 0 and two betas, got {latent_dim}, "
                              f"{width}, {d_steps}, {lr}, {list(betas)}")
         self.config = {"image_size": image_size, "channels": channels, "latent_dim": latent_dim, "width": width,
-                       "lr": lr, "betas": [float(b) for b in betas], "d_steps": d_steps}
+                       "lr": lr, "betas": [float(b) for b in betas], "d_steps": d_steps, "fake_batch": fake_batch}
         self.trainable = Generator(image_size, channels, latent_dim, width)
         self.discriminator = Discriminator(image_size, channels, width)
 
@@ -137,6 +143,22 @@ class DCGAN(GenerativeModel):
         return self.discriminator(images.to(self.device))
 
     # -- training -----------------------------------------------------------------------------
+    @property
+    def private_module(self) -> nn.Module:
+        """The discriminator: the only network that sees the training images (DP-SGD wraps it; Xie et al. 2018)."""
+        return self.discriminator
+
+    def set_private_module(self, module: nn.Module) -> None:
+        self.discriminator = module
+
+    def check_private_training(self) -> None:
+        if self.config["d_steps"] != 1:
+            raise ValueError(f"a private discriminator needs d_steps = 1, got {self.config['d_steps']}: each further "
+                             "discriminator step would reuse the step's Poisson batch, which the accountant does not count")
+        if self.config["fake_batch"] is None:
+            raise ValueError("a private discriminator needs a fixed model.diffusion.init_args.fake_batch (e.g. the data's "
+                             "batch_size): the Poisson batch's size is private, and the number of fakes would follow it")
+
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Adam for the discriminator, then the generator (the generator's step ends a training step)."""
         lr, betas = self.config["lr"], tuple(self.config["betas"])
@@ -153,16 +175,26 @@ class DCGAN(GenerativeModel):
         d_opt, g_opt = optimizers
         real = batch.images.to(self.device)
         n = real.shape[0]
+        fakes = self.config["fake_batch"] or n
         for _ in range(self.config["d_steps"]):
-            fake = self.trainable(self.latents(n)).detach()
-            d_loss = F.softplus(-self.discriminator(real)).mean() + F.softplus(self.discriminator(fake)).mean()
+            fake = self.trainable(self.latents(fakes)).detach()
+            # one forward of real and fake together: a per-example-gradient wrapper (DP-SGD) takes one forward per
+            # backward; the discriminator has no batch norm, so the logits are those of two separate calls
+            logits = self.discriminator(torch.cat([real, fake]))
+            d_loss = F.softplus(-logits[:n]).mean() + F.softplus(logits[n:]).mean()
             d_opt.zero_grad()
             backward(d_loss)
             d_opt.step()
-        g_loss = F.softplus(-self.discriminator(self.trainable(self.latents(n)))).mean()
-        g_opt.zero_grad()
-        backward(g_loss)
-        g_opt.step()
+        # The discriminator's parameters are frozen while the generator learns through it: no gradient for them, and
+        # a per-example-gradient wrapper records nothing (Lightning's toggle_optimizer does the same).
+        self.discriminator.requires_grad_(False)
+        try:
+            g_loss = F.softplus(-self.discriminator(self.trainable(self.latents(fakes)))).mean()
+            g_opt.zero_grad()
+            backward(g_loss)
+            g_opt.step()
+        finally:
+            self.discriminator.requires_grad_(True)
         return {"d_loss": d_loss, "g_loss": g_loss}
 
     # -- generation ---------------------------------------------------------------------------
@@ -186,7 +218,7 @@ class DCGAN(GenerativeModel):
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in unwrap(self.trainable).state_dict().items()},
                   str(path / "generator.safetensors"))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.discriminator.state_dict().items()},
+        save_file({k: v.detach().contiguous().cpu() for k, v in unwrap(self.discriminator).state_dict().items()},
                   str(path / "discriminator.safetensors"))
         (path / "config.json").write_text(json.dumps({"_class_name": CLASS_NAME, **self.config}, indent=2))
 

@@ -73,19 +73,13 @@ class DiffusionModule(pl.LightningModule):
         self.ema = EMAModel(diffusion.trainable_parameters(), decay=ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
         # A model with several optimizers (a GAN) steps them itself: Lightning's manual optimization.
         self.automatic_optimization = not diffusion.owns_training
+        self._private_optimizer: int | None = None  # which of a self-training model's optimizers a defense wrapped
 
 
     # -- training ------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any] | list[torch.optim.Optimizer]:
         if self.diffusion.owns_training:
-            acting = training_defenses(self.defenses)
-            if acting:
-                raise ValueError(
-                    f"defenses {acting} act on training, and {type(self.diffusion).__name__} trains itself (its own "
-                    "optimizers): training-stage defenses do not apply to it yet; data- and generation-side ones do"
-                )
-            self.defenses.check_trainer(self.trainer)
-            return self.diffusion.configure_optimizers()
+            return self._own_optimizers()
         self.defenses.check_trainer(self.trainer)
         self.defenses.check_model(self.diffusion)
         self.diffusion.trainable = self.defenses.wrap_model(self.diffusion.trainable)
@@ -99,6 +93,38 @@ class DiffusionModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _own_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers of a model that trains itself, the one over its private module wrapped by the defenses.
+
+        Only the wrapping defenses apply (DP-SGD on a GAN's discriminator): one that changes the batch or draws
+        several rows per image would need the model's loss, which such a model keeps to itself.
+        """
+        self.defenses.check_trainer(self.trainer)
+        optimizers = self.diffusion.configure_optimizers()
+        self._private_optimizer = None
+        if not training_defenses(self.defenses):
+            return optimizers
+        unsupported = training_defenses(self.defenses, BATCH_HOOKS)
+        if unsupported or self.defenses.draws_per_example() > 1:
+            raise ValueError(
+                f"defenses {unsupported or training_defenses(self.defenses)} change the training batch, and "
+                f"{type(self.diffusion).__name__} trains itself (its own loss): they do not apply to it; DP-SGD (on its "
+                "private module, noise_multiplicity 1), data- and generation-side defenses do"
+            )
+        self.defenses.check_model(self.diffusion)
+        self.diffusion.check_private_training()
+        private = self.diffusion.private_module
+        owned = {id(p) for p in private.parameters()}
+        steps = [i for i, o in enumerate(optimizers) if {id(p) for g in o.param_groups for p in g["params"]} <= owned]
+        if len(steps) != 1:
+            raise ValueError(f"{type(self.diffusion).__name__}: a training defense needs exactly one optimizer over the "
+                             f"private module's parameters, found {len(steps)}")
+        self._private_optimizer = steps[0]
+        wrapped = self.defenses.wrap_model(private)
+        self.diffusion.set_private_module(wrapped)
+        optimizers[steps[0]] = self.defenses.wrap_optimizer(optimizers[steps[0]], wrapped)
+        return optimizers
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         batch = Batch.of(batch)
         if len(batch) == 0:
@@ -106,6 +132,11 @@ class DiffusionModule(pl.LightningModule):
             # takes its noise-only step, which the accountant counts. Under DDP every process must
             # run a backward (Lightning refuses a skipped step): a zero loss that reaches every
             # trainable parameter gives zero gradients and no per-sample ones (the DP defense adds none).
+            if self.diffusion.owns_training and self._private_optimizer is not None:
+                # a self-training model's private optimizer takes the DP step's noise-only update, counted as above
+                self.defenses.on_before_optimizer_step(self.diffusion.private_module)
+                self._optimizer_list()[self._private_optimizer].step()
+                return None
             if self.trainer.world_size == 1:
                 return None
             return torch.stack([p.sum() for p in self.diffusion.trainable_parameters()]).sum() * 0.0
@@ -123,8 +154,7 @@ class DiffusionModule(pl.LightningModule):
 
     def _own_training_step(self, batch: Batch) -> None:
         """A step of a model that trains itself: it zeroes, back-propagates and steps its optimizers."""
-        optimizers = self.optimizers()
-        optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
+        optimizers = self._optimizer_list()
         # Lightning counts a global step per LightningOptimizer.step() under manual optimization: the earlier
         # optimizers step unwrapped, so that one training step (one batch) is one global step, as for diffusion.
         stepped = [o.optimizer for o in optimizers[:-1]] + optimizers[-1:]
@@ -132,6 +162,10 @@ class DiffusionModule(pl.LightningModule):
         self.ema.step(self.diffusion.trainable_parameters())
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, batch_size=len(batch))
         return None
+
+    def _optimizer_list(self) -> list[Any]:
+        optimizers = self.optimizers()
+        return list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         reason = self.defenses.should_stop()
@@ -224,11 +258,12 @@ class DiffusionModule(pl.LightningModule):
         redone = max(0, self._released() - steps_done)
         for said in self.defenses.resume(checkpoint.get("defenses", {}), steps_done, redone):
             rank_zero_info(f"privdiff: resuming at step {steps_done} after step {steps_done + redone} was released: {said}")
-        if unwrap(self.diffusion.trainable) is not self.diffusion.trainable:
-            plain, wrapped = "diffusion.trainable.", "diffusion.trainable" + WRAPPED
-            checkpoint["state_dict"] = {
-                (wrapped + k[len(plain):] if k.startswith(plain) else k): v for k, v in checkpoint["state_dict"].items()
-            }
+        for name, child in self.diffusion.named_children():  # the trainable or private module a defense wrapped
+            if unwrap(child) is not child:
+                plain, wrapped = f"diffusion.{name}.", f"diffusion.{name}" + WRAPPED
+                checkpoint["state_dict"] = {
+                    (wrapped + k[len(plain):] if k.startswith(plain) else k): v for k, v in checkpoint["state_dict"].items()
+                }
 
     # -- outputs -------------------------------------------------------------------------------
     @property
@@ -269,6 +304,9 @@ TRAINING_HOOKS = ("wrap_model", "wrap_optimizer", "wrap_train_loader", "transfor
                   "backward_inputs", "on_before_optimizer_step")
 
 
-def training_defenses(stack: DefenseStack) -> list[str]:
-    """The names of the defenses that override a training-stage hook (those a self-training model cannot honour)."""
-    return [d.name for d in stack if any(getattr(type(d), h) is not getattr(Defense, h) for h in TRAINING_HOOKS)]
+BATCH_HOOKS = ("transform_batch",)  # training hooks that need the model's loss, which a self-training model keeps
+
+
+def training_defenses(stack: DefenseStack, hooks: tuple[str, ...] = TRAINING_HOOKS) -> list[str]:
+    """The names of the defenses that override one of ``hooks`` (default: any training-stage hook)."""
+    return [d.name for d in stack if any(getattr(type(d), h) is not getattr(Defense, h) for h in hooks)]

@@ -1,5 +1,5 @@
-"""The GAN baseline: fit through the CLI with the audit, export and reload, LOGAN on a memorizing discriminator, and
-planted duplicates extracted from a GAN trained long on few images."""
+"""The GAN baseline: fit through the CLI with the audit, export and reload, DP-SGD on the discriminator, LOGAN on a
+memorizing discriminator, and planted duplicates extracted from a GAN trained long on few images."""
 
 from __future__ import annotations
 
@@ -69,13 +69,33 @@ def test_a_gan_fits_through_the_cli_and_its_audit_runs_the_sample_attacks(tmp_pa
     assert (tmp_path / "gan" / "report.html").is_file()
 
 
-def test_a_gan_refuses_training_stage_defenses(tmp_path, monkeypatch) -> None:
+def test_dp_sgd_on_the_discriminator_trains_and_reports_epsilon(tmp_path, monkeypatch) -> None:
+    # DP-GAN (Xie et al. 2018): DP-SGD wraps the discriminator, the only network that sees the members
     monkeypatch.chdir(REPO)
-    with pytest.raises(ValueError, match="trains itself"):
+    audit = _fit(tmp_path, "dp_gan", 6, 32, "-c", "configs/defense/dp_sgd.yaml", "--data.num_members", "24",
+                 "--data.num_heldout", "48", "--data.batch_size", "8", "--model.diffusion.init_args.width", "8",
+                 "--model.diffusion.init_args.fake_batch", "8")
+    assert audit["run"]["steps"] == 6
+    assert 0 < audit["privacy"]["epsilon"] <= 10.0 + 1e-6 and audit["privacy"]["holds"] is not False
+    assert audit["defense_metrics"]["defense/dp_sgd/steps"] == 6  # one DP step of the discriminator per batch
+    # the export holds the plain discriminator (no wrapper's names) and reads back
+    again = DCGAN.from_pretrained(tmp_path / "dp_gan" / "model")
+    assert torch.isfinite(again.discriminator_score(torch.rand(2, 1, 16, 16))).all()
+
+
+@pytest.mark.parametrize("extra, match", [
+    ([], "fake_batch"),  # the number of fakes would follow the private Poisson batch's size
+    (["--model.diffusion.init_args.fake_batch", "8", "--model.diffusion.init_args.d_steps", "2"], "d_steps"),
+    (["--model.diffusion.init_args.fake_batch", "8", "-c", "configs/data/captioned_digits.yaml", "-c",
+      "configs/defense/caption_randomization.yaml"], "change the training batch"),  # the model keeps its loss
+])
+def test_a_private_gan_refuses_what_its_accountant_would_not_cover(tmp_path, monkeypatch, extra, match) -> None:
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ValueError, match=match):
         run_fit_cli(["fit", "-c", "configs/base.yaml", "-c", "configs/data/digits.yaml", "-c", "configs/model/gan.yaml",
                      "-c", "configs/defense/dp_sgd.yaml", "--audit", "null", "--trainer.enable_progress_bar", "false",
                      "--trainer.max_steps", "2", "--data.num_members", "24", "--data.num_heldout", "16",
-                     "--run_dir", str(tmp_path / "dp")])
+                     "--run_dir", str(tmp_path / "dp"), *extra])
 
 
 def _logan_auc(model: DCGAN, members: torch.Tensor, heldout: torch.Tensor) -> float:
