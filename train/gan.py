@@ -3,7 +3,8 @@
 One implementation of ``privdiff.model.GenerativeModel`` without a noise predictor: it trains itself
 (``owns_training``: the non-saturating GAN loss of Goodfellow et al. 2014, sec. 3, with Adam(2e-4, (0.5, 0.999)) as
 DCGAN does), samples from a latent z, and exposes its discriminator for LOGAN's membership attack (Hayes et al.
-2019). ``encode``/``decode`` are the identity on [0, 1] so that the audit's signals (round trips, copy distances)
+2019). The discriminator is its ``private_module``: DP-SGD on it makes the generator DP by post-processing (DP-GAN,
+Xie et al. 2018). ``encode``/``decode`` are the identity on [0, 1] so that the audit's signals (round trips, copy distances)
 work unchanged. The generator is ``trainable``: the EMA of ``privdiff.train.module.DiffusionModule`` tracks it and
 the export writes its EMA weights beside the discriminator's.
 
