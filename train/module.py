@@ -258,8 +258,9 @@ class DiffusionModule(pl.LightningModule):
         redone = max(0, self._released() - steps_done)
         for said in self.defenses.resume(checkpoint.get("defenses", {}), steps_done, redone):
             rank_zero_info(f"privdiff: resuming at step {steps_done} after step {steps_done + redone} was released: {said}")
-        for name, child in self.diffusion.named_children():  # the trainable or private module a defense wrapped
-            if unwrap(child) is not child:
+        wrappable = (self.diffusion.trainable, self.diffusion.private_module)
+        for name, child in self.diffusion.named_children():  # the trainable or private module, where a defense wrapped it
+            if any(child is m for m in wrappable) and unwrap(child) is not child:
                 plain, wrapped = f"diffusion.{name}.", f"diffusion.{name}" + WRAPPED
                 checkpoint["state_dict"] = {
                     (wrapped + k[len(plain):] if k.startswith(plain) else k): v for k, v in checkpoint["state_dict"].items()
