@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup demo demo-t2i test test-t2i test-fast bench clean
+.PHONY: setup demo demo-gan demo-t2i test test-t2i test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/privdiff compare -c configs/compare/quickstart.yaml
+
+demo-gan: setup
+	$(VENV)/bin/privdiff compare -c configs/compare/gan.yaml
 
 demo-t2i: setup
 	$(VENV)/bin/privdiff compare -c configs/compare/t2i_demo.yaml

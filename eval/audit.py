@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from privdiff.classpath import class_from_path
 from privdiff.files import write_json_atomic
 from privdiff.membership import Manifest, copies_per_member, image_fingerprint
-from privdiff.model import DiffusionModel
+from privdiff.model import DiffusionModel, GenerativeModel
 from privdiff.shard import Shard, check_shard
 
 from ..defenses.base import DEFENSES_RECORD, Defense, DefenseRecord, DefenseStack, GenerationContext, Guarantee, as_stack
@@ -129,7 +129,7 @@ class AuditConfig:
 # The suite
 # ---------------------------------------------------------------------------------------------
 def run_audit(
-    model: DiffusionModel,
+    model: GenerativeModel,
     data: AuditData,
     config: AuditConfig,
     defenses: DefenseStack | Sequence[Defense] | None = None,
@@ -227,7 +227,7 @@ def run_audit(
     return result
 
 
-def _stream(model: DiffusionModel, data: AuditData, config: AuditConfig, stack: DefenseStack, generation: GenerationContext,
+def _stream(model: GenerativeModel, data: AuditData, config: AuditConfig, stack: DefenseStack, generation: GenerationContext,
             plugins: list[tuple[str, AuditPlugin]], context: AuditContext, computed: set[str], timings: dict[str, float],
             folder: Path | None, record: DefenseRecord, shard: Shard | None, writes: bool) -> dict[str, Any]:
     """Draw the audit's samples in shards through the generation-side defenses and every plugin's reduction
@@ -286,7 +286,11 @@ def _stream(model: DiffusionModel, data: AuditData, config: AuditConfig, stack: 
                 "reject_rate": streamed.num_rejected / streamed.num_drawn if streamed.num_drawn else 0.0,
                 "sanity": saturation_sanity(streamed.saturated, data.members.unit()),
                 "shard_size": config.shard_size, "resumed_shards": streamed.resumed_shards}
-    if not sampling["sanity"]["ok"]:
+    if not sampling["sanity"]["ok"] and not model.has_noise_predictor:
+        # one sampler, no solver to change: the saturation is the model's
+        sampling["solver_check"] = {"not_applicable": "the model has no solver to change", "model_saturated": True}
+        rank_zero_warn("the model's samples are saturated (it has no solver to change): extractions and FID are suspect")
+    elif not sampling["sanity"]["ok"]:
         sampling["solver_check"] = check_solvers(model, config, sampling["sanity"], data.members.unit(), prompts)
     return sampling
 

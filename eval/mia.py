@@ -17,6 +17,7 @@ __all__ = ["MIA_ATTACKS", "MembershipInference", "MembershipReport", "check_mia_
 
 
 MIA_ATTACKS = ("loss", "pia", "secmi")
+NO_NOISE_PREDICTOR = "loss, PIA and SecMI query a noise predictor, and this model has none (a GAN: see the gan_mia attack)"
 
 
 def check_mia_sizes(num_members: int, num_heldout: int, examples: int | None) -> int:
@@ -48,6 +49,9 @@ class MembershipReport(AuditResult):
         return self.summary
 
     def columns(self) -> list[Column]:
+        if "not_applicable" in self.summary:
+            return [Column("mia", "best MIA AUC", "ROC AUC of the strongest attack (n/a: the model has no noise predictor)",
+                           None, "n/a", Privacy.PRIVACY)]
         best = self.summary.get("best")
         if not best:
             return []
@@ -78,6 +82,8 @@ class MembershipReport(AuditResult):
         return out
 
     def notes(self) -> list[str]:
+        if "not_applicable" in self.summary:
+            return [f"MIA: n/a: {self.summary['not_applicable']}"]
         notes = ["MIA: each attack's timestep (and the strongest attack) is chosen on one half of the member/held-out "
                  "pairs and its AUC measured on the other half, both ways, and averaged; [intervals] are 95% bootstrap "
                  "intervals. With n held-out images no FPR below 1/n is resolved: the TPR says at which FPR it is taken."]
@@ -143,6 +149,8 @@ class MembershipInference(AuditPlugin):
 
     def run(self, context: AuditContext) -> MembershipReport:
         data, model = context.data, context.model
+        if not model.has_noise_predictor:
+            return MembershipReport({"not_applicable": NO_NOISE_PREDICTOR})
         heldout = context.heldout if context.heldout is not None else data.heldout
         n = check_mia_sizes(len(data.members), len(heldout), self.examples)
         both = type(data.members).concat([data.members.select(range(n)), heldout.select(range(n))])

@@ -266,6 +266,9 @@ class CanaryAudit(AuditPlugin):
         data, model = context.data, context.model
         if data.canaries is None or data.canary_included is None:
             return None
+        if not model.has_noise_predictor:
+            return SummaryResult({"not_applicable": "the canaries' scores are the model's denoising losses, and this model "
+                                                    "has no noise predictor"})
         claimed = context.claimed.get("epsilon") if context.claimed else None
         delta = float(context.claimed["delta"]) if claimed is not None else self.delta
         beta = 1 - self.confidence

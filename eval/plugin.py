@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from privdiff.membership import ImageTable, Manifest
-from privdiff.model import DiffusionModel
+from privdiff.model import GenerativeModel
 from privdiff.shard import Shard
 
 from .sample_stream import SampleReduction, reduce_at_once
@@ -66,7 +66,7 @@ class AuditContext:
     rate is measured). ``flag_rate`` is the share of real held-out images a calibrated criterion may flag.
     """
 
-    model: DiffusionModel
+    model: GenerativeModel
     data: AuditData
     samples: Tensor
     sample_labels: Tensor | None = None
@@ -116,7 +116,7 @@ class AuditContext:
         return self.data.members.unit()
 
 
-def table_condition(table: ImageTable, model: DiffusionModel) -> Tensor | list[str] | None:
+def table_condition(table: ImageTable, model: GenerativeModel) -> Tensor | list[str] | None:
     """The conditioning of a table's images for ``model``: class labels, captions, or None."""
     if model.conditioning == "class":
         return table.labels.clamp(min=0)
@@ -261,14 +261,15 @@ class AuditPlugin(ABC):
 
 
 def setting_panels(runs: Mapping[str, Mapping[str, Any]], key: str, height: float) -> tuple[Any, list[tuple[Any, str, Any]]] | None:
-    """A row of matplotlib panels, one per setting whose audit has an entry ``key``: the figure and (axes, setting,
-    entry) for each; None when no setting has one."""
+    """A row of matplotlib panels, one per setting whose audit has an entry ``key`` that applied: the figure and (axes,
+    setting, entry) for each; None when no setting has one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(name, audit[key]) for name, audit in runs.items() if audit.get(key)]
+    # an entry that says the attack did not apply to the model ({"not_applicable": why}) has nothing to draw
+    panels = [(name, audit[key]) for name, audit in runs.items() if audit.get(key) and "not_applicable" not in audit[key]]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), height), squeeze=False, layout="constrained")

@@ -343,6 +343,8 @@ def _model_text(model: Mapping[str, Any]) -> str:
 
 def _saturation_text(sampling: Mapping[str, Any]) -> str:
     check = sampling.get("solver_check") or {}
+    if check.get("not_applicable"):
+        return " — SATURATED: the model's samples (it has no solver to change)"
     if check.get("model_saturated"):
         return " — SATURATED with every solver (" + ", ".join(check["solvers"]) + "): the model's samples, not the solver's"
     if check.get("sane"):

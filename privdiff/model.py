@@ -9,6 +9,14 @@ latent (text-to-image) models are implementations of it in ``privdiff.train``.
 
 Distances and thresholds are always computed on decoded pixels in [0, 1]; the attacks that query
 the noise predictor (membership inference) work in the model's space, reached with :meth:`encode`.
+
+:class:`GenerativeModel` is the part of the interface a model without a noise predictor (a GAN,
+``privdiff.train.gan``) also has: what it is, encode/decode, sampling, save/load, the trainable
+module. Capability flags (``has_noise_predictor``, ``has_discriminator``) tell the audit which
+attacks apply, so that no stage names a concrete model class. A model that trains in its own way
+(several optimizers, as a GAN's generator and discriminator) sets ``owns_training`` and provides
+:meth:`GenerativeModel.configure_optimizers` and :meth:`GenerativeModel.training_step`; the one
+LightningModule (``privdiff.train.module.DiffusionModule``) then runs it with manual optimization.
 """
 
 from __future__ import annotations
@@ -17,12 +25,12 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Batch", "DiffusionModel"]
+__all__ = ["Batch", "DiffusionModel", "GenerativeModel"]
 
 
 @dataclass
@@ -68,17 +76,21 @@ class Batch:
         return Batch(self.images.to(device), cond, self.rows.to(device), self.cond_noise)
 
 
-class DiffusionModel(nn.Module, ABC):
-    """A diffusion model (epsilon prediction, DDPM training schedule) as every stage of privdiff sees it.
+class GenerativeModel(nn.Module, ABC):
+    """An image generator as the audit and the training module see it, whether or not it has a noise predictor.
 
-    Subclasses set ``self.trainable`` (the module whose parameters training updates; a defense
-    may replace it by a wrapper, e.g. Opacus's ``GradSampleModule``, and the model must then
-    call that wrapper) and ``self.scheduler`` (a diffusers ``DDPMScheduler`` holding the training
-    noise schedule), and implement the abstract methods.
+    Subclasses set ``self.trainable`` (the module whose parameters training updates, EMA tracks and
+    the export writes; a defense may replace it by a wrapper, e.g. Opacus's ``GradSampleModule``,
+    and the model must then call that wrapper) and implement the abstract methods.
     """
 
     trainable: nn.Module
-    scheduler: Any
+    # what the audit may query: the noise predictor (loss/PIA/SecMI membership inference, the solver check, the
+    # canaries' loss scores) and a discriminator's score (LOGAN); attacks that need one say "n/a" without it
+    has_noise_predictor: ClassVar[bool] = False
+    has_discriminator: ClassVar[bool] = False
+    # True: the model trains itself (configure_optimizers + training_step) under Lightning's manual optimization
+    owns_training: ClassVar[bool] = False
 
     # -- what it is -------------------------------------------------------------------------
     @property
@@ -107,20 +119,12 @@ class DiffusionModel(nn.Module, ABC):
         return 1
 
     @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
-
-    @property
     def device(self) -> torch.device:
         param = next(self.parameters(), None)
         return param.device if param is not None else torch.device("cpu")
 
-    def alphas_cumprod(self) -> Tensor:
-        """abar_t of the training schedule (float32, on the model's device), for attacks that invert steps."""
-        return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
-
     def prepare(self, public: Any, members: Any) -> dict[str, Any] | None:
-        """Fit what the model needs from data before the diffusion training starts (a latent model's autoencoder).
+        """Fit what the model needs from data before training starts (a latent model's autoencoder).
 
         ``public`` holds images of the source that are neither members nor held out (an
         ``ImageTable`` or None), ``members`` the training images. Returns a record for the report,
@@ -160,6 +164,94 @@ class DiffusionModel(nn.Module, ABC):
         a text model also honours ``batch.cond_noise``)."""
         return self.embed_condition(batch.cond)
 
+    # -- generation ---------------------------------------------------------------------------
+    @abstractmethod
+    def sample(
+        self,
+        n: int,
+        solver: str = "ancestral",
+        steps: int = 50,
+        cond: Tensor | Sequence[str] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``n`` samples, decoded to pixels in [0, 1], from one reverse-process run (no batching, no defenses); a model
+        without a noise predictor ignores ``solver`` and ``steps``.
+
+        Use ``privdiff.eval.sampling.generate``: the one sampling function, with batching and the
+        generation-side defenses.
+        """
+
+    # -- folders anyone can load --------------------------------------------------------------
+    @abstractmethod
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a folder that :meth:`from_pretrained` loads, safetensors weights (a diffusion model's: the matching
+        diffusers pipeline's folder)."""
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, path: str | Path) -> "GenerativeModel":
+        """Load a folder written by :meth:`save_pretrained` (or by the matching diffusers pipeline)."""
+
+    # model_index.json's _class_name of the folders this implementation reads and writes
+    pipeline: ClassVar[str | None] = None
+
+    @classmethod
+    def is_folder(cls, path: Path) -> bool:
+        """Whether ``path`` is a folder of this implementation's pipeline (its model_index.json says so)."""
+        index = Path(path) / "model_index.json"
+        return cls.pipeline is not None and index.is_file() and json.loads(index.read_text()).get("_class_name") == cls.pipeline
+
+    # -- what sees the training images (what DP-SGD wraps) ---------------------------------------
+    @property
+    def private_module(self) -> nn.Module:
+        """The module whose gradients depend on the training images: what a training-stage defense (DP-SGD) wraps and
+        privatises. Default ``trainable``; a GAN's is its discriminator (the generator sees the images only through it,
+        so a DP discriminator makes the generator DP by post-processing, Xie et al. 2018)."""
+        return self.trainable
+
+    def set_private_module(self, module: nn.Module) -> None:
+        """Put ``module`` (a defense's wrapper of :attr:`private_module`) in its place; the model must then call it.
+        A method, not a property setter: ``nn.Module.__setattr__`` would register a module under the property's name."""
+        self.trainable = module
+
+    def check_private_training(self) -> None:
+        """Raise ``ValueError`` when a training-stage defense that wraps :attr:`private_module` cannot honour how this
+        model trains it (a model that ``owns_training`` must step the private module's optimizer once per batch)."""
+
+    # -- a model that trains itself (``owns_training``) ------------------------------------------
+    def discriminator_score(self, images: Tensor) -> Tensor:
+        """(N,) the discriminator's realness logit of pixels in [0, 1] (models with ``has_discriminator``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no discriminator")
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers of a model that ``owns_training``, in the order :meth:`training_step` steps them (the last
+        one's step counts one training step)."""
+        raise NotImplementedError(f"{type(self).__name__} trains through the module's loss (owns_training is False)")
+
+    def training_step(self, batch: Batch, optimizers: Sequence[Any], backward: Callable[[Tensor], None]) -> dict[str, Tensor]:
+        """One training step of a model that ``owns_training``: zero, ``backward(loss)`` and step each optimizer
+        (as :meth:`configure_optimizers` returned them); return the losses to log by name."""
+        raise NotImplementedError(f"{type(self).__name__} trains through the module's loss (owns_training is False)")
+
+
+class DiffusionModel(GenerativeModel):
+    """A diffusion model (epsilon prediction, DDPM training schedule) as every stage of privdiff sees it.
+
+    Besides ``self.trainable``, subclasses set ``self.scheduler`` (a diffusers ``DDPMScheduler``
+    holding the training noise schedule) and implement the abstract methods.
+    """
+
+    scheduler: Any
+    has_noise_predictor: ClassVar[bool] = True
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def alphas_cumprod(self) -> Tensor:
+        """abar_t of the training schedule (float32, on the model's device), for attacks that invert steps."""
+        return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+
     # -- the model --------------------------------------------------------------------------
     @abstractmethod
     def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
@@ -195,38 +287,3 @@ class DiffusionModel(nn.Module, ABC):
         noise = noise.to(x0.device)
         pred = self.predict_noise(self.add_noise(x0, noise, timesteps), timesteps, self.embed_batch_condition(batch))
         return (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
-
-    # -- generation ---------------------------------------------------------------------------
-    @abstractmethod
-    def sample(
-        self,
-        n: int,
-        solver: str = "ancestral",
-        steps: int = 50,
-        cond: Tensor | Sequence[str] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """``n`` samples, decoded to pixels in [0, 1], from one reverse-process run (no batching, no defenses).
-
-        Use ``privdiff.eval.sampling.generate``: the one sampling function, with batching and the
-        generation-side defenses.
-        """
-
-    # -- folders anyone can load --------------------------------------------------------------
-    # model_index.json's _class_name of the diffusers folders this implementation reads and writes
-    pipeline: ClassVar[str | None] = None
-
-    @classmethod
-    def is_folder(cls, path: Path) -> bool:
-        """Whether ``path`` is a diffusers folder of this implementation's pipeline (its model_index.json says so)."""
-        index = Path(path) / "model_index.json"
-        return cls.pipeline is not None and index.is_file() and json.loads(index.read_text()).get("_class_name") == cls.pipeline
-
-    @abstractmethod
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write a folder that the matching diffusers pipeline loads (safetensors weights)."""
-
-    @classmethod
-    @abstractmethod
-    def from_pretrained(cls, path: str | Path) -> "DiffusionModel":
-        """Load a folder written by :meth:`save_pretrained` (or by the matching diffusers pipeline)."""

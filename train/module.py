@@ -1,4 +1,18 @@
-"""The LightningModule that trains any ``privdiff.model.DiffusionModel`` with defenses and EMA weights."""
+"""The LightningModule that trains any ``privdiff.model.GenerativeModel`` with defenses and EMA weights.
+
+One module for every kind of model. A diffusion model trains through this module's loss and optimizer
+(automatic optimization); a model that ``owns_training`` (a GAN: a generator and a discriminator, two
+optimizers) gives its own optimizers and training step, and this module runs them with Lightning's manual
+optimization, keeping the EMA, checkpoints, the export and the audit hooks it gives every model.
+
+Why a model-side hook rather than a second LightningModule chosen by LightningCLI's
+``subclass_mode_model=True``: every shipped config's ``model:`` block holds this module's init args without
+a ``class_path``, and subclass mode rejects them ("Does not validate against any of the Union subtypes");
+with a default ``class_path`` they parse, but the CLI's links (``data.image_size`` ->
+``model.diffusion.init_args.image_size``), ``--model.diffusion...`` overrides, ``module_from_config`` and
+every ``cli.model.diffusion`` would change paths or meaning. The hook keeps every config and command
+unchanged: a GAN is one more ``model.diffusion.class_path``.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +28,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info
 
 from privdiff.files import write_json_atomic
-from privdiff.model import Batch, DiffusionModel
+from privdiff.model import Batch, GenerativeModel
 
 from ..defenses.base import DEFENSES_RECORD, Defense, DefenseStack, as_stack
 from .denoiser import unwrap
@@ -29,9 +43,10 @@ class DiffusionModule(pl.LightningModule):
 
     Args:
         diffusion: the model (``class_path`` + ``init_args`` in YAML; default a pixel UNet,
-            ``privdiff.train.pixel.PixelDiffusion``). Its ``image_size``/``channels`` are linked
-            from the data module.
-        lr, weight_decay, warmup_steps: AdamW with linear warm-up, over the model's trainable parameters.
+            ``privdiff.train.pixel.PixelDiffusion``; a GAN: ``privdiff.train.gan.DCGAN``). Its
+            ``image_size``/``channels`` are linked from the data module.
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up, over the model's trainable parameters
+            (ignored by a model that ``owns_training``: its own init args set its optimizers).
         ema_decay: maximum decay of the EMA weights (diffusers ``EMAModel`` with warm-up); the
             audit and the export use the EMA weights.
         defenses: training-stage defenses (the same instances as the data module's).
@@ -40,7 +55,7 @@ class DiffusionModule(pl.LightningModule):
 
     def __init__(
         self,
-        diffusion: DiffusionModel = lazy_instance(PixelDiffusion),
+        diffusion: GenerativeModel = lazy_instance(PixelDiffusion),
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 50,
@@ -56,10 +71,15 @@ class DiffusionModule(pl.LightningModule):
         self.defenses: DefenseStack = as_stack(defenses)
         # foreach: one kernel over all parameters instead of one per tensor (half the time of a small model's step)
         self.ema = EMAModel(diffusion.trainable_parameters(), decay=ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
+        # A model with several optimizers (a GAN) steps them itself: Lightning's manual optimization.
+        self.automatic_optimization = not diffusion.owns_training
+        self._private_optimizer: int | None = None  # which of a self-training model's optimizers a defense wrapped
 
 
     # -- training ------------------------------------------------------------------------------
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> dict[str, Any] | list[torch.optim.Optimizer]:
+        if self.diffusion.owns_training:
+            return self._own_optimizers()
         self.defenses.check_trainer(self.trainer)
         self.defenses.check_model(self.diffusion)
         self.diffusion.trainable = self.defenses.wrap_model(self.diffusion.trainable)
@@ -73,6 +93,38 @@ class DiffusionModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _own_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers of a model that trains itself, the one over its private module wrapped by the defenses.
+
+        Only the wrapping defenses apply (DP-SGD on a GAN's discriminator): one that changes the batch or draws
+        several rows per image would need the model's loss, which such a model keeps to itself.
+        """
+        self.defenses.check_trainer(self.trainer)
+        optimizers = self.diffusion.configure_optimizers()
+        self._private_optimizer = None
+        if not training_defenses(self.defenses):
+            return optimizers
+        unsupported = training_defenses(self.defenses, BATCH_HOOKS)
+        if unsupported or self.defenses.draws_per_example() > 1:
+            raise ValueError(
+                f"defenses {unsupported or training_defenses(self.defenses)} change the training batch, and "
+                f"{type(self.diffusion).__name__} trains itself (its own loss): they do not apply to it; DP-SGD (on its "
+                "private module, noise_multiplicity 1), data- and generation-side defenses do"
+            )
+        self.defenses.check_model(self.diffusion)
+        self.diffusion.check_private_training()
+        private = self.diffusion.private_module
+        owned = {id(p) for p in private.parameters()}
+        steps = [i for i, o in enumerate(optimizers) if {id(p) for g in o.param_groups for p in g["params"]} <= owned]
+        if len(steps) != 1:
+            raise ValueError(f"{type(self.diffusion).__name__}: a training defense needs exactly one optimizer over the "
+                             f"private module's parameters, found {len(steps)}")
+        self._private_optimizer = steps[0]
+        wrapped = self.defenses.wrap_model(private)
+        self.diffusion.set_private_module(wrapped)
+        optimizers[steps[0]] = self.defenses.wrap_optimizer(optimizers[steps[0]], wrapped)
+        return optimizers
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         batch = Batch.of(batch)
         if len(batch) == 0:
@@ -80,9 +132,16 @@ class DiffusionModule(pl.LightningModule):
             # takes its noise-only step, which the accountant counts. Under DDP every process must
             # run a backward (Lightning refuses a skipped step): a zero loss that reaches every
             # trainable parameter gives zero gradients and no per-sample ones (the DP defense adds none).
+            if self.diffusion.owns_training and self._private_optimizer is not None:
+                # a self-training model's private optimizer takes the DP step's noise-only update, counted as above
+                self.defenses.on_before_optimizer_step(self.diffusion.private_module)
+                self._optimizer_list()[self._private_optimizer].step()
+                return None
             if self.trainer.world_size == 1:
                 return None
             return torch.stack([p.sum() for p in self.diffusion.trainable_parameters()]).sum() * 0.0
+        if self.diffusion.owns_training:
+            return self._own_training_step(batch)
         batch = self.defenses.transform_batch(batch)
         k = self.defenses.draws_per_example()
         if k > 1:
@@ -92,6 +151,21 @@ class DiffusionModule(pl.LightningModule):
         loss = self.diffusion.per_example_loss(batch).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=max(1, len(batch) // k))
         return loss
+
+    def _own_training_step(self, batch: Batch) -> None:
+        """A step of a model that trains itself: it zeroes, back-propagates and steps its optimizers."""
+        optimizers = self._optimizer_list()
+        # Lightning counts a global step per LightningOptimizer.step() under manual optimization: the earlier
+        # optimizers step unwrapped, so that one training step (one batch) is one global step, as for diffusion.
+        stepped = [o.optimizer for o in optimizers[:-1]] + optimizers[-1:]
+        losses = self.diffusion.training_step(batch.to(self.device), stepped, self.manual_backward)
+        self.ema.step(self.diffusion.trainable_parameters())
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, batch_size=len(batch))
+        return None
+
+    def _optimizer_list(self) -> list[Any]:
+        optimizers = self.optimizers()
+        return list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         reason = self.defenses.should_stop()
@@ -184,11 +258,13 @@ class DiffusionModule(pl.LightningModule):
         redone = max(0, self._released() - steps_done)
         for said in self.defenses.resume(checkpoint.get("defenses", {}), steps_done, redone):
             rank_zero_info(f"privdiff: resuming at step {steps_done} after step {steps_done + redone} was released: {said}")
-        if unwrap(self.diffusion.trainable) is not self.diffusion.trainable:
-            plain, wrapped = "diffusion.trainable.", "diffusion.trainable" + WRAPPED
-            checkpoint["state_dict"] = {
-                (wrapped + k[len(plain):] if k.startswith(plain) else k): v for k, v in checkpoint["state_dict"].items()
-            }
+        wrappable = (self.diffusion.trainable, self.diffusion.private_module)
+        for name, child in self.diffusion.named_children():  # the trainable or private module, where a defense wrapped it
+            if any(child is m for m in wrappable) and unwrap(child) is not child:
+                plain, wrapped = f"diffusion.{name}.", f"diffusion.{name}" + WRAPPED
+                checkpoint["state_dict"] = {
+                    (wrapped + k[len(plain):] if k.startswith(plain) else k): v for k, v in checkpoint["state_dict"].items()
+                }
 
     # -- outputs -------------------------------------------------------------------------------
     @property
@@ -198,7 +274,7 @@ class DiffusionModule(pl.LightningModule):
         return Path(self.trainer.default_root_dir) / "model"
 
     @contextmanager
-    def ema_model(self) -> Iterator[DiffusionModel]:
+    def ema_model(self) -> Iterator[GenerativeModel]:
         """The diffusion model with the EMA weights in place (and any defense's wrapper taken off), in eval mode.
 
         The training weights and the wrapper are put back when the block ends. What the audit and
@@ -223,3 +299,15 @@ class DiffusionModule(pl.LightningModule):
             model.save_pretrained(path)
         rank_zero_info(f"privdiff: exported the EMA model to {path}")
         return path
+
+
+TRAINING_HOOKS = ("wrap_model", "wrap_optimizer", "wrap_train_loader", "transform_batch", "draws_per_example",
+                  "backward_inputs", "on_before_optimizer_step")
+
+
+BATCH_HOOKS = ("transform_batch",)  # training hooks that need the model's loss, which a self-training model keeps
+
+
+def training_defenses(stack: DefenseStack, hooks: tuple[str, ...] = TRAINING_HOOKS) -> list[str]:
+    """The names of the defenses that override one of ``hooks`` (default: any training-stage hook)."""
+    return [d.name for d in stack if any(getattr(type(d), h) is not getattr(Defense, h) for h in hooks)]

@@ -1,4 +1,5 @@
-"""A shrunk `privdiff compare`: report files with every column, figures, reuse of finished runs."""
+"""A shrunk `privdiff compare`: report files with every column, figures, reuse of finished runs; the diffusion-vs-GAN
+grid."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from privdiff.compare import Setting, compare
+from privdiff.eval.report import privacy_utility_figure, summarize
 
 REPO = Path(__file__).resolve().parents[2]
 SHRUNK = ["--trainer.max_steps=3", "--trainer.enable_progress_bar=false", "--data.num_members=24", "--data.num_heldout=8",
@@ -59,3 +62,34 @@ def test_shrunk_compare_writes_every_column_and_reuses_finished_runs(tmp_path, m
 def test_compare_rejects_unknown_audit_of(tmp_path) -> None:
     with pytest.raises(ValueError, match="audit_of='nope'"):
         compare({"a": Setting(audit_of="nope")}, [], out_dir=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_the_gan_grid_shrunk_puts_the_gan_row_in_the_table_the_report_and_the_privacy_utility_plot(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(REPO)
+    shipped = yaml.safe_load((REPO / "configs" / "compare" / "gan.yaml").read_text())
+    # the shipped grid's configs and settings; each setting's own step count gives way to the shrunk one
+    settings = {name: Setting(configs=s["configs"], args=["--trainer.max_steps=3"]) for name, s in shipped["settings"].items()}
+    assert set(settings) == {"none", "gan"}
+    shrunk = [*SHRUNK[1:-1], "--audit.steps=10", "--audit.attacks.mia.init_args.examples=4",
+              "--audit.attacks.gan_mia.init_args.examples=4"]
+    audits = compare(settings, shipped["configs"], [*shipped["args"], *shrunk], out_dir=str(tmp_path), parallel=1,
+                     title=shipped["title"])
+    assert audits["gan"]["model"]["kind"] == "gan" and audits["gan"]["run"]["steps"] == 3
+    # each membership attack answers for its own kind of model and says n/a for the other
+    assert "not_applicable" in audits["gan"]["mia"] and "auc" in audits["gan"]["gan_mia"]
+    assert "not_applicable" in audits["none"]["gan_mia"] and "best" in audits["none"]["mia"]
+    printed = capsys.readouterr().out
+    assert "\n| gan | none | none | " in printed  # the table `privdiff compare` prints
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["setting"] for r in report["rows"]] == ["none", "gan"]
+    assert {"best MIA AUC", "LOGAN AUC"} <= {c["header"] for c in report["columns"].values()}
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.startswith("# privdiff: diffusion vs GAN") and "| gan | none | none | " in markdown
+    html = (tmp_path / "report.html").read_text()
+    assert "privacy–utility" in html and 'href="gan/report.html"' in html
+    # the GAN is a point wherever its column is a number (not on the diffusion MIA's axis, where it is n/a); no ε needed
+    fig = privacy_utility_figure([summarize(n, a) for n, a in audits.items()])
+    points = {ax.get_xlabel().split("\n")[0]: [c.get_label() for c in ax.collections] for ax in fig.axes}
+    assert points["extracted · chance"] == points["NN-ratio mem."] == ["none", "gan"], points
+    assert points["LOGAN AUC"] == ["gan"] and points["best MIA AUC"] == ["none"]
