@@ -93,7 +93,7 @@ def test_norms_and_weighted_sums_do_not_depend_on_memory_layout() -> None:
 @pytest.mark.parametrize("max_grad_norm", [0.05, 100.0])
 def test_layout_free_clipping_equals_opacus_clipping(max_grad_norm: float) -> None:
     samples = strided_samples(6)
-    sums = []
+    sums, grads = [], []
     for cls in (DPOptimizer, ClippingDPOptimizer):
         params = [nn.Parameter(torch.zeros(g.shape[1:])) for g in samples]
         for p, g in zip(params, samples):
@@ -101,7 +101,12 @@ def test_layout_free_clipping_equals_opacus_clipping(max_grad_norm: float) -> No
         opt = cls(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=6)
         opt.clip_and_accumulate()
         sums.append([p.summed_grad for p in params])
+        opt.add_noise()
+        opt.scale_grad()  # privdiff's reads the accumulated iterations once
+        grads.append([p.grad for p in params])
     for ours, opacus in zip(*reversed(sums)):
+        torch.testing.assert_close(ours, opacus)
+    for ours, opacus in zip(*reversed(grads)):
         torch.testing.assert_close(ours, opacus)
     if max_grad_norm > 10:  # no example reaches the bound: the plain sum
         for total, g in zip(sums[1], samples):
@@ -156,6 +161,7 @@ OPACUS_INTERNALS = {
     "opacus.optimizers.optimizer._check_processed_flag": "cda9cba61a6691e1",
     "opacus.optimizers.optimizer._mark_as_processed": "ad66ff8bdcd4e049",
     "opacus.optimizers.optimizer.DPOptimizer.clip_and_accumulate": "28dc9fe15da665d3",
+    "opacus.optimizers.optimizer.DPOptimizer.scale_grad": "ec629064142b9495",
     "opacus.grad_sample.functorch.ft_compute_per_sample_gradient": "69813a93e49c24ca",
     "opacus.grad_sample.functorch.prepare_layer": "cb19353df1ff65b5",
     "opacus.grad_sample.conv.compute_conv_grad_sample": "6a7e5686281385e4",
