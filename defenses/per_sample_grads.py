@@ -169,6 +169,10 @@ class FastGradSampleModule(GradSampleModule):
     """
 
     GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_per_example_grads}
+    # Each parameter's per-example norms are taken as soon as its per-example gradient is complete,
+    # while it is still in the cache (``cache_example_norms``); the clipping reads them. Turn off where
+    # the per-example gradients are changed before clipping anyway (DPDM's averaging of K rows per image).
+    norms_in_backward = True
 
     def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False) -> None:
         """Opacus's hooks, with the output gradient taken by a hook on each layer's output tensor.
@@ -296,6 +300,8 @@ class FastGradSampleModule(GradSampleModule):
             p._forward_counter -= 1
             if p._forward_counter == 0:
                 promote_current_grad_sample(p)
+                if self.norms_in_backward and torch.is_tensor(p.grad_sample):
+                    cache_example_norms(p.grad_sample)
             if not self.grad_accumulation_allowed and isinstance(p.grad_sample, list) and len(p.grad_sample) > 1:
                 raise ValueError(
                     "Poisson sampling is not compatible with grad accumulation. You need to call "
@@ -331,14 +337,38 @@ def _as_lead_example_rest(grad_sample: torch.Tensor) -> tuple[torch.Tensor, list
     return view, [d - 1 for d in order if d != 0]
 
 
+def _example_norms(grad_sample: torch.Tensor) -> torch.Tensor:
+    """The l2 norm of each example's gradient of one parameter (N,), in whatever memory order it lies."""
+    if grad_sample.is_contiguous():  # most: no layout to find
+        return torch.linalg.vector_norm(grad_sample.view(grad_sample.shape[0], math.prod(grad_sample.shape[1:])), dim=1)
+    return torch.linalg.vector_norm(_as_lead_example_rest(grad_sample)[0], dim=(0, 2))
+
+
+def cache_example_norms(grad_sample: torch.Tensor) -> None:
+    """Compute ``grad_sample``'s per-example norms now and keep them on the tensor for ``per_example_norms``.
+
+    Taken right after a layer's per-example gradients are formed (in the backward hook), the norm
+    reads them from the cache instead of from memory at clipping time. The norms are stored with the
+    tensor's version counter: an in-place change of the tensor (or of what it views) afterwards makes
+    ``per_example_norms`` compute them again, and a new tensor (DPDM's per-image average) has none.
+    """
+    grad_sample._privdiff_example_norms = (grad_sample._version, _example_norms(grad_sample))
+
+
+def _stored_or_computed_norms(grad_sample: torch.Tensor) -> torch.Tensor:
+    stored = getattr(grad_sample, "_privdiff_example_norms", None)
+    if stored is not None and stored[0] == grad_sample._version:
+        return stored[1]
+    return _example_norms(grad_sample)
+
+
 def per_example_norms(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The l2 norm of each example's whole gradient over the given per-example gradients (N,)."""
-    per_param = [
-        torch.linalg.vector_norm(g.view(g.shape[0], math.prod(g.shape[1:])), dim=1) if g.is_contiguous()  # most: no layout to find
-        else torch.linalg.vector_norm(_as_lead_example_rest(g)[0], dim=(0, 2))
-        for g in grad_samples
-    ]
-    return torch.stack(per_param, dim=1).norm(2, dim=1)
+    """The l2 norm of each example's whole gradient over the given per-example gradients (N,).
+
+    A parameter's norms kept by ``cache_example_norms`` (and still valid) are used as they are:
+    the same computation, done earlier.
+    """
+    return torch.stack([_stored_or_computed_norms(g) for g in grad_samples], dim=1).norm(2, dim=1)
 
 
 def weighted_example_sum(grad_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

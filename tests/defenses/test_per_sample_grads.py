@@ -147,6 +147,27 @@ def test_layers_used_twice_get_the_summed_per_example_gradients_through_the_inpu
         torch.testing.assert_close(p.grad_sample, torch.stack([r[name] for r in reference]), atol=1e-5, rtol=1e-4)
 
 
+def test_norms_taken_during_backward_are_the_norms_of_the_stored_gradients_until_these_change() -> None:
+    from privdiff.defenses.per_sample_grads import FastGradSampleModule
+
+    torch.manual_seed(0)
+    # tied layers (complete only after their second use) and a convolution whose rule returns a permuted view
+    model = nn.Sequential(SharedLayers(), nn.Unflatten(1, (8, 5, 5)), nn.Conv2d(8, 4, 3, padding=1))
+    wrapped = FastGradSampleModule(model, batch_first=True, loss_reduction="sum")
+    wrapped(torch.randn(4, 8, 5, 5)).pow(2).sum().backward(inputs=wrapped.backward_inputs())
+    samples = [p.grad_sample for p in model.parameters()]
+    assert all(hasattr(g, "_privdiff_example_norms") for g in samples)
+    assert not samples[-2].is_contiguous()
+
+    def recomputed() -> torch.Tensor:
+        return torch.stack([g.reshape(4, -1).norm(dim=1) for g in samples], 1).norm(dim=1)
+
+    torch.testing.assert_close(per_example_norms(samples), recomputed())
+    samples[0].mul_(3.0)  # an in-place change after the backward pass: the stored norms no longer count
+    samples[-2][1:].zero_()  # ... also through a view
+    torch.testing.assert_close(per_example_norms(samples), recomputed())
+
+
 # -- the Opacus internals per_sample_grads is built on ----------------------------------------------
 # per_sample_grads copies the logic of these Opacus 1.6.0 functions or calls them directly (some are
 # private). If an Opacus upgrade changes any of them, this test fails: re-read the new source, port
