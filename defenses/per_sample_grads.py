@@ -14,16 +14,21 @@ privdiff's pieces:
   returns a permuted view); the rest (few input channels, where im2col is cheap,
   grouped convolutions) use Opacus's rule on a contiguous input. All are exactly the per-example
   gradient (tests compare them with Opacus's rule and with a loop of single-image backward passes).
-* ``FastGradSampleModule`` is a ``GradSampleModule`` with that rule; it takes each layer's output
+  ``group_norm_per_example_grads`` folds the batch into a GroupNorm's channels the same way, so the
+  library's fused GroupNorm backward yields every example's weight and bias gradient.
+* ``FastGradSampleModule`` is a ``GradSampleModule`` with those rules; it takes each layer's output
   gradient with a hook on the output tensor (Opacus's full backward hooks add autograd nodes around
   every layer), stores a layer's per-example gradients directly when one backward pass produces
   them (Opacus first copies them into a zero-filled buffer meant for layers that run several times
-  per pass), and ``backward_inputs`` lets the trainer's backward pass skip the summed parameter
-  gradients DP-SGD discards.
+  per pass), in memory it keeps from step to step (not mapped and zero-filled anew each step),
+  takes their per-example norms while they are in the cache, and ``backward_inputs`` lets the
+  trainer's backward pass skip the summed parameter gradients DP-SGD discards.
 * ``LayoutFreeClipping`` replaces ``DPOptimizer.clip_and_accumulate`` by the same computation (per
   example norm over all parameters, factor ``min(1, C / (norm + 1e-6))``, clipped sum) done in
   whatever memory order a per-example gradient lies: Opacus reshapes each one to (N, -1), which
   copies every non-contiguous gradient (a large share of the step with the permuted convolution gradients).
+  It reads the norms taken during the backward pass, sums the small parameters in one product, and
+  its ``scale_grad`` reads the number of accumulated batches once, not once per parameter.
 
 None of this changes what DP-SGD computes; noise, scaling and accounting stay Opacus's optimizer's.
 """
@@ -37,6 +42,7 @@ from typing import Any, Callable, Sequence
 import torch
 from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_sample, promote_current_grad_sample
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
@@ -113,6 +119,34 @@ def _grouped_weight_grad(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Ten
         None, list(layer.stride), list(layer.padding), list(layer.dilation), False, [0, 0], n, [False, True, False],
     )[1]
     return grad.view(n, c_out, c_in, kh, kw)
+
+
+def group_norm_per_example_grads(
+    layer: nn.GroupNorm, activations: Sequence[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradients of a ``GroupNorm``'s weight and bias (an Opacus grad-sampler rule).
+
+    The batch is folded into the channels, (1, N*C, ...) with N*G groups: the same groups as the layer's,
+    so the library's GroupNorm backward yields each example's weight and bias gradient (N*C of them) in one
+    fused pass, where Opacus's rule normalises, multiplies and sums in separate passes.
+    """
+    x = activations[0].to(backprops.dtype)
+    n, c = x.shape[:2]
+    wants = [False, layer.weight is not None and layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad]
+    if n == 0 or not any(wants):
+        return compute_group_norm_grad_sample(layer, [x], backprops)
+    folded = x.reshape(1, n * c, -1)
+    size, groups = folded.shape[-1], n * layer.num_groups
+    _, mean, rstd = torch.ops.aten.native_group_norm(folded, None, None, 1, n * c, size, groups, layer.eps)
+    _, weight, bias = torch.ops.aten.native_group_norm_backward(
+        backprops.reshape(1, n * c, size), folded, mean, rstd, None, 1, n * c, size, groups, wants
+    )
+    grads: dict[nn.Parameter, torch.Tensor] = {}
+    if wants[1]:
+        grads[layer.weight] = weight.view(n, c)
+    if wants[2]:
+        grads[layer.bias] = bias.view(n, c)
+    return grads
 
 
 def _uses_shifted_products(layer: nn.Conv2d, activations: torch.Tensor) -> bool:
@@ -201,7 +235,7 @@ class FastGradSampleModule(GradSampleModule):
     trainable parameters must return one tensor (all layers of a diffusers ``UNet2DModel`` do).
     """
 
-    GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_per_example_grads}
+    GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_per_example_grads, nn.GroupNorm: group_norm_per_example_grads}
     # Each parameter's per-example norms are taken as soon as its per-example gradient is complete,
     # while it is still in the cache (``cache_example_norms``); the clipping reads them. Turn off where
     # the per-example gradients are changed before clipping anyway (DPDM's averaging of K rows per image).

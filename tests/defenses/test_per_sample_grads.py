@@ -62,6 +62,34 @@ def test_convolution_rule_equals_a_loop_of_single_image_gradients(c_in, c_out, s
         torch.testing.assert_close(out[layer.weight], compute_conv_grad_sample(layer, [x], g)[layer.weight], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shape,groups", [((5, 8, 6, 6), 4), ((5, 6, 7), 3), ((5, 8, 3, 3), 8)])
+def test_group_norm_rule_equals_a_loop_of_single_image_gradients(shape, groups) -> None:
+    from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
+
+    from privdiff.defenses.per_sample_grads import group_norm_per_example_grads
+
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(groups, shape[1])
+    nn.init.normal_(layer.weight)
+    x, g = torch.randn(shape) * 3 + 1, torch.randn(shape)
+    weights, biases = [], []
+    for n in range(shape[0]):
+        layer.zero_grad()
+        (layer(x[n : n + 1]) * g[n : n + 1]).sum().backward()
+        weights.append(layer.weight.grad.clone())
+        biases.append(layer.bias.grad.clone())
+    inputs = [x] + ([x.to(memory_format=torch.channels_last)] if x.dim() == 4 else [])
+    for xx in inputs:
+        out = group_norm_per_example_grads(layer, [xx], g)
+        torch.testing.assert_close(out[layer.weight], torch.stack(weights), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[layer.bias], torch.stack(biases), atol=1e-5, rtol=1e-4)
+        opacus = compute_group_norm_grad_sample(layer, [xx], g)
+        for p in (layer.weight, layer.bias):
+            torch.testing.assert_close(out[p], opacus[p])
+    layer.bias.requires_grad_(False)
+    assert list(group_norm_per_example_grads(layer, [x], g)) == [layer.weight]
+
+
 def test_an_empty_batch_gets_empty_per_example_gradients() -> None:
     layer = nn.Conv2d(8, 4, 3, padding=1)
     out = conv2d_per_example_grads(layer, [torch.zeros(0, 8, 6, 6)], torch.zeros(0, 4, 6, 6))
@@ -225,6 +253,7 @@ OPACUS_INTERNALS = {
     "opacus.grad_sample.functorch.ft_compute_per_sample_gradient": "69813a93e49c24ca",
     "opacus.grad_sample.functorch.prepare_layer": "cb19353df1ff65b5",
     "opacus.grad_sample.conv.compute_conv_grad_sample": "6a7e5686281385e4",
+    "opacus.grad_sample.group_norm.compute_group_norm_grad_sample": "f61c75ff078dbb4a",
 }
 
 
