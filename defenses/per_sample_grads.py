@@ -20,8 +20,7 @@ privdiff's pieces:
   gradient with a hook on the output tensor (Opacus's full backward hooks add autograd nodes around
   every layer), stores a layer's per-example gradients directly when one backward pass produces
   them (Opacus first copies them into a zero-filled buffer meant for layers that run several times
-  per pass), in memory it keeps from step to step (not mapped and zero-filled anew each step),
-  takes their per-example norms while they are in the cache, and ``backward_inputs`` lets the
+  per pass), takes their per-example norms while they are in the cache, and ``backward_inputs`` lets the
   trainer's backward pass skip the summed parameter gradients DP-SGD discards.
 * ``LayoutFreeClipping`` replaces ``DPOptimizer.clip_and_accumulate`` by the same computation (per
   example norm over all parameters, factor ``min(1, C / (norm + 1e-6))``, clipped sum) done in
@@ -56,15 +55,6 @@ MIN_SHIFTED_CHANNELS = 8
 # The batch-as-groups weight gradient needs this many input and output channels per group to beat the
 # other rules (measured, batch 64: 16->16 at 16x16 1.05 ms against 1.7 ms shifted; 16->1 2.65 ms against 0.5 ms).
 MIN_GROUPED_CHANNELS = 8
-# The grouped rule's largest batch chunk: whose per-example weight gradients stay under this many bytes
-# (measured, batch 64, one thread: 64->32 channels at 8x8, 4.7 MB in one call, ~2300 page faults and 6.9 ms;
-# in two calls, none and 2.4 ms).
-MAX_GROUPED_BYTES = 5 << 19
-# Per-example gradients from this many numbers (256 KB in float32) on are kept in memory reused from step
-# to step (``FastGradSampleModule._in_kept_memory``); smaller ones come from the allocator's recycled blocks anyway.
-MIN_KEPT_NUMEL = 1 << 16
-# torch's count of the tensors that share a storage (private; without it per-example gradients are not kept).
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 # Parameters up to this size are clipped together (one product over their concatenated per-example
 # gradients): for them the per-call overhead exceeds the arithmetic.
 SMALL_PARAMETER = 512
@@ -86,31 +76,14 @@ def _is_pointwise(layer: nn.Conv2d) -> bool:
     )
 
 
-def grouped_conv2d_weight_grads(
-    layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def grouped_conv2d_weight_grads(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
     """Per-example weight gradients (N x C_out x C_in x kh x kw) of a convolution as ONE grouped convolution's weight gradient.
 
     The batch is folded into the channels: input (1, N*C_in, H, W), output gradient (1, N*C_out, H', W')
     and N groups, so group n's weight gradient is example n's (the per-example trick of Goodfellow 2015,
     "Efficient per-example gradient computations"). The library's weight-gradient kernel does the work:
     measured at about 1.1x the cost of the batch-summed weight gradient, against ~2x for shifted products.
-    The batch goes through in chunks whose gradients stay under ``MAX_GROUPED_BYTES`` (written into ``out``
-    if given): the kernel's larger temporary buffers are mapped and returned to the system on every call.
     """
-    n = x.shape[0]
-    c_out, c_in, kh, kw = layer.weight.shape
-    chunk = max(1, MAX_GROUPED_BYTES // (c_out * c_in * kh * kw * x.element_size()))
-    if out is None and chunk >= n:
-        return _grouped_weight_grad(layer, x, backprops)
-    if out is None:
-        out = x.new_empty(n, c_out, c_in, kh, kw)
-    for start in range(0, n, chunk):
-        out[start : start + chunk] = _grouped_weight_grad(layer, x[start : start + chunk], backprops[start : start + chunk])
-    return out
-
-
-def _grouped_weight_grad(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     c_out, c_in, kh, kw = layer.weight.shape
     template = layer.weight.new_empty(n * c_out, c_in, kh, kw)  # only its shape is read
@@ -161,8 +134,7 @@ def _uses_shifted_products(layer: nn.Conv2d, activations: torch.Tensor) -> bool:
 
 
 def conv2d_per_example_grads(
-    layer: nn.Conv2d, activations: Sequence[torch.Tensor], backprops: torch.Tensor,
-    weight_out: Callable[[nn.Parameter, Sequence[int], torch.Tensor], torch.Tensor | None] | None = None,
+    layer: nn.Conv2d, activations: Sequence[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-example gradients of a ``Conv2d``'s weight and bias (an Opacus grad-sampler rule).
 
@@ -179,8 +151,6 @@ def conv2d_per_example_grads(
         activations: ``[input]`` as the forward pass saw it (N x C_in x H x W).
         backprops: the gradient of the loss with respect to the output (N x C_out x H_out x W_out);
             the rule is linear in it, so the loss reduction's factor may be applied before or after.
-        weight_out: ``weight_out(parameter, shape, like)`` gives the contiguous tensor of ``shape`` (``like``'s dtype
-            and device) that the grouped rule writes the weight's per-example gradients into, or None for new memory.
     """
     x = activations[0].to(backprops.dtype)
     pointwise = _is_pointwise(layer)
@@ -191,8 +161,7 @@ def conv2d_per_example_grads(
             weight = torch.bmm(backprops.reshape(n, layer.out_channels, -1), x.reshape(n, c_in, -1).transpose(1, 2))
             grads[layer.weight] = weight.view(n, layer.out_channels, c_in, 1, 1)
         elif layer.weight.requires_grad:
-            out = None if weight_out is None else weight_out(layer.weight, (x.shape[0], *layer.weight.shape), x)
-            grads[layer.weight] = grouped_conv2d_weight_grads(layer, x, backprops, out)
+            grads[layer.weight] = grouped_conv2d_weight_grads(layer, x, backprops)
         if layer.bias is not None and layer.bias.requires_grad:
             grads[layer.bias] = backprops.sum(dim=(2, 3))
         return grads
@@ -252,8 +221,6 @@ class FastGradSampleModule(GradSampleModule):
         """
         if hasattr(self._module, "autograd_grad_sample_hooks"):
             raise ValueError("Trying to add hooks twice to the same model")
-        self._kept_memory: dict[nn.Parameter, tuple[torch.Tensor, int]] = {}
-        self.GRAD_SAMPLERS = {**self.GRAD_SAMPLERS, nn.Conv2d: partial(conv2d_per_example_grads, weight_out=self._weight_out)}
         self._module.autograd_grad_sample_hooks = []
         self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
         for layer in self.iterate_submodules(self._module):
@@ -311,51 +278,6 @@ class FastGradSampleModule(GradSampleModule):
             out.append(arg)
         return tuple(out)
 
-    def _kept_tensor(self, param: nn.Parameter, shape: Sequence[int], stride: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-        """A tensor of ``shape`` and ``stride`` (a dense layout) with ``like``'s dtype and device, in memory this
-        module keeps for ``param``'s per-example gradients from step to step.
-
-        A fresh per-example gradient of a few MB lives in memory the C allocator maps for it and returns to
-        the system when DP-SGD drops it at ``zero_grad``: every step pays for mapping and zero-filling those
-        pages again (measured on the quickstart UNet, one thread: ~6500 page faults and ~20 ms of system time
-        per step). The kept block is reused only when no tensor outside this module shares it (a caller that
-        kept an earlier step's ``grad_sample`` keeps its values); otherwise a new one is kept.
-        """
-        numel = math.prod(shape)
-        kept = self._kept_memory.get(param)
-        reusable = False
-        if kept is not None:
-            block, alone = kept
-            storage = block.untyped_storage()
-            reusable = (block.numel() >= numel and block.dtype == like.dtype and block.device == like.device
-                        and _storage_use_count(storage._cdata) == alone)
-            del storage
-        if not reusable:
-            block = like.new_empty(numel)
-            storage = block.untyped_storage()
-            self._kept_memory[param] = (block, _storage_use_count(storage._cdata))
-            del storage
-        return block.as_strided(shape, stride)
-
-    def _weight_out(self, param: nn.Parameter, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor | None:
-        """Where a rule writes ``param``'s per-example gradients of ``shape`` (contiguous): kept memory, or
-        None (new memory) below ``MIN_KEPT_NUMEL``."""
-        if math.prod(shape) < MIN_KEPT_NUMEL or _storage_use_count is None:
-            return None
-        return self._kept_tensor(param, shape, torch.empty(shape, device="meta").stride(), like)
-
-    def _in_kept_memory(self, param: nn.Parameter, grad_sample: torch.Tensor) -> torch.Tensor:
-        """``grad_sample`` in the memory kept for ``param`` (``_kept_tensor``): as it is if a rule wrote it
-        there, else copied, in its layout, while it is still in the cache (a permutation of a dense block only)."""
-        if grad_sample.numel() < MIN_KEPT_NUMEL or _storage_use_count is None:
-            return grad_sample
-        kept = self._kept_memory.get(param)
-        if kept is not None and kept[0].untyped_storage().data_ptr() == grad_sample.untyped_storage().data_ptr():
-            return grad_sample
-        if not _dense_view(grad_sample)[0].data_ptr() == grad_sample.data_ptr():
-            return grad_sample  # not a permutation of a dense block (``_dense_view`` copied it)
-        return self._kept_tensor(param, grad_sample.shape, grad_sample.stride(), grad_sample).copy_(grad_sample)
-
     def backward_inputs(self) -> list[torch.Tensor]:
         """The tensors ``loss.backward(inputs=...)`` must reach after this module's last forward pass.
 
@@ -401,7 +323,7 @@ class FastGradSampleModule(GradSampleModule):
                 continue
             current = getattr(param, "_current_grad_sample", None)
             if current is None and grad_sample.shape[0] == module.max_batch_len:
-                param._current_grad_sample = self._in_kept_memory(param, grad_sample)
+                param._current_grad_sample = grad_sample
             elif current is None:
                 create_or_accumulate_grad_sample(param=param, grad_sample=grad_sample, max_batch_len=module.max_batch_len)
             else:  # a layer run twice in one pass: add out of place (the stored tensor may be a view)
