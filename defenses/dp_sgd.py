@@ -221,7 +221,7 @@ class DPSGDDefense(Defense):
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """``model`` in privdiff's ``GradSampleModule`` (``dp_wrapping``), wrapped once only."""
-        return self.wrappers.wrap_model(model, self.grad_sample_mode)
+        return self.wrappers.wrap_model(model, self.grad_sample_mode, self.noise_multiplicity)
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
         """``optimizer`` in a DPOptimizer whose steps the accountant counts (sigma planned first if needed)."""

@@ -119,8 +119,12 @@ class PrivateTraining:
                 "Set trainer.precision: 32-true"
             )
 
-    def wrap_model(self, model: nn.Module, grad_sample_mode: str) -> nn.Module:
-        """``model`` in a ``FastGradSampleModule`` (``hooks`` or ``functorch`` rules), wrapped once only."""
+    def wrap_model(self, model: nn.Module, grad_sample_mode: str, noise_multiplicity: int = 1) -> nn.Module:
+        """``model`` in a ``FastGradSampleModule`` (``hooks`` or ``functorch`` rules), wrapped once only.
+
+        With one row per image (``noise_multiplicity`` 1) the per-row gradients are the per-image ones
+        and their norms are taken during the backward pass; with K > 1 rows they are averaged first.
+        """
         if isinstance(model, AbstractGradSampleModule):
             self.model = model
             return model
@@ -142,6 +146,7 @@ class PrivateTraining:
             model, batch_first=True, loss_reduction="mean", strict=True,
             force_functorch=grad_sample_mode == "functorch",
         )
+        wrapped.norms_in_backward = noise_multiplicity == 1
         # Poisson batches must not be accumulated: one backward per optimizer step.
         wrapped.forbid_grad_accumulation()
         self.model = wrapped

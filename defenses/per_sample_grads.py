@@ -14,16 +14,20 @@ privdiff's pieces:
   returns a permuted view); the rest (few input channels, where im2col is cheap,
   grouped convolutions) use Opacus's rule on a contiguous input. All are exactly the per-example
   gradient (tests compare them with Opacus's rule and with a loop of single-image backward passes).
-* ``FastGradSampleModule`` is a ``GradSampleModule`` with that rule; it takes each layer's output
+  ``group_norm_per_example_grads`` folds the batch into a GroupNorm's channels the same way, so the
+  library's fused GroupNorm backward yields every example's weight and bias gradient.
+* ``FastGradSampleModule`` is a ``GradSampleModule`` with those rules; it takes each layer's output
   gradient with a hook on the output tensor (Opacus's full backward hooks add autograd nodes around
   every layer), stores a layer's per-example gradients directly when one backward pass produces
   them (Opacus first copies them into a zero-filled buffer meant for layers that run several times
-  per pass), and ``backward_inputs`` lets the trainer's backward pass skip the summed parameter
-  gradients DP-SGD discards.
+  per pass), takes their per-example norms while they are in the cache, and ``backward_inputs`` lets the
+  trainer's backward pass skip the summed parameter gradients DP-SGD discards.
 * ``LayoutFreeClipping`` replaces ``DPOptimizer.clip_and_accumulate`` by the same computation (per
   example norm over all parameters, factor ``min(1, C / (norm + 1e-6))``, clipped sum) done in
   whatever memory order a per-example gradient lies: Opacus reshapes each one to (N, -1), which
   copies every non-contiguous gradient (a large share of the step with the permuted convolution gradients).
+  It reads the norms taken during the backward pass, sums the small parameters in one product, and
+  its ``scale_grad`` reads the number of accumulated batches once, not once per parameter.
 
 None of this changes what DP-SGD computes; noise, scaling and accounting stay Opacus's optimizer's.
 """
@@ -37,6 +41,7 @@ from typing import Any, Callable, Sequence
 import torch
 from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_sample, promote_current_grad_sample
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
@@ -50,6 +55,9 @@ MIN_SHIFTED_CHANNELS = 8
 # The batch-as-groups weight gradient needs this many input and output channels per group to beat the
 # other rules (measured, batch 64: 16->16 at 16x16 1.05 ms against 1.7 ms shifted; 16->1 2.65 ms against 0.5 ms).
 MIN_GROUPED_CHANNELS = 8
+# Parameters up to this size are clipped together (one product over their concatenated per-example
+# gradients): for them the per-call overhead exceeds the arithmetic.
+SMALL_PARAMETER = 512
 
 
 def _uses_grouped_convolution(layer: nn.Conv2d, activations: torch.Tensor) -> bool:
@@ -84,6 +92,34 @@ def grouped_conv2d_weight_grads(layer: nn.Conv2d, x: torch.Tensor, backprops: to
         None, list(layer.stride), list(layer.padding), list(layer.dilation), False, [0, 0], n, [False, True, False],
     )[1]
     return grad.view(n, c_out, c_in, kh, kw)
+
+
+def group_norm_per_example_grads(
+    layer: nn.GroupNorm, activations: Sequence[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradients of a ``GroupNorm``'s weight and bias (an Opacus grad-sampler rule).
+
+    The batch is folded into the channels, (1, N*C, ...) with N*G groups: the same groups as the layer's,
+    so the library's GroupNorm backward yields each example's weight and bias gradient (N*C of them) in one
+    fused pass, where Opacus's rule normalises, multiplies and sums in separate passes.
+    """
+    x = activations[0].to(backprops.dtype)
+    n, c = x.shape[:2]
+    wants = [False, layer.weight is not None and layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad]
+    if n == 0 or not any(wants):
+        return compute_group_norm_grad_sample(layer, [x], backprops)
+    folded = x.reshape(1, n * c, -1)
+    size, groups = folded.shape[-1], n * layer.num_groups
+    _, mean, rstd = torch.ops.aten.native_group_norm(folded, None, None, 1, n * c, size, groups, layer.eps)
+    _, weight, bias = torch.ops.aten.native_group_norm_backward(
+        backprops.reshape(1, n * c, size), folded, mean, rstd, None, 1, n * c, size, groups, wants
+    )
+    grads: dict[nn.Parameter, torch.Tensor] = {}
+    if wants[1]:
+        grads[layer.weight] = weight.view(n, c)
+    if wants[2]:
+        grads[layer.bias] = bias.view(n, c)
+    return grads
 
 
 def _uses_shifted_products(layer: nn.Conv2d, activations: torch.Tensor) -> bool:
@@ -168,7 +204,11 @@ class FastGradSampleModule(GradSampleModule):
     trainable parameters must return one tensor (all layers of a diffusers ``UNet2DModel`` do).
     """
 
-    GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_per_example_grads}
+    GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_per_example_grads, nn.GroupNorm: group_norm_per_example_grads}
+    # Each parameter's per-example norms are taken as soon as its per-example gradient is complete,
+    # while it is still in the cache (``cache_example_norms``); the clipping reads them. Turn off where
+    # the per-example gradients are changed before clipping anyway (DPDM's averaging of K rows per image).
+    norms_in_backward = True
 
     def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False) -> None:
         """Opacus's hooks, with the output gradient taken by a hook on each layer's output tensor.
@@ -296,6 +336,8 @@ class FastGradSampleModule(GradSampleModule):
             p._forward_counter -= 1
             if p._forward_counter == 0:
                 promote_current_grad_sample(p)
+                if self.norms_in_backward and torch.is_tensor(p.grad_sample):
+                    cache_example_norms(p.grad_sample)
             if not self.grad_accumulation_allowed and isinstance(p.grad_sample, list) and len(p.grad_sample) > 1:
                 raise ValueError(
                     "Poisson sampling is not compatible with grad accumulation. You need to call "
@@ -331,14 +373,48 @@ def _as_lead_example_rest(grad_sample: torch.Tensor) -> tuple[torch.Tensor, list
     return view, [d - 1 for d in order if d != 0]
 
 
+def _example_norms(grad_sample: torch.Tensor) -> torch.Tensor:
+    """The l2 norm of each example's gradient of one parameter (N,), in whatever memory order it lies."""
+    if grad_sample.is_contiguous():  # most: no layout to find
+        return torch.linalg.vector_norm(grad_sample.view(grad_sample.shape[0], math.prod(grad_sample.shape[1:])), dim=1)
+    return torch.linalg.vector_norm(_as_lead_example_rest(grad_sample)[0], dim=(0, 2))
+
+
+def cache_example_norms(grad_sample: torch.Tensor) -> None:
+    """Compute ``grad_sample``'s per-example norms now and keep them on the tensor for ``per_example_norms``.
+
+    Taken right after a layer's per-example gradients are formed (in the backward hook), the norm
+    reads them from the cache instead of from memory at clipping time. The norms are stored with the
+    tensor's version counter: an in-place change of the tensor (or of what it views) afterwards makes
+    ``per_example_norms`` compute them again, and a new tensor (DPDM's per-image average) has none.
+    """
+    grad_sample._privdiff_example_norms = (grad_sample._version, _example_norms(grad_sample))
+
+
+def _stored_or_computed_norms(grad_sample: torch.Tensor) -> torch.Tensor:
+    stored = getattr(grad_sample, "_privdiff_example_norms", None)
+    if stored is not None and stored[0] == grad_sample._version:
+        return stored[1]
+    return _example_norms(grad_sample)
+
+
 def per_example_norms(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The l2 norm of each example's whole gradient over the given per-example gradients (N,)."""
-    per_param = [
-        torch.linalg.vector_norm(g.view(g.shape[0], math.prod(g.shape[1:])), dim=1) if g.is_contiguous()  # most: no layout to find
-        else torch.linalg.vector_norm(_as_lead_example_rest(g)[0], dim=(0, 2))
-        for g in grad_samples
-    ]
-    return torch.stack(per_param, dim=1).norm(2, dim=1)
+    """The l2 norm of each example's whole gradient over the given per-example gradients (N,).
+
+    A parameter's norms kept by ``cache_example_norms`` (and still valid) are used as they are:
+    the same computation, done earlier.
+    """
+    return torch.stack([_stored_or_computed_norms(g) for g in grad_samples], dim=1).norm(2, dim=1)
+
+
+def weighted_example_sums(grad_samples: Sequence[torch.Tensor], weights: torch.Tensor) -> list[torch.Tensor]:
+    """``weighted_example_sum`` of several contiguous per-example gradients as one product over their
+    concatenation (the per-call overhead of many small parameters exceeds their arithmetic); each result is a
+    contiguous view of one buffer."""
+    n = grad_samples[0].shape[0]
+    flat = torch.cat([g.view(n, math.prod(g.shape[1:])) for g in grad_samples], dim=1)
+    totals = torch.mv(flat.t(), weights.to(flat.dtype))
+    return [t.view(g.shape[1:]) for t, g in zip(totals.split([math.prod(g.shape[1:]) for g in grad_samples]), grad_samples)]
 
 
 def weighted_example_sum(grad_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -354,11 +430,12 @@ def weighted_example_sum(grad_sample: torch.Tensor, weights: torch.Tensor) -> to
 
 
 class LayoutFreeClipping:
-    """``DPOptimizer.clip_and_accumulate`` without copying non-contiguous per-example gradients.
+    """``DPOptimizer.clip_and_accumulate`` without copying non-contiguous per-example gradients, and
+    ``scale_grad`` in time linear in the number of parameters.
 
     Mixed into Opacus's ``DPOptimizer`` and ``DistributedDPOptimizer`` (before them): the same
-    per-example clipping factor ``min(1, max_grad_norm / (norm + 1e-6))`` as Opacus 1.6 and the same
-    clipped sum in ``p.summed_grad``.
+    per-example clipping factor ``min(1, max_grad_norm / (norm + 1e-6))`` as Opacus 1.6, the same
+    clipped sum in ``p.summed_grad`` and the same division of ``p.grad`` by the expected batch size.
     """
 
     def add_clipped_sum_hook(self, hook: Callable[[Any], None]) -> None:
@@ -367,20 +444,42 @@ class LayoutFreeClipping:
         self.__dict__.setdefault("clipped_sum_hooks", []).append(hook)
 
     def clip_and_accumulate(self) -> None:
-        grad_samples = self.grad_samples
+        params = self.params
+        grad_samples = [self._get_flat_grad_sample(p) for p in params]
         if len(grad_samples[0]) == 0:  # an empty Poisson batch
             factors = torch.zeros((0,), device=grad_samples[0].device)
         else:
             norms = per_example_norms(grad_samples)
             factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        for p in self.params:
+        weights: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        small: dict[tuple[torch.device, torch.dtype], list[tuple[nn.Parameter, torch.Tensor]]] = {}
+        for p, grad_sample in zip(params, grad_samples):
             _check_processed_flag(p.grad_sample)
-            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
-            grad = weighted_example_sum(grad_sample, factors.to(grad_sample.device, p.dtype))
-            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            if grad_sample.dtype != p.dtype:
+                grad_sample = grad_sample.to(p.dtype)
+            key = (grad_sample.device, grad_sample.dtype)
+            if key not in weights:
+                weights[key] = factors.to(*key)
+            if p.summed_grad is None and grad_sample.is_contiguous() and p.numel() <= SMALL_PARAMETER:
+                small.setdefault(key, []).append((p, grad_sample))
+            else:
+                grad = weighted_example_sum(grad_sample, weights[key])
+                p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
+        for key, group in small.items():  # biases, norms, small linear layers: one product for all
+            for p, grad in zip((p for p, _ in group), weighted_example_sums([g for _, g in group], weights[key])):
+                p.summed_grad = grad
         for hook in getattr(self, "clipped_sum_hooks", ()):
             hook(self)
+
+    def scale_grad(self) -> None:
+        # Opacus 1.6's DPOptimizer.scale_grad reads ``self.accumulated_iterations`` (a loop over every
+        # parameter) once per parameter: quadratic in their number (~6 ms of a DP step of the quickstart
+        # UNet, 182 parameters). The same division with the count read once.
+        if self.loss_reduction == "mean":
+            divisor = self.expected_batch_size * self.accumulated_iterations
+            for p in self.params:
+                p.grad /= divisor
 
 
 class ClippingDPOptimizer(LayoutFreeClipping, DPOptimizer):

@@ -62,6 +62,34 @@ def test_convolution_rule_equals_a_loop_of_single_image_gradients(c_in, c_out, s
         torch.testing.assert_close(out[layer.weight], compute_conv_grad_sample(layer, [x], g)[layer.weight], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shape,groups", [((5, 8, 6, 6), 4), ((5, 6, 7), 3), ((5, 8, 3, 3), 8)])
+def test_group_norm_rule_equals_a_loop_of_single_image_gradients(shape, groups) -> None:
+    from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
+
+    from privdiff.defenses.per_sample_grads import group_norm_per_example_grads
+
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(groups, shape[1])
+    nn.init.normal_(layer.weight)
+    x, g = torch.randn(shape) * 3 + 1, torch.randn(shape)
+    weights, biases = [], []
+    for n in range(shape[0]):
+        layer.zero_grad()
+        (layer(x[n : n + 1]) * g[n : n + 1]).sum().backward()
+        weights.append(layer.weight.grad.clone())
+        biases.append(layer.bias.grad.clone())
+    inputs = [x] + ([x.to(memory_format=torch.channels_last)] if x.dim() == 4 else [])
+    for xx in inputs:
+        out = group_norm_per_example_grads(layer, [xx], g)
+        torch.testing.assert_close(out[layer.weight], torch.stack(weights), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[layer.bias], torch.stack(biases), atol=1e-5, rtol=1e-4)
+        opacus = compute_group_norm_grad_sample(layer, [xx], g)
+        for p in (layer.weight, layer.bias):
+            torch.testing.assert_close(out[p], opacus[p])
+    layer.bias.requires_grad_(False)
+    assert list(group_norm_per_example_grads(layer, [x], g)) == [layer.weight]
+
+
 def test_an_empty_batch_gets_empty_per_example_gradients() -> None:
     layer = nn.Conv2d(8, 4, 3, padding=1)
     out = conv2d_per_example_grads(layer, [torch.zeros(0, 8, 6, 6)], torch.zeros(0, 4, 6, 6))
@@ -93,7 +121,7 @@ def test_norms_and_weighted_sums_do_not_depend_on_memory_layout() -> None:
 @pytest.mark.parametrize("max_grad_norm", [0.05, 100.0])
 def test_layout_free_clipping_equals_opacus_clipping(max_grad_norm: float) -> None:
     samples = strided_samples(6)
-    sums = []
+    sums, grads = [], []
     for cls in (DPOptimizer, ClippingDPOptimizer):
         params = [nn.Parameter(torch.zeros(g.shape[1:])) for g in samples]
         for p, g in zip(params, samples):
@@ -101,7 +129,12 @@ def test_layout_free_clipping_equals_opacus_clipping(max_grad_norm: float) -> No
         opt = cls(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=6)
         opt.clip_and_accumulate()
         sums.append([p.summed_grad for p in params])
+        opt.add_noise()
+        opt.scale_grad()  # privdiff's reads the accumulated iterations once
+        grads.append([p.grad for p in params])
     for ours, opacus in zip(*reversed(sums)):
+        torch.testing.assert_close(ours, opacus)
+    for ours, opacus in zip(*reversed(grads)):
         torch.testing.assert_close(ours, opacus)
     if max_grad_norm > 10:  # no example reaches the bound: the plain sum
         for total, g in zip(sums[1], samples):
@@ -142,6 +175,27 @@ def test_layers_used_twice_get_the_summed_per_example_gradients_through_the_inpu
         torch.testing.assert_close(p.grad_sample, torch.stack([r[name] for r in reference]), atol=1e-5, rtol=1e-4)
 
 
+def test_norms_taken_during_backward_are_the_norms_of_the_stored_gradients_until_these_change() -> None:
+    from privdiff.defenses.per_sample_grads import FastGradSampleModule
+
+    torch.manual_seed(0)
+    # tied layers (complete only after their second use) and a convolution whose rule returns a permuted view
+    model = nn.Sequential(SharedLayers(), nn.Unflatten(1, (8, 5, 5)), nn.Conv2d(8, 4, 3, padding=1))
+    wrapped = FastGradSampleModule(model, batch_first=True, loss_reduction="sum")
+    wrapped(torch.randn(4, 8, 5, 5)).pow(2).sum().backward(inputs=wrapped.backward_inputs())
+    samples = [p.grad_sample for p in model.parameters()]
+    assert all(hasattr(g, "_privdiff_example_norms") for g in samples)
+    assert not samples[-2].is_contiguous()
+
+    def recomputed() -> torch.Tensor:
+        return torch.stack([g.reshape(4, -1).norm(dim=1) for g in samples], 1).norm(dim=1)
+
+    torch.testing.assert_close(per_example_norms(samples), recomputed())
+    samples[0].mul_(3.0)  # an in-place change after the backward pass: the stored norms no longer count
+    samples[-2][1:].zero_()  # ... also through a view
+    torch.testing.assert_close(per_example_norms(samples), recomputed())
+
+
 # -- the Opacus internals per_sample_grads is built on ----------------------------------------------
 # per_sample_grads copies the logic of these Opacus 1.6.0 functions or calls them directly (some are
 # private). If an Opacus upgrade changes any of them, this test fails: re-read the new source, port
@@ -156,9 +210,11 @@ OPACUS_INTERNALS = {
     "opacus.optimizers.optimizer._check_processed_flag": "cda9cba61a6691e1",
     "opacus.optimizers.optimizer._mark_as_processed": "ad66ff8bdcd4e049",
     "opacus.optimizers.optimizer.DPOptimizer.clip_and_accumulate": "28dc9fe15da665d3",
+    "opacus.optimizers.optimizer.DPOptimizer.scale_grad": "ec629064142b9495",
     "opacus.grad_sample.functorch.ft_compute_per_sample_gradient": "69813a93e49c24ca",
     "opacus.grad_sample.functorch.prepare_layer": "cb19353df1ff65b5",
     "opacus.grad_sample.conv.compute_conv_grad_sample": "6a7e5686281385e4",
+    "opacus.grad_sample.group_norm.compute_group_norm_grad_sample": "f61c75ff078dbb4a",
 }
 
 
