@@ -236,6 +236,7 @@ def _stream(model: GenerativeModel, data: AuditData, config: AuditConfig, stack:
     The signals a plugin that reads samples needs are computed first (its reduction may read them: the copy
     thresholds); their time and its reduction's count to that plugin, the drawing to ``sample``.
     """
+    timings["sample"] = 0.0  # first: the report's time breakdown lists sampling before the attacks
     readers = [(name, plugin) for name, plugin in plugins if plugin.needs_samples]
     if not readers:
         return {"num_samples": 0, "num_drawn": 0, "num_rejected": 0, "reject_rate": 0.0}
