@@ -285,14 +285,14 @@ def _stream(model: GenerativeModel, data: AuditData, config: AuditConfig, stack:
     timings["sample"] = streamed.seconds["sample"]
     sampling = {"num_samples": streamed.num_samples, "num_drawn": streamed.num_drawn, "num_rejected": streamed.num_rejected,
                 "reject_rate": streamed.num_rejected / streamed.num_drawn if streamed.num_drawn else 0.0,
-                "sanity": saturation_sanity(streamed.saturated, data.members.unit()),
+                "sanity": saturation_sanity(streamed.saturated, context.members),
                 "shard_size": config.shard_size, "resumed_shards": streamed.resumed_shards}
     if not sampling["sanity"]["ok"] and not model.has_noise_predictor:
         # one sampler, no solver to change: the saturation is the model's
         sampling["solver_check"] = {"not_applicable": "the model has no solver to change", "model_saturated": True}
         rank_zero_warn("the model's samples are saturated (it has no solver to change): extractions and FID are suspect")
     elif not sampling["sanity"]["ok"]:
-        sampling["solver_check"] = check_solvers(model, config, sampling["sanity"], data.members.unit(), prompts)
+        sampling["solver_check"] = check_solvers(model, config, sampling["sanity"], context.members, prompts)
     return sampling
 
 

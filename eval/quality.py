@@ -361,9 +361,7 @@ def compute_quality(
     extractor = feature_extractor or load_feature_extractor(backbone, classifier, weights_path)
     if not isinstance(getattr(extractor, "num_features", None), int):
         raise ValueError("the feature extractor needs an integer `num_features` attribute")
-    if device is None:
-        params = list(extractor.parameters())
-        device = params[0].device if params else torch.device("cpu")
+    device = device or _device(extractor)
     subset = min(int(kid_subset_size), real.shape[0], fake.shape[0])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
@@ -376,9 +374,7 @@ def compute_quality(
             fid.update(x, real=is_real)
             kid.update(x, real=is_real)
     fid_value = float(fid.compute())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        kid_mean, kid_std = kid.compute()
+    kid_mean, kid_std = _seeded(kid, seed)
     return QualityResult(
         fid=fid_value,
         kid_mean=float(kid_mean),
@@ -392,10 +388,22 @@ def compute_quality(
 # -- cached classifiers, precision and recall, sanity references ---------------------------------------
 
 
+def _device(module: nn.Module) -> torch.device:
+    """Where a module's parameters live (the CPU for one without parameters)."""
+    params = list(module.parameters())
+    return params[0].device if params else torch.device("cpu")
+
+
+def _seeded(kid: KernelInceptionDistance, seed: int) -> tuple[Tensor, Tensor]:
+    """KID's mean and std over random subsets drawn under ``seed`` (reproducible, global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return kid.compute()
+
+
 def extract_features(extractor: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
     """The extractor's features (N, F) of images in [0, 1]."""
-    params = list(extractor.parameters())
-    device = params[0].device if params else torch.device("cpu")
+    device = _device(extractor)
     with torch.no_grad():
         out = [extractor(images[i : i + batch_size].to(device, torch.float32)).float().cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(out) if out else torch.empty(0, extractor.num_features)
@@ -617,7 +625,7 @@ class SampleQuality(AuditPlugin):
         extractor, real, extra = self._extractor(context)
         extra = dict(extra)
         real_f = context.memoized(("quality real features", self.backbone, self.real), lambda: extract_features(extractor, real))
-        result = _fid_kid(extractor, real, real_f, stats, context.seed)
+        result = _fid_kid(real_f, stats, context.seed, getattr(extractor, "name", type(extractor).__name__))
         extra["precision"] = float(stats["inside"]) / int(stats["count"])
         extra["recall"] = covered(real_f.double(), stats["subset"].double(), ball_radii(stats["subset"].double())).float().mean().item()
         if len(stats["subset"]) < int(stats["count"]):
@@ -631,28 +639,25 @@ class SampleQuality(AuditPlugin):
         return QualityReport(result, extra)
 
 
-def _fid_kid(extractor: nn.Module, real: Tensor, real_f: Tensor, stats: dict[str, Tensor], seed: int,
-             kid_subset_size: int = 1000, kid_subsets: int = 100, batch_size: int = 256) -> QualityResult:
-    """FID from the samples' streamed feature sums and KID from their feature subset, each against the real images,
-    computed by torchmetrics as :func:`compute_quality` computes them from images."""
-    params = list(extractor.parameters())
-    device = params[0].device if params else torch.device("cpu")
+def _fid_kid(real_f: Tensor, stats: dict[str, Tensor], seed: int, backbone: str, kid_subset_size: int = 1000,
+             kid_subsets: int = 100, batch_size: int = 256) -> QualityResult:
+    """FID from the samples' streamed feature sums and KID from their feature subset, each against the real images'
+    features, computed by torchmetrics as :func:`compute_quality` computes them from images (the real features fed in
+    the same batches, so the sums are the same)."""
     fake_f, count = stats["subset"], int(stats["count"])
+    features = _Features(real_f.shape[1])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
-        fid = FrechetInceptionDistance(feature=extractor, reset_real_features=True).to(device)
-        kid = KernelInceptionDistance(feature=_Features(extractor.num_features), subsets=kid_subsets,
-                                      subset_size=min(kid_subset_size, len(real), len(fake_f)))
-    for i in range(0, len(real), batch_size):
-        fid.update(real[i : i + batch_size].to(device, torch.float32), real=True)
-    fid.fake_features_sum = stats["sum"].to(device)
-    fid.fake_features_cov_sum = stats["outer"].to(device)
-    fid.fake_features_num_samples = torch.tensor(count, device=device)
+        fid = FrechetInceptionDistance(feature=features, reset_real_features=True)
+        kid = KernelInceptionDistance(feature=features, subsets=kid_subsets,
+                                      subset_size=min(kid_subset_size, len(real_f), len(fake_f)))
+    for i in range(0, len(real_f), batch_size):
+        fid.update(real_f[i : i + batch_size], real=True)
+    fid.fake_features_sum = stats["sum"]
+    fid.fake_features_cov_sum = stats["outer"]
+    fid.fake_features_num_samples = torch.tensor(count)
     kid.update(real_f, real=True)
     kid.update(fake_f, real=False)
-    fid_value = float(fid.compute())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        kid_mean, kid_std = kid.compute()
-    return QualityResult(fid=fid_value, kid_mean=float(kid_mean), kid_std=float(kid_std),
-                         backbone=getattr(extractor, "name", type(extractor).__name__), num_real=len(real), num_fake=count)
+    kid_mean, kid_std = _seeded(kid, seed)
+    return QualityResult(fid=float(fid.compute()), kid_mean=float(kid_mean), kid_std=float(kid_std), backbone=backbone,
+                         num_real=len(real_f), num_fake=count)
