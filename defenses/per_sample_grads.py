@@ -5,17 +5,19 @@ DP step on a diffusers UNet (docs/benchmarks.md) shows its extra time going into
 inputs (im2col), zero-filling per-example buffers and the summed parameter gradients DP-SGD discards.
 privdiff's pieces:
 
-* ``conv2d_per_example_grads`` computes, for a convolution with at least 8 input and output
-  channels, the per-example weight gradients as the weight gradient of ONE grouped convolution with
-  the batch folded into the channels (N groups): the library's weight-gradient kernel, no im2col, at
-  close to the cost of the batch-summed weight gradient. A 1x1 convolution is one batched product.
-  Stride-1 convolutions with few output channels take one batched product per kernel offset on a
-  *shifted view* of the padded input (laid out channels-last once, never copied per offset; it
-  returns a permuted view); the rest (few input channels, where im2col is cheap,
-  grouped convolutions) use Opacus's rule on a contiguous input. All are exactly the per-example
-  gradient (tests compare them with Opacus's rule and with a loop of single-image backward passes).
+* ``CONV_RULES`` holds exact per-example weight-gradient rules for a convolution: the weight
+  gradient of ONE grouped convolution with the batch folded into the channels (N groups: the
+  library's weight-gradient kernel, no im2col), one batched product for a 1x1 convolution, one
+  batched product per kernel offset on a *shifted view* of the padded input for a stride-1
+  convolution (laid out channels-last once, never copied per offset; it returns a permuted view),
+  and Opacus's im2col rule. ``FastestConvolutionRule`` times the rules that apply on the first batch
+  of each layer shape and keeps the fastest: which one wins depends on the channels, the image size
+  and the library's kernels. All are exactly the per-example gradient (tests compare each with
+  Opacus's rule and with a loop of single-image backward passes).
   ``group_norm_per_example_grads`` folds the batch into a GroupNorm's channels the same way, so the
-  library's fused GroupNorm backward yields every example's weight and bias gradient.
+  library's fused GroupNorm backward yields every example's weight and bias gradient from the
+  statistics the forward pass computed; ``linear_per_example_grads`` is Opacus's einsum as the
+  product it is.
 * ``FastGradSampleModule`` is a ``GradSampleModule`` with those rules; it takes each layer's output
   gradient with a hook on the output tensor (Opacus's full backward hooks add autograd nodes around
   every layer), stores a layer's per-example gradients directly when one backward pass produces
@@ -26,15 +28,18 @@ privdiff's pieces:
   example norm over all parameters, factor ``min(1, C / (norm + 1e-6))``, clipped sum) done in
   whatever memory order a per-example gradient lies: Opacus reshapes each one to (N, -1), which
   copies every non-contiguous gradient (a large share of the step with the permuted convolution gradients).
-  It reads the norms taken during the backward pass, sums the small parameters in one product, and
-  its ``scale_grad`` reads the number of accumulated batches once, not once per parameter.
+  It reads the norms taken during the backward pass, clips the small parameters as one block, draws
+  the noise of all parameters in one call, and its ``scale_grad`` reads the number of accumulated
+  batches once, not once per parameter.
 
-None of this changes what DP-SGD computes; noise, scaling and accounting stay Opacus's optimizer's.
+None of this changes what DP-SGD computes: the noise is Opacus's ``_generate_noise`` from the optimizer's
+generator, and scaling and accounting stay Opacus's optimizer's.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -44,16 +49,17 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_sample, promote_current_grad_sample
-from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
+from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN, RNNLinear
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 from torch import nn
 
 # Below this many input channels the im2col copy is small and one large product beats
 # kernel_h * kernel_w thin ones (measured: 1 input channel 0.2x as fast with the shifted products).
 MIN_SHIFTED_CHANNELS = 8
-# The batch-as-groups weight gradient needs this many input and output channels per group to beat the
-# other rules (measured, batch 64: 16->16 at 16x16 1.05 ms against 1.7 ms shifted; 16->1 2.65 ms against 0.5 ms).
+# The batch-as-groups weight gradient needs this many input and output channels per group to compete with
+# the other rules (measured, batch 64: 16->16 at 16x16 1.05 ms against 1.7 ms shifted; 16->1 2.65 ms against
+# 0.5 ms); below it, it is not even timed.
 MIN_GROUPED_CHANNELS = 8
 # Parameters up to this size are clipped together (one product over their concatenated per-example
 # gradients): for them the per-call overhead exceeds the arithmetic.
@@ -101,7 +107,9 @@ def group_norm_per_example_grads(
 
     The batch is folded into the channels, (1, N*C, ...) with N*G groups: the same groups as the layer's,
     so the library's GroupNorm backward yields each example's weight and bias gradient (N*C of them) in one
-    fused pass, where Opacus's rule normalises, multiplies and sums in separate passes.
+    fused pass, where Opacus's rule normalises, multiplies and sums in separate passes. ``activations`` is
+    ``[input]``, or ``[input, mean, rstd]`` with the forward pass's group statistics (N x G), which are then
+    not computed again.
     """
     x = activations[0].to(backprops.dtype)
     n, c = x.shape[:2]
@@ -110,7 +118,10 @@ def group_norm_per_example_grads(
         return compute_group_norm_grad_sample(layer, [x], backprops)
     folded = x.reshape(1, n * c, -1)
     size, groups = folded.shape[-1], n * layer.num_groups
-    _, mean, rstd = torch.ops.aten.native_group_norm(folded, None, None, 1, n * c, size, groups, layer.eps)
+    if len(activations) == 3 and activations[1].dtype == x.dtype:  # the forward's statistics (see capture_group_norm_statistics)
+        mean, rstd = activations[1].reshape(1, groups), activations[2].reshape(1, groups)
+    else:
+        _, mean, rstd = torch.ops.aten.native_group_norm(folded, None, None, 1, n * c, size, groups, layer.eps)
     _, weight, bias = torch.ops.aten.native_group_norm_backward(
         backprops.reshape(1, n * c, size), folded, mean, rstd, None, 1, n * c, size, groups, wants
     )
@@ -119,6 +130,29 @@ def group_norm_per_example_grads(
         grads[layer.weight] = weight.view(n, c)
     if wants[2]:
         grads[layer.bias] = bias.view(n, c)
+    return grads
+
+
+def linear_per_example_grads(
+    layer: nn.Linear, activations: Sequence[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradients of a ``Linear``'s weight and bias (an Opacus grad-sampler rule): Opacus's
+    einsum written as the product it is (an outer product per example for (N, C) inputs, one batched
+    product for (N, ..., C)), which skips einsum's dispatch (measured: 20-50 us of ~100 a call)."""
+    x = activations[0].to(backprops.dtype)
+    grads: dict[nn.Parameter, torch.Tensor] = {}
+    n = x.shape[0]
+    if x.dim() == 2:
+        if layer.weight.requires_grad:
+            grads[layer.weight] = backprops.unsqueeze(2) * x.unsqueeze(1)
+        if layer.bias is not None and layer.bias.requires_grad:
+            grads[layer.bias] = backprops.clone()  # the gradient autograd hands on is not ours to keep
+        return grads
+    g = backprops.reshape(n, -1, backprops.shape[-1])
+    if layer.weight.requires_grad:
+        grads[layer.weight] = torch.bmm(g.transpose(1, 2), x.reshape(n, -1, x.shape[-1]))
+    if layer.bias is not None and layer.bias.requires_grad:
+        grads[layer.bias] = g.sum(1)
     return grads
 
 
@@ -133,41 +167,22 @@ def _uses_shifted_products(layer: nn.Conv2d, activations: torch.Tensor) -> bool:
     )
 
 
-def conv2d_per_example_grads(
-    layer: nn.Conv2d, activations: Sequence[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-example gradients of a ``Conv2d``'s weight and bias (an Opacus grad-sampler rule).
+def _pointwise_rule(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution's per-example weight gradients: it is a linear map of each pixel, one batched product."""
+    n, c_in = x.shape[:2]
+    weight = torch.bmm(backprops.reshape(n, layer.out_channels, -1), x.reshape(n, c_in, -1).transpose(1, 2))
+    return weight.view(n, layer.out_channels, c_in, 1, 1)
 
-    With enough channels this is :func:`grouped_conv2d_weight_grads`, for a 1x1 convolution one batched
-    product. Otherwise, for a stride-1 convolution, the gradient of example n at kernel offset (i, j) is
-    ``G[n, :, :, i, j] = g_n @ x_n[rows shifted by (i, j)]`` with ``g_n`` the output gradient
-    (C_out x H_out*W_pad) and ``x_n`` the zero-padded input laid out as (H_pad*W_pad) x C_in rows.
-    Taking the output gradient over the padded width (its extra columns are zero) makes every
-    shifted window one contiguous run of rows, so each offset is a single batched product on a view
-    of the same buffer.
 
-    Args:
-        layer: the convolution.
-        activations: ``[input]`` as the forward pass saw it (N x C_in x H x W).
-        backprops: the gradient of the loss with respect to the output (N x C_out x H_out x W_out);
-            the rule is linear in it, so the loss reduction's factor may be applied before or after.
+def _shifted_rule(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients of a stride-1 convolution as one batched product per kernel offset.
+
+    The gradient of example n at offset (i, j) is ``G[n, :, :, i, j] = g_n @ x_n[rows shifted by (i, j)]``
+    with ``g_n`` the output gradient (C_out x H_out*W_pad) and ``x_n`` the zero-padded input laid out as
+    (H_pad*W_pad) x C_in rows. Taking the output gradient over the padded width (its extra columns are
+    zero) makes every shifted window one contiguous run of rows, so each offset is a single batched
+    product on a view of the same buffer. Returns a permuted view.
     """
-    x = activations[0].to(backprops.dtype)
-    pointwise = _is_pointwise(layer)
-    if x.shape[0] > 0 and (pointwise or _uses_grouped_convolution(layer, x)):
-        grads: dict[nn.Parameter, torch.Tensor] = {}
-        if layer.weight.requires_grad and pointwise:  # a 1x1 convolution is a linear map of each pixel
-            n, c_in = x.shape[:2]
-            weight = torch.bmm(backprops.reshape(n, layer.out_channels, -1), x.reshape(n, c_in, -1).transpose(1, 2))
-            grads[layer.weight] = weight.view(n, layer.out_channels, c_in, 1, 1)
-        elif layer.weight.requires_grad:
-            grads[layer.weight] = grouped_conv2d_weight_grads(layer, x, backprops)
-        if layer.bias is not None and layer.bias.requires_grad:
-            grads[layer.bias] = backprops.sum(dim=(2, 3))
-        return grads
-    if x.shape[0] == 0 or not _uses_shifted_products(layer, x):
-        # Opacus's unfold assumes contiguous memory (a channels-last input gives zero gradients).
-        return compute_conv_grad_sample(layer, [x.contiguous()], backprops)
     n, c_in, h, w = x.shape
     c_out = backprops.shape[1]
     (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
@@ -188,12 +203,107 @@ def conv2d_per_example_grads(
         for j in range(kw):
             start = i * w_pad + j
             torch.bmm(grad_out, padded[:, start : start + rows], out=per_offset[i * kw + j])
-    out: dict[nn.Parameter, torch.Tensor] = {}
+    return per_offset.permute(1, 2, 3, 0).reshape(n, c_out, c_in, kh, kw)
+
+
+def _unfold_rule(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """Opacus's rule (im2col, then one batched product); its unfold assumes contiguous memory (a
+    channels-last input gives zero gradients)."""
+    return compute_conv_grad_sample(layer, [x.contiguous()], backprops)[layer.weight]
+
+
+# The exact per-example weight-gradient rules for a convolution, by name; ``conv_rules`` says which apply.
+CONV_RULES: dict[str, Callable[[nn.Conv2d, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "pointwise": _pointwise_rule,
+    "grouped": grouped_conv2d_weight_grads,
+    "shifted": _shifted_rule,
+    "unfold": _unfold_rule,
+}
+
+
+def conv_rules(layer: nn.Conv2d, x: torch.Tensor) -> list[str]:
+    """The rules of ``CONV_RULES`` that compute ``layer``'s per-example weight gradients for input ``x``,
+    the one the channel counts suggest first (a 1x1 convolution has only one worth running)."""
+    if _is_pointwise(layer):
+        return ["pointwise"]
+    rules = ["unfold"]
+    if _uses_shifted_products(layer, x):
+        rules.insert(0, "shifted")
+    if _uses_grouped_convolution(layer, x):
+        rules.insert(0, "grouped")
+    return rules
+
+
+def conv2d_per_example_grads(
+    layer: nn.Conv2d, activations: Sequence[torch.Tensor], backprops: torch.Tensor, rule: str | None = None
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradients of a ``Conv2d``'s weight and bias (an Opacus grad-sampler rule).
+
+    The weight's come from ``CONV_RULES[rule]``, by default the first of ``conv_rules``: with enough
+    channels :func:`grouped_conv2d_weight_grads`, for a 1x1 convolution one batched product, for a
+    stride-1 convolution with few output channels one product per kernel offset, otherwise Opacus's.
+
+    Args:
+        layer: the convolution.
+        activations: ``[input]`` as the forward pass saw it (N x C_in x H x W).
+        backprops: the gradient of the loss with respect to the output (N x C_out x H_out x W_out);
+            the rule is linear in it, so the loss reduction's factor may be applied before or after.
+        rule: a name of ``CONV_RULES`` that applies to this layer (see ``conv_rules``).
+    """
+    x = activations[0].to(backprops.dtype)
+    if x.shape[0] == 0:
+        return compute_conv_grad_sample(layer, [x.contiguous()], backprops)
+    grads: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        out[layer.weight] = per_offset.permute(1, 2, 3, 0).reshape(n, c_out, c_in, kh, kw)
+        grads[layer.weight] = CONV_RULES[rule or conv_rules(layer, x)[0]](layer, x, backprops)
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = backprops.sum(dim=(2, 3))
-    return out
+        grads[layer.bias] = backprops.sum(dim=(2, 3))
+    return grads
+
+
+class FastestConvolutionRule:
+    """An Opacus grad-sampler rule for ``Conv2d`` that runs, for each layer shape, the fastest of the
+    rules that apply, timed on the first batch of that shape (what ``cudnn.benchmark`` does for kernels).
+
+    Which rule is fastest depends on the channels, the image size and the library's kernels, and no
+    count of channels predicts it (measured on the quickstart UNet: the grouped weight gradient is the
+    fastest at 48 -> 32 channels and 5x slower than the shifted products at 64 -> 32). All rules are
+    exact, so the choice changes only rounding. Shapes are keyed with the batch size rounded up to a
+    power of two, so Poisson batches of varying size reuse the choice.
+    """
+
+    def __init__(self, repeats: int = 3) -> None:
+        self.repeats = repeats
+        self.chosen: dict[tuple[Any, ...], str] = {}
+
+    def __call__(self, layer: nn.Conv2d, activations: Sequence[torch.Tensor], backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        x = activations[0].to(backprops.dtype)
+        if x.shape[0] == 0 or not layer.weight.requires_grad:
+            return conv2d_per_example_grads(layer, [x], backprops)
+        key = (x.device, x.dtype, tuple(x.shape[1:]), 1 << (x.shape[0] - 1).bit_length(), layer.weight.shape,
+               layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode)
+        rule = self.chosen.get(key)
+        if rule is None:
+            rule = self.chosen[key] = self._fastest(layer, x, backprops)
+        return conv2d_per_example_grads(layer, [x], backprops, rule)
+
+    def _fastest(self, layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> str:
+        rules = conv_rules(layer, x)
+        if len(rules) == 1:
+            return rules[0]
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        times = {}
+        for name in rules:
+            CONV_RULES[name](layer, x, backprops)  # warm-up: first-call allocations and kernel selection
+            best = math.inf
+            for _ in range(self.repeats):
+                sync()
+                start = time.perf_counter()
+                CONV_RULES[name](layer, x, backprops)
+                sync()
+                best = min(best, time.perf_counter() - start)
+            times[name] = best
+        return min(rules, key=times.__getitem__)
 
 
 class FastGradSampleModule(GradSampleModule):
@@ -204,7 +314,10 @@ class FastGradSampleModule(GradSampleModule):
     trainable parameters must return one tensor (all layers of a diffusers ``UNet2DModel`` do).
     """
 
-    GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_per_example_grads, nn.GroupNorm: group_norm_per_example_grads}
+    GRAD_SAMPLERS = {
+        **GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_per_example_grads, nn.GroupNorm: group_norm_per_example_grads,
+        nn.Linear: linear_per_example_grads,
+    }
     # Each parameter's per-example norms are taken as soon as its per-example gradient is complete,
     # while it is still in the cache (``cache_example_norms``); the clipping reads them. Turn off where
     # the per-example gradients are changed before clipping anyway (DPDM's averaging of K rows per image).
@@ -223,9 +336,15 @@ class FastGradSampleModule(GradSampleModule):
             raise ValueError("Trying to add hooks twice to the same model")
         self._module.autograd_grad_sample_hooks = []
         self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
+        # This module's own rule table: the convolution rule keeps the choices it timed for this model.
+        self.GRAD_SAMPLERS = {**self.GRAD_SAMPLERS, nn.Conv2d: FastestConvolutionRule()}
+        # Each hooked layer's parameters (Opacus's trainable_parameters, whose requires_grad the hooks
+        # still read at every call): listing them with Module.parameters() took ~5 ms of a quickstart DP step.
+        self._layer_parameters: dict[nn.Module, tuple[nn.Parameter, ...]] = {}
         for layer in self.iterate_submodules(self._module):
             if type(layer) in (DPRNN, DPLSTM, DPGRU):  # their RNNLinear layers carry the hooks (as Opacus)
                 continue
+            self._layer_parameters[layer] = tuple(layer.parameters())
             if force_functorch or self._get_module_type(layer) not in self.GRAD_SAMPLERS:
                 prepare_layer(layer, batch_first=batch_first)
             hook = partial(self._capture_forward, loss_reduction=loss_reduction, batch_first=batch_first)
@@ -237,15 +356,22 @@ class FastGradSampleModule(GradSampleModule):
     def _capture_forward(
         self, layer: nn.Module, inputs: tuple[Any, ...], output: Any, *, loss_reduction: str, batch_first: bool
     ) -> None:
-        captured = len(getattr(layer, "activations", []))
-        self.capture_activations_hook(layer, inputs, output)
-        if len(getattr(layer, "activations", [])) == captured:
-            return  # not recorded (evaluation, no grad, hooks disabled)
+        # Opacus's capture_activations_hook (opacus 1.6), with the layer's trainable parameters listed once.
+        if not (self.hooks_enabled and layer.training and torch.is_grad_enabled()):
+            return
+        params = [p for p in self._layer_parameters[layer] if p.requires_grad]
+        if not params:
+            return
         if not (torch.is_tensor(output) and output.requires_grad):
             raise ValueError(
                 f"dp_sgd: layer {type(layer).__name__} returned {type(output).__name__}; privdiff's per-example "
                 "gradients need layers with trainable parameters to return one tensor that requires grad"
             )
+        if not hasattr(layer, "activations"):
+            layer.activations = []
+        layer.activations.append([t.detach() for t in inputs] + _group_norm_statistics(layer, output))
+        for p in params:
+            p._forward_counter += 1
 
         def on_output_grad(grad: torch.Tensor) -> None:
             self.capture_backprops_hook(layer, None, (grad,), loss_reduction, batch_first)
@@ -269,6 +395,8 @@ class FastGradSampleModule(GradSampleModule):
         is_float = [torch.is_tensor(a) and a.is_floating_point() for a in args]
         if not any(is_float):
             self._graph_leaves.extend(p for p in layer.parameters(recurse=False) if p.requires_grad)
+            return None
+        if all(a.requires_grad for a, floating in zip(args, is_float) if floating):  # most layers: inputs unchanged
             return None
         out = []
         for arg, floating in zip(args, is_float):
@@ -296,31 +424,39 @@ class FastGradSampleModule(GradSampleModule):
         loss_reduction: str,
         batch_first: bool,
     ) -> None:
-        # Opacus's hook (opacus 1.6 GradSampleModule.capture_backprops_hook), except that the first
-        # per-example gradient of a parameter in a backward pass is stored as it is when it covers
-        # the whole batch, instead of being copied into a new zero-filled buffer, and that the batch-size
-        # factor of loss_reduction="mean" multiplies the output gradient or the per-example gradients,
-        # whichever is smaller (every rule is linear in the output gradient).
+        # Opacus's hook (opacus 1.6 GradSampleModule.capture_backprops_hook and rearrange_grad_samples),
+        # except that the first per-example gradient of a parameter in a backward pass is stored as it is
+        # when it covers the whole batch, instead of being copied into a new zero-filled buffer, and that
+        # the batch-size factor of loss_reduction="mean" multiplies the output gradient or the per-example
+        # gradients, whichever is smaller (every rule is linear in the output gradient).
         if not self.hooks_enabled:
             return
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction = {loss_reduction}. Only 'sum' and 'mean' losses are supported")
-        activations, backprops = self.rearrange_grad_samples(
-            module=module, backprops=forward_output[0].detach(), loss_reduction="sum", batch_first=batch_first
-        )
-        scale = module.max_batch_len if loss_reduction == "mean" else 1
-        if scale != 1 and backprops.numel() <= module.max_batch_len * _trainable_numel(module):
-            backprops, scale = backprops * scale, 1
-        module_type = self._get_module_type(module)
-        if not self.force_functorch and module_type in self.GRAD_SAMPLERS:
-            grad_samples = self.GRAD_SAMPLERS[module_type](module, activations, backprops)
+        if not batch_first or type(module) is RNNLinear:  # a batch dimension to move first: Opacus's code
+            activations, backprops = self.rearrange_grad_samples(
+                module=module, backprops=forward_output[0].detach(), loss_reduction="sum", batch_first=batch_first
+            )
         else:
-            grad_samples = ft_compute_per_sample_gradient(module, activations, backprops)
-        if scale != 1:
-            grad_samples = {param: grad_sample * scale for param, grad_sample in grad_samples.items()}
+            if not hasattr(module, "activations"):
+                raise ValueError(f"No activations detected for {type(module)}, run forward after add_hooks(model)")
+            if not hasattr(module, "max_batch_len"):
+                module.max_batch_len = max(a[-1].shape[0] for a in module.activations)
+            activations, backprops = module.activations.pop(), forward_output[0].detach()
+        params = [p for p in self._layer_parameters[module] if p.requires_grad]
+        scale = module.max_batch_len if loss_reduction == "mean" else 1
+        if scale != 1 and backprops.numel() <= module.max_batch_len * sum(p.numel() for p in params):
+            backprops, scale = backprops * scale, 1
+        rule = None if self.force_functorch else self.GRAD_SAMPLERS.get(self._get_module_type(module))
+        grad_samples = (rule or ft_compute_per_sample_gradient)(module, activations, backprops)
+        borrowed = {t.untyped_storage().data_ptr() for t in (backprops, *activations) if torch.is_tensor(t)}
         for param, grad_sample in grad_samples.items():
             if not param.requires_grad:
                 continue
+            if scale != 1 and grad_sample.untyped_storage().data_ptr() not in borrowed:
+                grad_sample = grad_sample.mul_(scale)  # the rule's own new tensor: scaled where it lies
+            elif scale != 1:
+                grad_sample = grad_sample * scale
             current = getattr(param, "_current_grad_sample", None)
             if current is None and grad_sample.shape[0] == module.max_batch_len:
                 param._current_grad_sample = grad_sample
@@ -330,13 +466,11 @@ class FastGradSampleModule(GradSampleModule):
                 total = current.clone()
                 total[: grad_sample.shape[0]] += grad_sample
                 param._current_grad_sample = total
-        for p in module.parameters():
-            if not p.requires_grad:
-                continue
+        for p in params:
             p._forward_counter -= 1
             if p._forward_counter == 0:
                 promote_current_grad_sample(p)
-                if self.norms_in_backward and torch.is_tensor(p.grad_sample):
+                if self.norms_in_backward and torch.is_tensor(p.grad_sample) and p.numel() > SMALL_PARAMETER:
                     cache_example_norms(p.grad_sample)
             if not self.grad_accumulation_allowed and isinstance(p.grad_sample, list) and len(p.grad_sample) > 1:
                 raise ValueError(
@@ -347,9 +481,13 @@ class FastGradSampleModule(GradSampleModule):
             del module.max_batch_len
 
 
-def _trainable_numel(module: nn.Module) -> int:
-    """How many numbers one example's gradient of ``module``'s trainable parameters holds."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+def _group_norm_statistics(layer: nn.Module, output: torch.Tensor) -> list[torch.Tensor]:
+    """``[mean, rstd]`` (N x G) that a ``GroupNorm``'s forward pass computed and autograd saved for its
+    backward, for ``group_norm_per_example_grads``; ``[]`` for other layers or where autograd saved none."""
+    node = output.grad_fn
+    if type(layer) is not nn.GroupNorm or node is None or type(node).__name__ != "NativeGroupNormBackward0":
+        return []
+    return [node._saved_result1, node._saved_result2]
 
 
 def _dense_view(grad_sample: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -377,7 +515,9 @@ def _example_norms(grad_sample: torch.Tensor) -> torch.Tensor:
     """The l2 norm of each example's gradient of one parameter (N,), in whatever memory order it lies."""
     if grad_sample.is_contiguous():  # most: no layout to find
         return torch.linalg.vector_norm(grad_sample.view(grad_sample.shape[0], math.prod(grad_sample.shape[1:])), dim=1)
-    return torch.linalg.vector_norm(_as_lead_example_rest(grad_sample)[0], dim=(0, 2))
+    # Per (lead, example) first, then over the lead: two contiguous reductions (a norm over dims (0, 2) at
+    # once is a strided reduction, measured 7x slower on a (9, 64, 1024) view).
+    return torch.linalg.vector_norm(torch.linalg.vector_norm(_as_lead_example_rest(grad_sample)[0], dim=2), dim=0)
 
 
 def cache_example_norms(grad_sample: torch.Tensor) -> None:
@@ -407,14 +547,10 @@ def per_example_norms(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([_stored_or_computed_norms(g) for g in grad_samples], dim=1).norm(2, dim=1)
 
 
-def weighted_example_sums(grad_samples: Sequence[torch.Tensor], weights: torch.Tensor) -> list[torch.Tensor]:
-    """``weighted_example_sum`` of several contiguous per-example gradients as one product over their
-    concatenation (the per-call overhead of many small parameters exceeds their arithmetic); each result is a
-    contiguous view of one buffer."""
+def _example_block(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Several contiguous per-example gradients side by side, (N, total size): one example per row."""
     n = grad_samples[0].shape[0]
-    flat = torch.cat([g.view(n, math.prod(g.shape[1:])) for g in grad_samples], dim=1)
-    totals = torch.mv(flat.t(), weights.to(flat.dtype))
-    return [t.view(g.shape[1:]) for t, g in zip(totals.split([math.prod(g.shape[1:]) for g in grad_samples]), grad_samples)]
+    return torch.cat([g.view(n, math.prod(g.shape[1:])) for g in grad_samples], dim=1)
 
 
 def weighted_example_sum(grad_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -445,46 +581,86 @@ class LayoutFreeClipping:
 
     def clip_and_accumulate(self) -> None:
         params = self.params
+        for p in params:
+            _check_processed_flag(p.grad_sample)
         grad_samples = [self._get_flat_grad_sample(p) for p in params]
+        # Biases, norms and small linear layers are clipped as one block per device and dtype: their
+        # per-example norms and weighted sums are one call each over the concatenated gradients.
+        small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, (p, grad_sample) in enumerate(zip(params, grad_samples)):
+            if p.summed_grad is None and grad_sample.is_contiguous() and p.numel() <= SMALL_PARAMETER and grad_sample.dtype == p.dtype:
+                small.setdefault((grad_sample.device, grad_sample.dtype), []).append(i)
+        in_blocks = {i for group in small.values() for i in group}
+        blocks = {key: _example_block([grad_samples[i] for i in group]) for key, group in small.items()}
         if len(grad_samples[0]) == 0:  # an empty Poisson batch
             factors = torch.zeros((0,), device=grad_samples[0].device)
         else:
-            norms = per_example_norms(grad_samples)
+            parts = [_stored_or_computed_norms(g) for i, g in enumerate(grad_samples) if i not in in_blocks]
+            parts += [torch.linalg.vector_norm(block, dim=1).to(grad_samples[0].device) for block in blocks.values()]
+            norms = torch.stack(parts, dim=1).norm(2, dim=1)
             factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         weights: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        small: dict[tuple[torch.device, torch.dtype], list[tuple[nn.Parameter, torch.Tensor]]] = {}
-        for p, grad_sample in zip(params, grad_samples):
-            _check_processed_flag(p.grad_sample)
+        for i, (p, grad_sample) in enumerate(zip(params, grad_samples)):
+            if i in in_blocks:
+                continue
             if grad_sample.dtype != p.dtype:
                 grad_sample = grad_sample.to(p.dtype)
             key = (grad_sample.device, grad_sample.dtype)
             if key not in weights:
                 weights[key] = factors.to(*key)
-            if p.summed_grad is None and grad_sample.is_contiguous() and p.numel() <= SMALL_PARAMETER:
-                small.setdefault(key, []).append((p, grad_sample))
-            else:
-                grad = weighted_example_sum(grad_sample, weights[key])
-                p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            grad = weighted_example_sum(grad_sample, weights[key])
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+        for key, group in small.items():
+            totals = torch.mv(blocks[key].t(), factors.to(*key))
+            for i, total in zip(group, totals.split([params[i].numel() for i in group])):
+                params[i].summed_grad = total.view(params[i].shape)
+        for p in params:
             _mark_as_processed(p.grad_sample)
-        for key, group in small.items():  # biases, norms, small linear layers: one product for all
-            for p, grad in zip((p for p, _ in group), weighted_example_sums([g for _, g in group], weights[key])):
-                p.summed_grad = grad
         for hook in getattr(self, "clipped_sum_hooks", ()):
             hook(self)
+
+    def add_noise_to_all(self) -> None:
+        """Opacus 1.6's ``DPOptimizer.add_noise`` with one draw per device and dtype instead of one per parameter.
+
+        Opacus calls ``_generate_noise`` once per parameter (~180 calls a step on the quickstart UNet,
+        each allocating a zero tensor first). The same i.i.d. Gaussian noise of standard deviation
+        ``noise_multiplier * max_grad_norm``, from the same generator and with the same ``secure_mode``,
+        is drawn here over the concatenated clipped sums; each ``p.grad`` is a view of that buffer.
+        """
+        groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            groups.setdefault((p.summed_grad.device, p.summed_grad.dtype), []).append(p)
+        for group in groups.values():
+            total = torch.cat([p.summed_grad.reshape(-1) for p in group])
+            total += _generate_noise(std=self.noise_multiplier * self.max_grad_norm, reference=total,
+                                     generator=self.generator, secure_mode=self.secure_mode)
+            for p, grad in zip(group, total.split([p.numel() for p in group])):
+                p.grad = grad.view_as(p)
+                _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
         # Opacus 1.6's DPOptimizer.scale_grad reads ``self.accumulated_iterations`` (a loop over every
         # parameter) once per parameter: quadratic in their number (~6 ms of a DP step of the quickstart
-        # UNet, 182 parameters). The same division with the count read once.
+        # UNet, 182 parameters). The same division with the count read once, in one call.
         if self.loss_reduction == "mean":
-            divisor = self.expected_batch_size * self.accumulated_iterations
-            for p in self.params:
-                p.grad /= divisor
+            torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size * self.accumulated_iterations)
 
 
 class ClippingDPOptimizer(LayoutFreeClipping, DPOptimizer):
     """Opacus's ``DPOptimizer`` with ``LayoutFreeClipping``."""
 
+    def add_noise(self) -> None:
+        self.add_noise_to_all()
+
 
 class ClippingDistributedDPOptimizer(LayoutFreeClipping, DistributedDPOptimizer):
     """Opacus's ``DistributedDPOptimizer`` with ``LayoutFreeClipping``."""
+
+    def add_noise(self) -> None:
+        # Opacus's DistributedDPOptimizer.add_noise: the noise is added by the first process only.
+        if self.rank == 0:
+            self.add_noise_to_all()
+        else:
+            for p in self.params:
+                p.grad = p.summed_grad.view_as(p)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from opacus.grad_sample.conv import compute_conv_grad_sample
@@ -9,11 +11,14 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from privdiff.defenses.per_sample_grads import (
+    SMALL_PARAMETER,
     ClippingDPOptimizer,
+    FastestConvolutionRule,
     _is_pointwise,
     _uses_grouped_convolution,
     _uses_shifted_products,
     conv2d_per_example_grads,
+    conv_rules,
     per_example_norms,
     weighted_example_sum,
 )
@@ -52,14 +57,56 @@ def test_convolution_rule_equals_a_loop_of_single_image_gradients(c_in, c_out, s
     x = torch.randn(5, c_in, size, size)
     g = torch.randn_like(layer(x))
     chosen = ("pointwise" if _is_pointwise(layer) else "grouped" if _uses_grouped_convolution(layer, x)
-              else "shifted" if _uses_shifted_products(layer, x) else "opacus")
-    assert chosen == rule
+              else "shifted" if _uses_shifted_products(layer, x) else "unfold")
+    assert conv_rules(layer, x)[0] == chosen == rule.replace("opacus", "unfold")
     weight, bias = loop_reference(layer, x, g)
+    fastest = FastestConvolutionRule(repeats=1)
     for memory_format in (torch.contiguous_format, torch.channels_last):  # attention blocks hand on channels-last
-        out = conv2d_per_example_grads(layer, [x.to(memory_format=memory_format)], g)
-        torch.testing.assert_close(out[layer.weight], weight, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(out[layer.bias], bias, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(out[layer.weight], compute_conv_grad_sample(layer, [x], g)[layer.weight], atol=1e-5, rtol=1e-4)
+        xx = x.to(memory_format=memory_format)
+        # every rule the layer admits (the fastest is chosen at run time), and the run-time choice
+        outs = [conv2d_per_example_grads(layer, [xx], g, rule=name) for name in conv_rules(layer, x)] + [fastest(layer, [xx], g)]
+        for out in outs:
+            torch.testing.assert_close(out[layer.weight], weight, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(out[layer.bias], bias, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(out[layer.weight], compute_conv_grad_sample(layer, [x], g)[layer.weight], atol=1e-5, rtol=1e-4)
+
+
+def test_the_fastest_convolution_rule_times_each_shape_once_and_keeps_its_choice_for_similar_batches() -> None:
+    torch.manual_seed(0)
+    layer = nn.Conv2d(16, 8, 3, padding=1)
+    rule = FastestConvolutionRule(repeats=1)
+    timed = []
+    rule._fastest = lambda *args, fastest=rule._fastest: timed.append(1) or fastest(*args)
+    for n in (60, 64, 50, 64):  # Poisson batches around 64: one size class
+        x = torch.randn(n, 16, 6, 6)
+        rule(layer, [x], torch.randn(n, 8, 6, 6))
+    assert len(timed) == 1 and list(rule.chosen.values())[0] in conv_rules(layer, x)
+    rule(layer, [torch.randn(64, 16, 5, 5)], torch.randn(64, 8, 5, 5))  # another image size: timed again
+    rule(layer, [torch.randn(200, 16, 6, 6)], torch.randn(200, 8, 6, 6))  # another batch size class: timed again
+    assert len(timed) == 3
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (5, 7, 12), (5, 3, 4, 12)])
+def test_linear_rule_equals_opacus_and_a_loop_of_single_example_gradients(shape) -> None:
+    from opacus.grad_sample.linear import compute_linear_grad_sample
+
+    from privdiff.defenses.per_sample_grads import linear_per_example_grads
+
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 6)
+    x = torch.randn(shape)
+    g = torch.randn(*shape[:-1], 6)
+    out = linear_per_example_grads(layer, [x], g)
+    opacus = compute_linear_grad_sample(layer, [x], g)
+    for n in range(shape[0]):
+        layer.zero_grad()
+        (layer(x[n : n + 1]) * g[n : n + 1]).sum().backward()
+        torch.testing.assert_close(out[layer.weight][n], layer.weight.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[layer.bias][n], layer.bias.grad, atol=1e-5, rtol=1e-4)
+    for p in (layer.weight, layer.bias):
+        torch.testing.assert_close(out[p], opacus[p])
+    out[layer.bias].add_(1.0)  # the rule's results are its own: the gradient autograd handed on is unchanged
+    torch.testing.assert_close(linear_per_example_grads(layer, [x], g)[layer.bias], opacus[layer.bias])
 
 
 @pytest.mark.parametrize("shape,groups", [((5, 8, 6, 6), 4), ((5, 6, 7), 3), ((5, 8, 3, 3), 8)])
@@ -79,8 +126,10 @@ def test_group_norm_rule_equals_a_loop_of_single_image_gradients(shape, groups) 
         weights.append(layer.weight.grad.clone())
         biases.append(layer.bias.grad.clone())
     inputs = [x] + ([x.to(memory_format=torch.channels_last)] if x.dim() == 4 else [])
-    for xx in inputs:
-        out = group_norm_per_example_grads(layer, [xx], g)
+    # the forward pass's statistics, as FastGradSampleModule captures them from autograd
+    _, mean, rstd = torch.ops.aten.native_group_norm(x, layer.weight, layer.bias, shape[0], shape[1], x[0, 0].numel(), groups, layer.eps)
+    for xx, stats in [(xx, stats) for xx in inputs for stats in ([], [mean, rstd])]:
+        out = group_norm_per_example_grads(layer, [xx, *stats], g)
         torch.testing.assert_close(out[layer.weight], torch.stack(weights), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(out[layer.bias], torch.stack(biases), atol=1e-5, rtol=1e-4)
         opacus = compute_group_norm_grad_sample(layer, [xx], g)
@@ -180,12 +229,15 @@ def test_norms_taken_during_backward_are_the_norms_of_the_stored_gradients_until
 
     torch.manual_seed(0)
     # tied layers (complete only after their second use) and a convolution whose rule returns a permuted view
-    model = nn.Sequential(SharedLayers(), nn.Unflatten(1, (8, 5, 5)), nn.Conv2d(8, 4, 3, padding=1))
+    model = nn.Sequential(SharedLayers(), nn.Unflatten(1, (8, 5, 5)), nn.Conv2d(8, 16, 1), nn.Conv2d(16, 4, 3, padding=1))
     wrapped = FastGradSampleModule(model, batch_first=True, loss_reduction="sum")
+    wrapped.GRAD_SAMPLERS[nn.Conv2d] = partial(conv2d_per_example_grads, rule="shifted")
     wrapped(torch.randn(4, 8, 5, 5)).pow(2).sum().backward(inputs=wrapped.backward_inputs())
-    samples = [p.grad_sample for p in model.parameters()]
-    assert all(hasattr(g, "_privdiff_example_norms") for g in samples)
-    assert not samples[-2].is_contiguous()
+    params = list(model.parameters())
+    samples = [p.grad_sample for p in params]
+    # large parameters' norms are kept; the small ones are clipped as one block, their norms taken then
+    assert [hasattr(g, "_privdiff_example_norms") for g in samples] == [p.numel() > SMALL_PARAMETER for p in params]
+    assert not samples[-2].is_contiguous() and params[-2].numel() > SMALL_PARAMETER
 
     def recomputed() -> torch.Tensor:
         return torch.stack([g.reshape(4, -1).norm(dim=1) for g in samples], 1).norm(dim=1)
@@ -211,6 +263,10 @@ OPACUS_INTERNALS = {
     "opacus.optimizers.optimizer._mark_as_processed": "ad66ff8bdcd4e049",
     "opacus.optimizers.optimizer.DPOptimizer.clip_and_accumulate": "28dc9fe15da665d3",
     "opacus.optimizers.optimizer.DPOptimizer.scale_grad": "ec629064142b9495",
+    "opacus.optimizers.optimizer.DPOptimizer.add_noise": "4380705bf5d8f89b",
+    "opacus.optimizers.optimizer._generate_noise": "904f98a78dac3947",
+    "opacus.optimizers.ddpoptimizer.DistributedDPOptimizer.add_noise": "a0d22cac10271631",
+    "opacus.grad_sample.linear.compute_linear_grad_sample": "d4be9ef341d60f9c",
     "opacus.grad_sample.functorch.ft_compute_per_sample_gradient": "69813a93e49c24ca",
     "opacus.grad_sample.functorch.prepare_layer": "cb19353df1ff65b5",
     "opacus.grad_sample.conv.compute_conv_grad_sample": "6a7e5686281385e4",
@@ -242,3 +298,27 @@ def test_the_opacus_internals_we_build_on_are_unchanged(path: str) -> None:
     assert hashlib.sha256(source.encode()).hexdigest()[:16] == OPACUS_INTERNALS[path], (
         f"{path} changed in this Opacus version: check defenses/per_sample_grads.py against it"
     )
+
+
+def test_noise_drawn_in_one_call_is_opacus_noise_for_every_parameter_and_never_repeats() -> None:
+    """ClippingDPOptimizer draws all parameters' noise at once: each coordinate still gets its own
+    N(0, (sigma C)^2) draw, no parameter shares another's, and no step repeats the previous one's."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.zeros(300, 200)), nn.Parameter(torch.zeros(300, 200)), nn.Parameter(torch.zeros(7))]
+    sigma, bound = 1.5, 0.4
+    opt = ClippingDPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=sigma, max_grad_norm=bound, expected_batch_size=4)
+    draws = []
+    for _ in range(2):
+        for p in params:
+            p.grad_sample = torch.zeros(4, *p.shape)
+        opt.clip_and_accumulate()
+        opt.add_noise()
+        assert all(p.grad.shape == p.shape for p in params)
+        draws.append(torch.cat([p.grad.flatten() for p in params]).clone())
+        opt.zero_grad()
+    noise = draws[0]
+    assert abs(noise.std().item() / (sigma * bound) - 1) < 0.01 and abs(noise.mean().item()) < 0.01
+    first, second = params_noise = noise[:60000], noise[60000:120000]
+    assert abs(torch.corrcoef(torch.stack(params_noise))[0, 1].item()) < 0.02  # the two equal-shaped parameters differ
+    assert not torch.equal(first, second) and not torch.equal(draws[0], draws[1])
+    assert abs(torch.corrcoef(torch.stack(draws))[0, 1].item()) < 0.02
