@@ -113,10 +113,13 @@ class PrivateTraining:
             )
         self.rank, self.world_size = int(trainer.global_rank), int(trainer.world_size)
         precision = str(trainer.precision)
-        if not precision.startswith(("32", "64")):
+        # bf16-mixed keeps the parameters, the clipped sums and the noise in float32 and the per-example norms
+        # are taken in float32; 16-mixed scales the loss (the scaler would divide the noise by its scale) and
+        # bf16-true would clip and noise in bf16.
+        if not precision.startswith(("32", "64")) and precision != "bf16-mixed":
             raise ValueError(
-                f"dp_sgd needs full-precision per-sample gradients; got trainer.precision={precision!r}. "
-                "Set trainer.precision: 32-true"
+                f"dp_sgd cannot keep its clipping bound and noise with trainer.precision={precision!r}. "
+                "Set trainer.precision: 32-true, or bf16-mixed for mixed precision"
             )
 
     def wrap_model(self, model: nn.Module, grad_sample_mode: str, noise_multiplicity: int = 1) -> nn.Module:

@@ -11,7 +11,7 @@ privdiff's pieces:
   batched product per kernel offset on a *shifted view* of the padded input for a stride-1
   convolution (laid out channels-last once, never copied per offset; it returns a permuted view),
   and Opacus's im2col rule. ``FastestConvolutionRule`` times the rules that apply on the first batch
-  of each layer shape and keeps the fastest: which one wins depends on the channels, the image size
+  of each layer shape and keeps the fastest (on the CPU): which one wins depends on the channels, the image size
   and the library's kernels. All are exactly the per-example gradient (tests compare each with
   Opacus's rule and with a loop of single-image backward passes).
   ``group_norm_per_example_grads`` folds the batch into a GroupNorm's channels the same way, so the
@@ -92,7 +92,7 @@ def grouped_conv2d_weight_grads(layer: nn.Conv2d, x: torch.Tensor, backprops: to
     """
     n = x.shape[0]
     c_out, c_in, kh, kw = layer.weight.shape
-    template = layer.weight.new_empty(n * c_out, c_in, kh, kw)  # only its shape is read
+    template = x.new_empty(n * c_out, c_in, kh, kw)  # only its shape and dtype are read
     grad = torch.ops.aten.convolution_backward(
         backprops.reshape(1, n * c_out, *backprops.shape[2:]), x.reshape(1, n * c_in, *x.shape[2:]), template,
         None, list(layer.stride), list(layer.padding), list(layer.dilation), False, [0, 0], n, [False, True, False],
@@ -263,7 +263,8 @@ def conv2d_per_example_grads(
 
 class FastestConvolutionRule:
     """An Opacus grad-sampler rule for ``Conv2d`` that runs, for each layer shape, the fastest of the
-    rules that apply, timed on the first batch of that shape (what ``cudnn.benchmark`` does for kernels).
+    rules that apply, timed on the first batch of that shape (what ``cudnn.benchmark`` does for kernels);
+    on other devices than the CPU, the first of ``conv_rules``.
 
     Which rule is fastest depends on the channels, the image size and the library's kernels, and no
     count of channels predicts it (measured on the quickstart UNet: the grouped weight gradient is the
@@ -289,18 +290,17 @@ class FastestConvolutionRule:
 
     def _fastest(self, layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> str:
         rules = conv_rules(layer, x)
-        if len(rules) == 1:
+        # Timed on the CPU only, where it was measured: on a GPU the grouped kernel's algorithm is cuDNN's
+        # choice, and timing the im2col rule there would allocate its unfolded input (GBs at batch 256).
+        if len(rules) == 1 or x.device.type != "cpu":
             return rules[0]
-        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
         times = {}
         for name in rules:
             CONV_RULES[name](layer, x, backprops)  # warm-up: first-call allocations and kernel selection
             best = math.inf
             for _ in range(self.repeats):
-                sync()
                 start = time.perf_counter()
                 CONV_RULES[name](layer, x, backprops)
-                sync()
                 best = min(best, time.perf_counter() - start)
             times[name] = best
         return min(rules, key=times.__getitem__)
@@ -512,12 +512,18 @@ def _as_lead_example_rest(grad_sample: torch.Tensor) -> tuple[torch.Tensor, list
 
 
 def _example_norms(grad_sample: torch.Tensor) -> torch.Tensor:
-    """The l2 norm of each example's gradient of one parameter (N,), in whatever memory order it lies."""
+    """The l2 norm of each example's gradient of one parameter (N,), in whatever memory order it lies.
+
+    Accumulated and returned in at least float32: a bf16 norm (mixed precision) is off by up to 2^-9 of
+    itself, and a clipping factor taken from a norm rounded down lets an example's update exceed the bound.
+    """
+    dtype = torch.promote_types(grad_sample.dtype, torch.float32)
     if grad_sample.is_contiguous():  # most: no layout to find
-        return torch.linalg.vector_norm(grad_sample.view(grad_sample.shape[0], math.prod(grad_sample.shape[1:])), dim=1)
+        flat = grad_sample.view(grad_sample.shape[0], math.prod(grad_sample.shape[1:]))
+        return torch.linalg.vector_norm(flat, dim=1, dtype=dtype)
     # Per (lead, example) first, then over the lead: two contiguous reductions (a norm over dims (0, 2) at
     # once is a strided reduction, measured 7x slower on a (9, 64, 1024) view).
-    return torch.linalg.vector_norm(torch.linalg.vector_norm(_as_lead_example_rest(grad_sample)[0], dim=2), dim=0)
+    return torch.linalg.vector_norm(torch.linalg.vector_norm(_as_lead_example_rest(grad_sample)[0], dim=2, dtype=dtype), dim=0)
 
 
 def cache_example_norms(grad_sample: torch.Tensor) -> None:

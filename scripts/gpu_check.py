@@ -7,7 +7,8 @@ Every model is built from config with random weights (no download, no network):
 
 * ``ddpm``: the CIFAR-10 DDPM UNet (Ho et al. 2020, 35.7M parameters) as ``PixelDiffusion``, trained
   non-privately (bf16 autocast on a GPU) and with ``DPSGDDefense`` (fp32, Poisson batches of expected
-  size ``--batch``, noise multiplicity 1), with the step privdiff's trainer runs (``scripts/bench_dp.py``).
+  size ``--batch``, noise multiplicity 1), with the step privdiff's trainer runs (``scripts/bench_dp.py``),
+  and with DP-SGD under bf16 autocast (``trainer.precision: bf16-mixed``; on the CPU too).
 * ``LoRA``: a Stable-Diffusion-1.5-shaped ``UNet2DConditionModel`` (64x64 latents, 77x768 text
   embeddings, both random) with rank-4 LoRA adapters on the attention projections, base frozen,
   trained non-privately and with DP-SGD over the adapters only.
@@ -355,6 +356,29 @@ def ddpm_dp_checks(sizes: Sizes, device: torch.device, baseline: float | None) -
     return [dp_row, grad_row]
 
 
+def ddpm_dp_bf16_check(sizes: Sizes, device: torch.device, baseline: float | None) -> list[Row]:
+    """DP-SGD as ``trainer.precision: bf16-mixed`` runs it: the forward under bf16 autocast, per-example
+    gradients in bf16, norms, clipped sums and noise in float32; its ratio is to the bf16 non-private row."""
+    reset_memory(device)
+    den, defense, opt = private_ddpm(sizes, device)
+    drawn = poisson_sizes(sizes.train_rows, defense.sample_rate, sizes.steps + 1, seed=1)
+    pool = image_batch(max(drawn), sizes, device)
+    sizes_left = iter(drawn)
+
+    def poisson_loss() -> tuple[int, Tensor]:
+        b = next(sizes_left)
+        with autocast(device, True):
+            per_example = den.per_example_loss(Batch(pool.images[:b], None, pool.rows[:b]))
+        return b, per_example.float()
+
+    reset_memory(device)
+    rate, losses = measure(dp_step(defense, den.trainable, opt, poisson_loss), sizes.steps, device)
+    row = Row("ddpm DP-SGD bf16-mixed", rate, ratio(rate, baseline), peak_memory(device),
+              detail=f"bf16 autocast, Poisson batches of mean {sizes.batch} (drew {drawn[1:]}), K=1, sigma=1")
+    fail_if_nonfinite(row, losses, list(den.trainable.named_parameters()))
+    return [row]
+
+
 def fail_if_nonfinite(row: Row, losses: Tensor, params: Sequence[tuple[str, nn.Parameter]]) -> None:
     bad = nonfinite(losses, params)
     if bad:
@@ -554,10 +578,13 @@ def run_all(sizes: Sizes, device: torch.device, bf16: bool) -> list[Row]:
     """Every check in turn; a private check's ratio is to the non-private row before it (none if that failed)."""
     ddpm = run_check(["ddpm non-private"], lambda: ddpm_plain_check(sizes, device, bf16))
     ddpm_dp = run_check(["ddpm DP-SGD", "per-sample gradients (ddpm)"], lambda: ddpm_dp_checks(sizes, device, ddpm[0].throughput))
+    # against the bf16 non-private row only where that row ran in bf16
+    ddpm_dp_bf16 = run_check(["ddpm DP-SGD bf16-mixed"],
+                             lambda: ddpm_dp_bf16_check(sizes, device, ddpm[0].throughput if bf16 else None))
     lora = run_check(["LoRA"], lambda: lora_plain_check(sizes, device, bf16))
     lora_dp = run_check(["DP-LoRA", "per-sample gradients (DP-LoRA)"], lambda: dp_lora_checks(sizes, device, lora[0].throughput))
     sampler = run_check(["diffusers DDIMPipeline", "sampler vs diffusers"], lambda: sampler_checks(sizes, device))
-    return [*ddpm, *ddpm_dp, *lora, *lora_dp, *sampler, *run_check(["ddp all-reduce (nccl)"], lambda: ddp_check(device))]
+    return [*ddpm, *ddpm_dp, *ddpm_dp_bf16, *lora, *lora_dp, *sampler, *run_check(["ddp all-reduce (nccl)"], lambda: ddp_check(device))]
 
 
 def main(cpu_smoke: bool = False, device: str | None = None, steps: int | None = None, batch: int | None = None,

@@ -10,7 +10,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.py"
-ROWS = ("ddpm non-private", "ddpm DP-SGD", "per-sample gradients (ddpm)", "LoRA", "DP-LoRA",
+ROWS = ("ddpm non-private", "ddpm DP-SGD", "per-sample gradients (ddpm)", "ddpm DP-SGD bf16-mixed", "LoRA", "DP-LoRA",
         "per-sample gradients (DP-LoRA)", "sampler vs diffusers")
 
 

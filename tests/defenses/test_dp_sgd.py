@@ -157,6 +157,42 @@ def test_one_images_update_never_exceeds_the_clipping_bound(k: int) -> None:
     assert contribution >= c * (1 - 1e-4)  # clipped to the bound, not below it
 
 
+def test_under_bf16_autocast_each_images_update_stays_within_the_bound_and_the_gradients_match_fp32() -> None:
+    """trainer.precision bf16-mixed: the layers run in bf16, so the per-image gradients are bf16; their
+    norms must still be taken in float32, or a norm rounded down lets an image's update exceed C."""
+    c = 1e-3
+    grads, contributions = {}, []
+    for precision in ("32", "bf16"):
+        d = dp(n=64, batch_size=16, max_grad_norm=c)
+        torch.manual_seed(0)
+        wrapped = d.wrap_model(tiny_unet())
+        den = PixelDiffusion.from_parts(wrapped, build_scheduler())
+        opt = d.wrap_optimizer(torch.optim.SGD(wrapped.parameters(), lr=0.0), wrapped)
+        x, t, noise = draws(16, 1)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            per_row = loss(den, x, timesteps=t, noise=noise)
+        per_row.float().mean().backward(inputs=d.backward_inputs(wrapped))
+        d.on_before_optimizer_step(wrapped)
+        params = list(wrapped.parameters())
+        grads[precision] = torch.cat([p.grad_sample.float().flatten(1) for p in params], 1)
+        if precision == "bf16":
+            assert any(p.grad_sample.dtype == torch.bfloat16 for p in params)  # the case this test is about
+            norms = grads[precision].norm(dim=1)
+            opt.clip_and_accumulate()
+            factors = (c / (per_example_norms([p.grad_sample for p in params]) + 1e-6)).clamp(max=1.0)
+            # each image's clipped contribution, from the values the clipped sum adds up
+            contributions = factors * norms
+            assert (norms > 10 * c).all()
+            expected = sum(f * g for f, g in zip(factors, grads[precision]))
+            got = torch.cat([p.summed_grad.flatten() for p in params])
+            torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-4)
+    assert (contributions <= c * (1 + 1e-6)).all() and (contributions >= c * (1 - 1e-5)).all()
+    # bf16 per-image gradients are the fp32 ones to bf16 accuracy
+    cosine = torch.nn.functional.cosine_similarity(grads["bf16"], grads["32"], dim=1)
+    assert (cosine > 0.99).all(), cosine
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_clipped_sum_is_the_sum_of_clipped_per_image_means(k: int) -> None:
     """Per-image norms and the clipped sum equal a loop of per-image backward passes (UNet with attention and GroupNorm)."""
@@ -298,6 +334,13 @@ def test_lightning_counts_every_step_including_empty_batches(tmp_path) -> None:
     assert trainer.global_step == d.steps == 10
 
 
+def test_lightning_trains_dp_sgd_in_bf16_mixed_precision_and_counts_its_steps(tmp_path) -> None:
+    d = DPSGDDefense(noise_multiplier=1.0, accountant="rdp")
+    trainer, sizes = fit(tmp_path, d, batch_size=4, max_steps=4, enable_checkpointing=False, precision="bf16-mixed")
+    assert trainer.global_step == d.steps == 4 and d.epsilon() > 0
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+
+
 def test_lightning_with_physical_batches_accounts_logical_steps(tmp_path) -> None:
     d = DPSGDDefense(noise_multiplier=1.0, accountant="rdp", max_physical_batch_size=3)
     trainer, sizes = fit(tmp_path, d, batch_size=8, max_steps=9, enable_checkpointing=False)
@@ -354,7 +397,8 @@ def test_refuses_bad_settings(kwargs, match) -> None:
 
 @pytest.mark.parametrize(
     "trainer_kwargs,match",
-    [({"gradient_clip_val": 1.0}, "gradient_clip_val=1.0"), ({"accumulate_grad_batches": 2}, "accumulate_grad_batches=2")],
+    [({"gradient_clip_val": 1.0}, "gradient_clip_val=1.0"), ({"accumulate_grad_batches": 2}, "accumulate_grad_batches=2"),
+     ({"precision": "16-true"}, "precision='16-true'.*32-true, or bf16-mixed"), ({"precision": "bf16-true"}, "precision='bf16-true'")],
 )
 def test_refuses_trainer_settings_it_cannot_honour(trainer_kwargs, match) -> None:
     trainer = pl.Trainer(logger=False, accelerator="cpu", max_steps=1, **trainer_kwargs)
