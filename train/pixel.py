@@ -39,6 +39,9 @@ class PixelDiffusion(DiffusionModel):
         image_size, channels: the images (linked from the data module by ``privdiff fit``).
         block_out_channels, layers_per_block, attention_levels: UNet size; attention at the listed
             resolution levels (0 = full resolution). Ignored with ``pretrained``.
+        norm_num_groups, attention_head_dim: GroupNorm groups (each block_out_channels entry must divide
+            by it; the CIFAR-10 DDPM of Ho et al. uses 32) and channels per attention head. Ignored with
+            ``pretrained``.
         num_classes: set for a class-conditional model (labels required in the data).
         num_train_timesteps, beta_schedule: the noise schedule (``linear`` or ``cosine``).
         pretrained: a diffusers folder (``DDPMPipeline``: ``unet/`` + ``scheduler/``) to start from
@@ -58,6 +61,8 @@ class PixelDiffusion(DiffusionModel):
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
         pretrained: str | None = None,
+        norm_num_groups: int = 8,
+        attention_head_dim: int = 8,
     ) -> None:
         super().__init__()
         if pretrained is not None:
@@ -70,7 +75,8 @@ class PixelDiffusion(DiffusionModel):
                     f"{(channels, image_size, image_size)}: set data.image_size / data.channels to match it"
                 )
         else:
-            unet = build_unet(image_size, channels, block_out_channels, layers_per_block, attention_levels, num_classes)
+            unet = build_unet(image_size, channels, block_out_channels, layers_per_block, attention_levels, num_classes,
+                              norm_num_groups=norm_num_groups, attention_head_dim=attention_head_dim)
             scheduler = build_scheduler(num_train_timesteps, beta_schedule)
         self._assemble(unet, scheduler)
 

@@ -87,3 +87,14 @@ def test_unet_settings_are_validated() -> None:
         build_unet(8, 1, block_out_channels=(8, 16), attention_levels=(2,))
     with pytest.raises(ValueError, match="beta_schedule"):
         build_scheduler(10, "sigmoid")
+
+
+def test_the_unet_takes_its_group_norm_groups_and_attention_heads_from_the_model_settings() -> None:
+    model = PixelDiffusion(image_size=8, block_out_channels=(32, 64), attention_levels=(1,), norm_num_groups=32,
+                           attention_head_dim=16)
+    norms = [m for m in model.trainable.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 32 for m in norms)
+    heads = {m.heads for m in model.trainable.modules() if type(m).__name__ == "Attention"}
+    assert heads == {64 // 16}
+    with pytest.raises(ValueError, match="norm_num_groups=32"):
+        PixelDiffusion(image_size=8, block_out_channels=(16, 32), norm_num_groups=32)
