@@ -96,6 +96,21 @@ def check_settings(settings: dict[str, Setting]) -> None:
             )
 
 
+def report_title(title: str, args: list[str]) -> str:
+    """``title``, with the data overrides among ``args`` appended: a comparison's YAML title describes the
+    data of its configs, which ``--args "[--data.source=faces, ...]"`` replace."""
+    overrides, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--data.") and "=" in arg:
+            overrides.append(arg[2:])
+        elif arg.startswith("--data.") and i + 1 < len(args):
+            overrides.append(f"{arg[2:]}={args[i + 1]}")
+            i += 1
+        i += 1
+    return f"{title} (data overridden: {', '.join(overrides)})" if overrides else title
+
+
 def compare(
     settings: dict[str, Setting],
     configs: list[str],
@@ -175,7 +190,7 @@ def compare(
         from privdiff.eval.report import markdown_table, summarize, write_report
 
         report_start = time.perf_counter()
-        paths = write_report(out, audits, {n: out / n for n in audits}, title=title, failed=failed)
+        paths = write_report(out, audits, {n: out / n for n in audits}, title=report_title(title, shared_args), failed=failed)
         table = markdown_table([summarize(n, a) for n, a in audits.items()])
         report_time = time.perf_counter() - report_start
         print(f"\n{table}\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from privdiff.compare import Setting, compare
+from privdiff.compare import Setting, compare, report_title
 from privdiff.eval.report import privacy_utility_figure, summarize
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,3 +93,10 @@ def test_the_gan_grid_shrunk_puts_the_gan_row_in_the_table_the_report_and_the_pr
     points = {ax.get_xlabel().split("\n")[0]: [c.get_label() for c in ax.collections] for ax in fig.axes}
     assert points["extracted · chance"] == points["NN-ratio mem."] == ["none", "gan"], points
     assert points["LOGAN AUC"] == ["gan"] and points["best MIA AUC"] == ["none"]
+
+
+def test_a_report_title_says_which_data_the_args_put_in_place_of_the_configs() -> None:
+    title = "quickstart: digits 16x16"
+    assert report_title(title, ["--trainer.max_steps=50"]) == title
+    got = report_title(title, ["--trainer.max_steps=50", "--data.source=faces", "--data.image_size", "24"])
+    assert got == "quickstart: digits 16x16 (data overridden: data.source=faces, data.image_size=24)"
