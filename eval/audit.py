@@ -85,6 +85,8 @@ class AuditConfig:
             ``privdiff.eval.plugin.AuditPlugin`` classes, run in this order (default
             :func:`default_attacks`). A YAML list replaces the whole default; ``--audit.attacks.NAME.ARG``
             changes one setting.
+        skip: names of ``attacks`` left out of this audit (``--audit.skip '[mia, detection]'``: the command
+            line cannot set one entry of ``attacks`` to null).
     """
 
     num_samples: int = 512
@@ -96,8 +98,12 @@ class AuditConfig:
     flag_rate: float = 0.01
     progress: bool = True
     attacks: dict[str, AuditPlugin | None] = field(default_factory=default_attacks)
+    skip: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.skip) - set(self.attacks or {}))
+        if unknown:
+            raise ValueError(f"audit skip names {unknown}, which audit.attacks does not list; its attacks: {sorted(self.attacks or {})}")
         if self.num_samples < 1:
             raise ValueError(f"audit num_samples must be >= 1, got {self.num_samples}")
         if self.shard_size < 1:
@@ -106,8 +112,8 @@ class AuditConfig:
             raise ValueError(f"audit flag_rate must be in (0, 1), got {self.flag_rate}")
 
     def plugins(self) -> list[tuple[str, AuditPlugin]]:
-        """The configured plugins, instantiated, in order (``None`` entries dropped)."""
-        return [(name, _instantiate(spec)) for name, spec in (self.attacks or {}).items() if spec is not None]
+        """The configured plugins, instantiated, in order (``None`` entries and the skipped ones dropped)."""
+        return [(name, _instantiate(spec)) for name, spec in (self.attacks or {}).items() if spec is not None and name not in self.skip]
 
     def to_dict(self) -> dict[str, Any]:
         plain = {k: getattr(self, k) for k in ("num_samples", "solver", "steps", "batch_size", "shard_size", "seed", "flag_rate",

@@ -171,3 +171,16 @@ def test_a_caption_screen_longer_than_the_sampler_is_refused_before_training() -
         MemorizationDetection(first_steps=10, steps=10)
     with pytest.raises(ValueError, match="first_steps < steps"):
         first_timesteps(1000, 4, 11)
+
+
+def test_the_command_line_leaves_attacks_out_by_name_and_names_the_ones_it_cannot_find(monkeypatch, capsys) -> None:
+    """``--audit.attacks.NAME null`` does not parse (jsonargparse); ``--audit.skip`` is the command line's way."""
+    monkeypatch.chdir(REPO)
+    base = ["-c", "configs/base.yaml", "-c", "configs/data/digits.yaml"]
+    cli = PrivdiffCLI(DiffusionModule, DiffusionDataModule, args=[*base, "--audit.skip", "[mia, memorization]"], run=False)
+    audit = cli.config_init["audit"]
+    assert [name for name, _ in audit.plugins()] == ["quality", "extraction"]
+    assert "mia" not in audit.to_dict()["attacks"]
+    with pytest.raises(SystemExit):
+        PrivdiffCLI(DiffusionModule, DiffusionDataModule, args=[*base, "--audit.skip", "[mai]"], run=False)
+    assert "audit skip names ['mai']" in capsys.readouterr().err
