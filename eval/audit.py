@@ -104,6 +104,12 @@ class AuditConfig:
         unknown = sorted(set(self.skip) - set(self.attacks or {}))
         if unknown:
             raise ValueError(f"audit skip names {unknown}, which audit.attacks does not list; its attacks: {sorted(self.attacks or {})}")
+        if self.attacks and not any(spec is not None and name not in self.skip for name, spec in self.attacks.items()):
+            # A YAML dict replaces the default one: `attacks: {mia: null}` leaves nothing, not "all but mia".
+            raise ValueError(
+                f"audit.attacks leaves no attack to run ({sorted(self.attacks)} all null or skipped). To leave some "
+                "out, use audit.skip: [NAME, ...] (a dict under audit.attacks replaces the default list); for no audit, audit: null"
+            )
         if self.num_samples < 1:
             raise ValueError(f"audit num_samples must be >= 1, got {self.num_samples}")
         if self.shard_size < 1:

@@ -181,6 +181,15 @@ def test_the_command_line_leaves_attacks_out_by_name_and_names_the_ones_it_canno
     audit = cli.config_init["audit"]
     assert [name for name, _ in audit.plugins()] == ["quality", "extraction"]
     assert "mia" not in audit.to_dict()["attacks"]
-    with pytest.raises(SystemExit):
+    with pytest.raises((SystemExit, ValueError)) as refused:  # which one depends on jsonargparse's stage
         PrivdiffCLI(DiffusionModule, DiffusionDataModule, args=[*base, "--audit.skip", "[mai]"], run=False)
-    assert "audit skip names ['mai']" in capsys.readouterr().err
+    assert "audit skip names ['mai']" in str(refused.value) + capsys.readouterr().err
+
+
+def test_an_attacks_dict_that_leaves_nothing_to_run_is_refused(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(REPO)
+    bad = tmp_path / "nomia.yaml"
+    bad.write_text("audit:\n  attacks:\n    mia: null\n")  # replaces the default dict: no attack left
+    with pytest.raises((SystemExit, ValueError)) as refused:
+        PrivdiffCLI(DiffusionModule, DiffusionDataModule, args=["-c", "configs/base.yaml", "-c", str(bad)], run=False)
+    assert "audit.attacks leaves no attack to run" in str(refused.value) + capsys.readouterr().err
