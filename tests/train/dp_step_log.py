@@ -3,8 +3,9 @@
 usage: ``python tests/train/dp_step_log.py LOG.jsonl fit -c ...``
 
 Each optimizer step appends one JSON line ``{"pid", "step", "rows", "noise"}`` and flushes it, so a
-SIGKILL loses nothing already written. ``noise`` is a SHA-256 of every Gaussian draw Opacus's
-optimizer added in that step. Not a test file: the resume tests start it as a subprocess.
+SIGKILL loses nothing already written. ``noise`` is a SHA-256 of every Gaussian draw the DP optimizer
+added in that step (privdiff's ``LayoutFreeClipping.add_noise_to_all``, which draws with Opacus's
+``_generate_noise``). Not a test file: the resume tests start it as a subprocess.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ import json
 import os
 import sys
 
-import opacus.optimizers.optimizer as opacus_optimizer
-
+import privdiff.defenses.per_sample_grads as per_sample_grads
 from privdiff.cli import main
 from privdiff.train.module import DiffusionModule
 
 _state: dict = {"rows": None, "step": None, "digest": hashlib.sha256()}
-_real_noise = opacus_optimizer._generate_noise
-_real_add_noise = opacus_optimizer.DPOptimizer.add_noise
+_real_noise = per_sample_grads._generate_noise
+_real_add_noise = per_sample_grads.LayoutFreeClipping.add_noise_to_all
 _real_training_step = DiffusionModule.training_step
 
 
@@ -49,7 +49,7 @@ def _training_step(self, batch, batch_idx):
 
 if __name__ == "__main__":
     LOG = sys.argv[1]
-    opacus_optimizer._generate_noise = _generate_noise
-    opacus_optimizer.DPOptimizer.add_noise = _add_noise
+    per_sample_grads._generate_noise = _generate_noise
+    per_sample_grads.LayoutFreeClipping.add_noise_to_all = _add_noise
     DiffusionModule.training_step = _training_step
     main(sys.argv[2:])
