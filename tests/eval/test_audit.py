@@ -14,7 +14,6 @@ from privdiff.eval.report import summarize
 from privdiff.train.data import ImageTable, load_builtin
 from privdiff.eval.extraction import ExtractionAttack
 from privdiff.eval.memorization import NNRatioMemorization
-from privdiff.train.denoiser import build_scheduler, build_unet
 from privdiff.train.pixel import PixelDiffusion
 
 REPO = Path(__file__).resolve().parents[2]

@@ -141,8 +141,6 @@ def test_a_memorization_budget_stops_the_run_and_the_last_checkpoint_within_it_i
     selected = json.loads((run / "selected" / "selected.json").read_text())
     assert selected["step"] == 4 and "from step 6 on the limits were broken" in selected["reason"]
     # The export is step 4's EMA weights, not the final ones.
-    from safetensors.torch import load_file
-
     from privdiff.train.models import load_model
 
     kept = load_model(run / "selected")

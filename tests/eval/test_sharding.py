@@ -15,7 +15,7 @@ from privdiff.eval.audit import AuditConfig, AuditData, run_audit
 from privdiff.distances import nearest_neighbors
 from privdiff.eval.sampling import generate
 from privdiff.shard import check_shard
-from privdiff.train.data import ImageTable, load_builtin
+from privdiff.train.data import load_builtin
 from privdiff.eval.extraction import ExtractionAttack
 from privdiff.eval.memorization import NNRatioMemorization
 from privdiff.train.denoiser import build_scheduler, build_unet

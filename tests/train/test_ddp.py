@@ -179,7 +179,6 @@ def test_ddp_dp_sgd_with_physical_batches_keeps_processes_in_step(tmp_path) -> N
 
 @pytest.mark.slow
 def test_ddp_without_dp_uses_lightnings_sampler_and_writes_the_manifest_once(tmp_path, monkeypatch) -> None:
-    saved_by = []
     original = data_module.Manifest.save
 
     def save(self, path):  # forked processes inherit the patch; each writes a marker
