@@ -450,13 +450,10 @@ class FastGradSampleModule(GradSampleModule):
             backprops, scale = backprops * scale, 1
         rule = None if self.force_functorch else self.GRAD_SAMPLERS.get(self._get_module_type(module))
         grad_samples = (rule or ft_compute_per_sample_gradient)(module, activations, backprops)
-        borrowed = {t.untyped_storage().data_ptr() for t in (backprops, *activations) if torch.is_tensor(t)}
         for param, grad_sample in grad_samples.items():
             if not param.requires_grad:
                 continue
-            if scale != 1 and grad_sample.untyped_storage().data_ptr() not in borrowed:
-                grad_sample = grad_sample.mul_(scale)  # the rule's own new tensor: scaled where it lies
-            elif scale != 1:
+            if scale != 1:
                 grad_sample = grad_sample * scale
             current = getattr(param, "_current_grad_sample", None)
             if current is None and grad_sample.shape[0] == module.max_batch_len:
