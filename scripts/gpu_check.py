@@ -339,21 +339,7 @@ def ddpm_dp_checks(sizes: Sizes, device: torch.device, baseline: float | None) -
     loss_of = fixed_ddpm_loss(den, sizes.grad_examples, sizes, device)
     grads = check_per_sample_grads(den.trainable, defense, opt, loss_of, sizes.grad_examples)
     grad_row = Row("per-sample gradients (ddpm)", status="ok" if grads.ok else "FAIL", detail=grads.message)
-
-    drawn = poisson_sizes(sizes.train_rows, defense.sample_rate, sizes.steps + 1)
-    pool = image_batch(max(drawn), sizes, device)
-    sizes_left = iter(drawn)
-
-    def poisson_loss() -> tuple[int, Tensor]:
-        b = next(sizes_left)
-        return b, den.per_example_loss(Batch(pool.images[:b], None, pool.rows[:b]))
-
-    reset_memory(device)
-    rate, losses = measure(dp_step(defense, den.trainable, opt, poisson_loss), sizes.steps, device)
-    dp_row = Row("ddpm DP-SGD", rate, ratio(rate, baseline), peak_memory(device),
-                 detail=f"fp32, Poisson batches of mean {sizes.batch} (drew {drawn[1:]}), K=1, sigma=1")
-    fail_if_nonfinite(dp_row, losses, list(den.trainable.named_parameters()))
-    return [dp_row, grad_row]
+    return [ddpm_dp_row("ddpm DP-SGD", den, defense, opt, sizes, device, baseline, bf16=False), grad_row]
 
 
 def ddpm_dp_bf16_check(sizes: Sizes, device: torch.device, baseline: float | None) -> list[Row]:
@@ -361,22 +347,28 @@ def ddpm_dp_bf16_check(sizes: Sizes, device: torch.device, baseline: float | Non
     gradients in bf16, norms, clipped sums and noise in float32; its ratio is to the bf16 non-private row."""
     reset_memory(device)
     den, defense, opt = private_ddpm(sizes, device)
-    drawn = poisson_sizes(sizes.train_rows, defense.sample_rate, sizes.steps + 1, seed=1)
+    return [ddpm_dp_row("ddpm DP-SGD bf16-mixed", den, defense, opt, sizes, device, baseline, bf16=True, seed=1)]
+
+
+def ddpm_dp_row(name: str, den: PixelDiffusion, defense: DPSGDDefense, opt: torch.optim.Optimizer, sizes: Sizes,
+                device: torch.device, baseline: float | None, bf16: bool, seed: int = 0) -> Row:
+    """Throughput and peak memory of the DP step on Poisson batches of expected size ``sizes.batch``."""
+    drawn = poisson_sizes(sizes.train_rows, defense.sample_rate, sizes.steps + 1, seed=seed)
     pool = image_batch(max(drawn), sizes, device)
     sizes_left = iter(drawn)
 
     def poisson_loss() -> tuple[int, Tensor]:
         b = next(sizes_left)
-        with autocast(device, True):
+        with autocast(device, bf16):
             per_example = den.per_example_loss(Batch(pool.images[:b], None, pool.rows[:b]))
         return b, per_example.float()
 
     reset_memory(device)
     rate, losses = measure(dp_step(defense, den.trainable, opt, poisson_loss), sizes.steps, device)
-    row = Row("ddpm DP-SGD bf16-mixed", rate, ratio(rate, baseline), peak_memory(device),
-              detail=f"bf16 autocast, Poisson batches of mean {sizes.batch} (drew {drawn[1:]}), K=1, sigma=1")
+    row = Row(name, rate, ratio(rate, baseline), peak_memory(device),
+              detail=f"{'bf16 autocast' if bf16 else 'fp32'}, Poisson batches of mean {sizes.batch} (drew {drawn[1:]}), K=1, sigma=1")
     fail_if_nonfinite(row, losses, list(den.trainable.named_parameters()))
-    return [row]
+    return row
 
 
 def fail_if_nonfinite(row: Row, losses: Tensor, params: Sequence[tuple[str, nn.Parameter]]) -> None:
