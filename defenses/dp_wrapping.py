@@ -59,7 +59,8 @@ def per_image_gradients(model: nn.Module, noise_multiplicity: int) -> None:
     clipped sum by the expected number of *images*. An empty Poisson batch (no backward ran) gets
     empty per-sample gradients, so the step adds noise only and is counted.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    listed = model.listed_parameters() if isinstance(model, FastGradSampleModule) else model.parameters()
+    params = [p for p in listed if p.requires_grad]
     samples = [getattr(p, "grad_sample", None) for p in params]
     present = [g for g in samples if g is not None]
     if any(isinstance(g, list) for g in present):

@@ -10,10 +10,11 @@ privdiff's pieces:
   library's weight-gradient kernel, no im2col), one batched product for a 1x1 convolution, one
   batched product per kernel offset on a *shifted view* of the padded input for a stride-1
   convolution (laid out channels-last once, never copied per offset; it returns a permuted view),
-  and Opacus's im2col rule. ``FastestConvolutionRule`` times the rules that apply on the first batch
-  of each layer shape and keeps the fastest (on the CPU): which one wins depends on the channels, the image size
-  and the library's kernels. All are exactly the per-example gradient (tests compare each with
-  Opacus's rule and with a loop of single-image backward passes).
+  and Opacus's im2col rule. ``FastestConvolutionRule`` tries the rules that apply on the first training
+  steps of each layer shape and keeps the fastest (on the CPU): which one wins depends on the channels, the
+  image size and the library's kernels. All are exactly the per-example gradient (tests compare each with
+  Opacus's rule and with a loop of single-image backward passes). Each rule applies the loss
+  reduction's batch-size factor where it costs least (an input, the product's own factor, the result).
   ``group_norm_per_example_grads`` folds the batch into a GroupNorm's channels the same way, so the
   library's fused GroupNorm backward yields every example's weight and bias gradient from the
   statistics the forward pass computed; ``linear_per_example_grads`` is Opacus's einsum as the
@@ -29,8 +30,8 @@ privdiff's pieces:
   whatever memory order a per-example gradient lies: Opacus reshapes each one to (N, -1), which
   copies every non-contiguous gradient (a large share of the step with the permuted convolution gradients).
   It reads the norms taken during the backward pass, clips the small parameters as one block, draws
-  the noise of all parameters in one call, and its ``scale_grad`` reads the number of accumulated
-  batches once, not once per parameter.
+  the noise of all parameters in one call, divides the noised gradients by the batch size in one call,
+  and reads each per-example gradient once a step (Opacus's ``pre_step`` reads them three times).
 
 None of this changes what DP-SGD computes: the noise is Opacus's ``_generate_noise`` from the optimizer's
 generator, and scaling and accounting stay Opacus's optimizer's.
@@ -39,6 +40,7 @@ generator, and scaling and accounting stay Opacus's optimizer's.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from functools import partial
 from typing import Any, Callable, Sequence
@@ -66,6 +68,44 @@ MIN_GROUPED_CHANNELS = 8
 SMALL_PARAMETER = 512
 
 
+def _bmm(a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``scale * (a @ b)`` batched, the factor applied inside the product (no pass over the result)."""
+    if scale == 1:
+        return torch.bmm(a, b, out=out)
+    if out is None:
+        return torch.baddbmm(a.new_zeros(()), a, b, beta=0, alpha=scale)
+    return torch.baddbmm(out, a, b, beta=0, alpha=scale, out=out)  # beta=0: out's old contents are not read
+
+
+def _scale_smallest(
+    x: torch.Tensor, backprops: torch.Tensor, result_numel: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """For a rule bilinear in ``x`` and ``backprops``: multiply whichever of the two inputs and the result is
+    smallest by ``scale``; returns the inputs and the factor left for the result (1 when an input took it)."""
+    if scale == 1:
+        return x, backprops, 1.0
+    smallest = min(x.numel(), backprops.numel(), result_numel)
+    if x.numel() == smallest:
+        return x * scale, backprops, 1.0
+    if backprops.numel() == smallest:
+        return x, backprops * scale, 1.0
+    return x, backprops, scale
+
+
+def accepts_scale(rule: Callable[..., Any]) -> bool:
+    """Whether a grad-sampler rule takes ``scale=`` (the loss reduction's factor, applied where it costs least)."""
+    return getattr(getattr(rule, "func", rule), "accepts_scale", False)  # getattr "func": a functools.partial
+
+
+def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)  # Tensor.to is a dispatched call even when it returns x
+
+
+def _scale_aware(rule: Callable[..., Any]) -> Callable[..., Any]:
+    rule.accepts_scale = True  # type: ignore[attr-defined]
+    return rule
+
+
 def _uses_grouped_convolution(layer: nn.Conv2d, activations: torch.Tensor) -> bool:
     return (
         layer.groups == 1
@@ -82,26 +122,31 @@ def _is_pointwise(layer: nn.Conv2d) -> bool:
     )
 
 
-def grouped_conv2d_weight_grads(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+def grouped_conv2d_weight_grads(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Per-example weight gradients (N x C_out x C_in x kh x kw) of a convolution as ONE grouped convolution's weight gradient.
 
     The batch is folded into the channels: input (1, N*C_in, H, W), output gradient (1, N*C_out, H', W')
     and N groups, so group n's weight gradient is example n's (the per-example trick of Goodfellow 2015,
     "Efficient per-example gradient computations"). The library's weight-gradient kernel does the work:
     measured at about 1.1x the cost of the batch-summed weight gradient, against ~2x for shifted products.
+    The result is multiplied by ``scale``.
     """
     n = x.shape[0]
     c_out, c_in, kh, kw = layer.weight.shape
+    x, backprops, scale = _scale_smallest(x, backprops, n * layer.weight.numel(), scale)
     template = x.new_empty(n * c_out, c_in, kh, kw)  # only its shape and dtype are read
     grad = torch.ops.aten.convolution_backward(
         backprops.reshape(1, n * c_out, *backprops.shape[2:]), x.reshape(1, n * c_in, *x.shape[2:]), template,
         None, list(layer.stride), list(layer.padding), list(layer.dilation), False, [0, 0], n, [False, True, False],
     )[1]
+    if scale != 1:
+        grad.mul_(scale)
     return grad.view(n, c_out, c_in, kh, kw)
 
 
+@_scale_aware
 def group_norm_per_example_grads(
-    layer: nn.GroupNorm, activations: Sequence[torch.Tensor], backprops: torch.Tensor
+    layer: nn.GroupNorm, activations: Sequence[torch.Tensor], backprops: torch.Tensor, scale: float = 1.0
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-example gradients of a ``GroupNorm``'s weight and bias (an Opacus grad-sampler rule).
 
@@ -109,13 +154,13 @@ def group_norm_per_example_grads(
     so the library's GroupNorm backward yields each example's weight and bias gradient (N*C of them) in one
     fused pass, where Opacus's rule normalises, multiplies and sums in separate passes. ``activations`` is
     ``[input]``, or ``[input, mean, rstd]`` with the forward pass's group statistics (N x G), which are then
-    not computed again.
+    not computed again. The gradients are multiplied by ``scale``.
     """
-    x = activations[0].to(backprops.dtype)
+    x = _as_dtype(activations[0], backprops.dtype)
     n, c = x.shape[:2]
     wants = [False, layer.weight is not None and layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad]
     if n == 0 or not any(wants):
-        return compute_group_norm_grad_sample(layer, [x], backprops)
+        return compute_group_norm_grad_sample(layer, [x], backprops * scale)
     folded = x.reshape(1, n * c, -1)
     size, groups = folded.shape[-1], n * layer.num_groups
     if len(activations) == 3 and activations[1].dtype == x.dtype:  # the forward's statistics (see capture_group_norm_statistics)
@@ -127,32 +172,36 @@ def group_norm_per_example_grads(
     )
     grads: dict[nn.Parameter, torch.Tensor] = {}
     if wants[1]:
-        grads[layer.weight] = weight.view(n, c)
+        grads[layer.weight] = weight.view(n, c) if scale == 1 else weight.view(n, c).mul_(scale)
     if wants[2]:
-        grads[layer.bias] = bias.view(n, c)
+        grads[layer.bias] = bias.view(n, c) if scale == 1 else bias.view(n, c).mul_(scale)
     return grads
 
 
+@_scale_aware
 def linear_per_example_grads(
-    layer: nn.Linear, activations: Sequence[torch.Tensor], backprops: torch.Tensor
+    layer: nn.Linear, activations: Sequence[torch.Tensor], backprops: torch.Tensor, scale: float = 1.0
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-example gradients of a ``Linear``'s weight and bias (an Opacus grad-sampler rule): Opacus's
     einsum written as the product it is (an outer product per example for (N, C) inputs, one batched
-    product for (N, ..., C)), which skips einsum's dispatch (measured: 20-50 us of ~100 a call)."""
-    x = activations[0].to(backprops.dtype)
+    product for (N, ..., C)), which skips einsum's dispatch (measured: 20-50 us of ~100 a call). The
+    gradients are multiplied by ``scale``."""
+    x = _as_dtype(activations[0], backprops.dtype)
     grads: dict[nn.Parameter, torch.Tensor] = {}
     n = x.shape[0]
+    has_bias = layer.bias is not None and layer.bias.requires_grad
     if x.dim() == 2:
         if layer.weight.requires_grad:
-            grads[layer.weight] = backprops.unsqueeze(2) * x.unsqueeze(1)
-        if layer.bias is not None and layer.bias.requires_grad:
-            grads[layer.bias] = backprops.clone()  # the gradient autograd hands on is not ours to keep
+            scaled_x, scaled_b, _ = _scale_smallest(x, backprops, math.inf, scale)  # an input is always smaller
+            grads[layer.weight] = scaled_b.unsqueeze(2) * scaled_x.unsqueeze(1)
+        if has_bias:  # a new tensor either way: the gradient autograd hands on is not ours to keep
+            grads[layer.bias] = backprops.clone() if scale == 1 else backprops * scale
         return grads
     g = backprops.reshape(n, -1, backprops.shape[-1])
     if layer.weight.requires_grad:
-        grads[layer.weight] = torch.bmm(g.transpose(1, 2), x.reshape(n, -1, x.shape[-1]))
-    if layer.bias is not None and layer.bias.requires_grad:
-        grads[layer.bias] = g.sum(1)
+        grads[layer.weight] = _bmm(g.transpose(1, 2), x.reshape(n, -1, x.shape[-1]), scale)
+    if has_bias:
+        grads[layer.bias] = g.sum(1) if scale == 1 else g.sum(1).mul_(scale)
     return grads
 
 
@@ -167,21 +216,22 @@ def _uses_shifted_products(layer: nn.Conv2d, activations: torch.Tensor) -> bool:
     )
 
 
-def _pointwise_rule(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
-    """A 1x1 convolution's per-example weight gradients: it is a linear map of each pixel, one batched product."""
+def _pointwise_rule(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """A 1x1 convolution's per-example weight gradients (times ``scale``): it is a linear map of each pixel,
+    one batched product."""
     n, c_in = x.shape[:2]
-    weight = torch.bmm(backprops.reshape(n, layer.out_channels, -1), x.reshape(n, c_in, -1).transpose(1, 2))
+    weight = _bmm(backprops.reshape(n, layer.out_channels, -1), x.reshape(n, c_in, -1).transpose(1, 2), scale)
     return weight.view(n, layer.out_channels, c_in, 1, 1)
 
 
-def _shifted_rule(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+def _shifted_rule(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Per-example weight gradients of a stride-1 convolution as one batched product per kernel offset.
 
     The gradient of example n at offset (i, j) is ``G[n, :, :, i, j] = g_n @ x_n[rows shifted by (i, j)]``
     with ``g_n`` the output gradient (C_out x H_out*W_pad) and ``x_n`` the zero-padded input laid out as
     (H_pad*W_pad) x C_in rows. Taking the output gradient over the padded width (its extra columns are
     zero) makes every shifted window one contiguous run of rows, so each offset is a single batched
-    product on a view of the same buffer. Returns a permuted view.
+    product on a view of the same buffer. Returns a permuted view, times ``scale``.
     """
     n, c_in, h, w = x.shape
     c_out = backprops.shape[1]
@@ -202,18 +252,20 @@ def _shifted_rule(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) ->
     for i in range(kh):
         for j in range(kw):
             start = i * w_pad + j
-            torch.bmm(grad_out, padded[:, start : start + rows], out=per_offset[i * kw + j])
+            _bmm(grad_out, padded[:, start : start + rows], scale, out=per_offset[i * kw + j])
     return per_offset.permute(1, 2, 3, 0).reshape(n, c_out, c_in, kh, kw)
 
 
-def _unfold_rule(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
-    """Opacus's rule (im2col, then one batched product); its unfold assumes contiguous memory (a
-    channels-last input gives zero gradients)."""
-    return compute_conv_grad_sample(layer, [x.contiguous()], backprops)[layer.weight]
+def _unfold_rule(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Opacus's rule (im2col, then one batched product), times ``scale``; its unfold assumes contiguous
+    memory (a channels-last input gives zero gradients)."""
+    x, backprops, scale = _scale_smallest(x, backprops, x.shape[0] * layer.weight.numel(), scale)
+    grad = compute_conv_grad_sample(layer, [x.contiguous()], backprops)[layer.weight]
+    return grad if scale == 1 else grad * scale
 
 
 # The exact per-example weight-gradient rules for a convolution, by name; ``conv_rules`` says which apply.
-CONV_RULES: dict[str, Callable[[nn.Conv2d, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+CONV_RULES: dict[str, Callable[[nn.Conv2d, torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
     "pointwise": _pointwise_rule,
     "grouped": grouped_conv2d_weight_grads,
     "shifted": _shifted_rule,
@@ -234,8 +286,10 @@ def conv_rules(layer: nn.Conv2d, x: torch.Tensor) -> list[str]:
     return rules
 
 
+@_scale_aware
 def conv2d_per_example_grads(
-    layer: nn.Conv2d, activations: Sequence[torch.Tensor], backprops: torch.Tensor, rule: str | None = None
+    layer: nn.Conv2d, activations: Sequence[torch.Tensor], backprops: torch.Tensor, rule: str | None = None,
+    scale: float = 1.0,
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-example gradients of a ``Conv2d``'s weight and bias (an Opacus grad-sampler rule).
 
@@ -249,62 +303,70 @@ def conv2d_per_example_grads(
         backprops: the gradient of the loss with respect to the output (N x C_out x H_out x W_out);
             the rule is linear in it, so the loss reduction's factor may be applied before or after.
         rule: a name of ``CONV_RULES`` that applies to this layer (see ``conv_rules``).
+        scale: a factor for the gradients (the loss reduction's), applied where it costs least.
     """
-    x = activations[0].to(backprops.dtype)
+    x = _as_dtype(activations[0], backprops.dtype)
     if x.shape[0] == 0:
         return compute_conv_grad_sample(layer, [x.contiguous()], backprops)
     grads: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        grads[layer.weight] = CONV_RULES[rule or conv_rules(layer, x)[0]](layer, x, backprops)
+        grads[layer.weight] = CONV_RULES[rule or conv_rules(layer, x)[0]](layer, x, backprops, scale)
     if layer.bias is not None and layer.bias.requires_grad:
-        grads[layer.bias] = backprops.sum(dim=(2, 3))
+        bias = backprops.sum(dim=(2, 3))
+        grads[layer.bias] = bias if scale == 1 else bias.mul_(scale)
     return grads
 
 
 class FastestConvolutionRule:
     """An Opacus grad-sampler rule for ``Conv2d`` that runs, for each layer shape, the fastest of the
-    rules that apply, timed on the first batch of that shape (what ``cudnn.benchmark`` does for kernels);
-    on other devices than the CPU, the first of ``conv_rules``.
+    rules that apply, timed inside the training steps (what ``cudnn.benchmark`` does for kernels); on
+    other devices than the CPU, the first of ``conv_rules``.
 
-    Which rule is fastest depends on the channels, the image size, the library's kernels and the state
-    of the caches, and no count of channels predicts it (measured on a 64 -> 32 channel 8x8 layer of the
-    quickstart UNet at batch 64: grouped 6.5 ms against shifted 2.4 ms on fresh tensors, 2.3 against 2.3
-    inside a training step; at 4x4 shifted wins inside the step). All rules are exact, so the choice
-    changes only rounding. Shapes are keyed with the batch size rounded up to a power of two, so Poisson
-    batches of varying size reuse the choice.
+    The first calls of a shape try the rules in turn, each ``repeats + 1`` times (its first call, with
+    the library's one-time setup, is not counted), and the rule with the lowest median time is kept.
+    These calls are real: every rule is exact, so the trials change only rounding. Timing them in
+    the step, where the layer's input comes from memory rather than from the cache, matters: which rule
+    wins depends on the channels, the image size, the library's kernels and the state of the caches,
+    and no count of channels predicts it (measured on the quickstart UNet at batch 64: grouped 6.5 ms
+    against shifted 2.4 ms on fresh tensors of a 64 -> 32 channel 8x8 layer, 2.3 against 2.3 inside a
+    step; repeated calls on the same tensors picked shifted for 8x8 layers where grouped was 1.2-1.4x
+    faster inside the step). Shapes are keyed with the batch size rounded up to a power of two, so
+    Poisson batches of varying size reuse the choice.
     """
+
+    accepts_scale = True
 
     def __init__(self, repeats: int = 3) -> None:
         self.repeats = repeats
         self.chosen: dict[tuple[Any, ...], str] = {}
+        self._trials: dict[tuple[Any, ...], dict[str, list[float]]] = {}
 
-    def __call__(self, layer: nn.Conv2d, activations: Sequence[torch.Tensor], backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        x = activations[0].to(backprops.dtype)
+    def __call__(
+        self, layer: nn.Conv2d, activations: Sequence[torch.Tensor], backprops: torch.Tensor, scale: float = 1.0
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        x = _as_dtype(activations[0], backprops.dtype)
         if x.shape[0] == 0 or not layer.weight.requires_grad:
-            return conv2d_per_example_grads(layer, [x], backprops)
+            return conv2d_per_example_grads(layer, [x], backprops, scale=scale)
         key = (x.device, x.dtype, tuple(x.shape[1:]), 1 << (x.shape[0] - 1).bit_length(), layer.weight.shape,
                layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode)
         rule = self.chosen.get(key)
-        if rule is None:
-            rule = self.chosen[key] = self._fastest(layer, x, backprops)
-        return conv2d_per_example_grads(layer, [x], backprops, rule)
-
-    def _fastest(self, layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> str:
+        if rule is not None:
+            return conv2d_per_example_grads(layer, [x], backprops, rule, scale)
         rules = conv_rules(layer, x)
         # Timed on the CPU only, where it was measured: on a GPU the grouped kernel's algorithm is cuDNN's
-        # choice, and timing the im2col rule there would allocate its unfolded input (GBs at batch 256).
+        # choice, and the im2col rule there would allocate its unfolded input (GBs at batch 256).
         if len(rules) == 1 or x.device.type != "cpu":
-            return rules[0]
-        times = {}
-        for name in rules:
-            CONV_RULES[name](layer, x, backprops)  # warm-up: first-call allocations and kernel selection
-            best = math.inf
-            for _ in range(self.repeats):
-                start = time.perf_counter()
-                CONV_RULES[name](layer, x, backprops)
-                best = min(best, time.perf_counter() - start)
-            times[name] = best
-        return min(rules, key=times.__getitem__)
+            self.chosen[key] = rules[0]
+            return conv2d_per_example_grads(layer, [x], backprops, rules[0], scale)
+        trials = self._trials.setdefault(key, {name: [] for name in rules})
+        name = min(rules, key=lambda r: len(trials[r]))  # the rule tried least so far
+        start = time.perf_counter()
+        grads = conv2d_per_example_grads(layer, [x], backprops, name, scale)
+        trials[name].append(time.perf_counter() - start)
+        if all(len(times) > self.repeats for times in trials.values()):
+            self.chosen[key] = min(rules, key=lambda r: statistics.median(trials[r][1:]))
+            del self._trials[key]
+        return grads
 
 
 class FastGradSampleModule(GradSampleModule):
@@ -331,7 +393,7 @@ class FastGradSampleModule(GradSampleModule):
         in extra autograd nodes and runs after the input gradients; a gradient hook on the output
         (registered by the forward hook) receives the same output gradient with less work
         (measured: ~19 ms of Python and autograd overhead in a ~230 ms DP step of the quickstart UNet).
-        Each layer also gets the forward pre-hook behind ``backward_inputs``.
+        The same forward hook lists what ``backward_inputs`` returns.
         """
         if hasattr(self._module, "autograd_grad_sample_hooks"):
             raise ValueError("Trying to add hooks twice to the same model")
@@ -349,10 +411,15 @@ class FastGradSampleModule(GradSampleModule):
             if force_functorch or self._get_module_type(layer) not in self.GRAD_SAMPLERS:
                 prepare_layer(layer, batch_first=batch_first)
             hook = partial(self._capture_forward, loss_reduction=loss_reduction, batch_first=batch_first)
-            self.autograd_grad_sample_hooks.append(layer.register_forward_pre_hook(self._make_inputs_differentiable))
             self.autograd_grad_sample_hooks.append(layer.register_forward_hook(hook))
-        self._graph_leaves: list[torch.Tensor] = []
+        self._backward_targets: list[torch.Tensor] = []
+        self._all_parameters = tuple(self._module.parameters())
         self.enable_hooks()
+
+    def listed_parameters(self) -> tuple[nn.Parameter, ...]:
+        """The wrapped module's parameters as ``parameters()`` lists them, listed once when the hooks were added
+        (``parameters()`` walks every submodule: ~1 ms a step on the quickstart UNet)."""
+        return self._all_parameters
 
     def _capture_forward(
         self, layer: nn.Module, inputs: tuple[Any, ...], output: Any, *, loss_reduction: str, batch_first: bool
@@ -368,6 +435,10 @@ class FastGradSampleModule(GradSampleModule):
                 f"dp_sgd: layer {type(layer).__name__} returned {type(output).__name__}; privdiff's per-example "
                 "gradients need layers with trainable parameters to return one tensor that requires grad"
             )
+        if not any(torch.is_tensor(t) and t.requires_grad for t in inputs):
+            # No gradient flows back through this layer's inputs (the noisy image at the first convolution,
+            # the sinusoidal timestep features, an Embedding's indices): backward must reach its output.
+            self._backward_targets.append(output)
         if not hasattr(layer, "activations"):
             layer.activations = []
         layer.activations.append([t.detach() for t in inputs] + _group_norm_statistics(layer, output))
@@ -380,42 +451,20 @@ class FastGradSampleModule(GradSampleModule):
         output.register_hook(on_output_grad)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self._graph_leaves = []
+        self._backward_targets = []
         return super().forward(*args, **kwargs)
-
-    def _make_inputs_differentiable(self, layer: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        """Forward pre-hook: give every hooked layer an input the backward pass must reach.
-
-        A layer whose floating-point input does not require a gradient (the noisy image at the
-        first convolution, the sinusoidal timestep features) gets it as a new graph leaf; a layer
-        with no floating-point input (an ``Embedding``) contributes its own parameters. Backward
-        to these leaves (``backward_inputs``) runs every layer's Opacus hook.
-        """
-        if not (self.hooks_enabled and layer.training and torch.is_grad_enabled()):
-            return None
-        is_float = [torch.is_tensor(a) and a.is_floating_point() for a in args]
-        if not any(is_float):
-            self._graph_leaves.extend(p for p in layer.parameters(recurse=False) if p.requires_grad)
-            return None
-        if all(a.requires_grad for a, floating in zip(args, is_float) if floating):  # most layers: inputs unchanged
-            return None
-        out = []
-        for arg, floating in zip(args, is_float):
-            if floating and not arg.requires_grad:
-                arg = arg.detach().requires_grad_(True)
-                self._graph_leaves.append(arg)
-            out.append(arg)
-        return tuple(out)
 
     def backward_inputs(self) -> list[torch.Tensor]:
         """The tensors ``loss.backward(inputs=...)`` must reach after this module's last forward pass.
 
         DP-SGD discards the summed parameter gradients autograd computes (the optimizer replaces
-        them by the clipped, noised sum of per-example gradients). Backward to these graph leaves
-        computes every gradient the per-example rules need -- with respect to each layer's output --
-        and skips the parameters' own (measured: about a fifth of a DP step on the quickstart UNet).
+        them by the clipped, noised sum of per-example gradients). These are the outputs of the layers
+        no gradient reaches through their inputs; every other hooked layer lies between the loss and one of
+        them, so backward to them computes every gradient the per-example rules need -- with respect to
+        each layer's output -- and skips the parameters' own (measured: about a fifth of a DP step on the
+        quickstart UNet). Autograd keeps their gradients in ``.grad`` until the next forward pass.
         """
-        return list(self._graph_leaves)
+        return list(self._backward_targets)
 
     def capture_backprops_hook(
         self,
@@ -428,38 +477,46 @@ class FastGradSampleModule(GradSampleModule):
         # Opacus's hook (opacus 1.6 GradSampleModule.capture_backprops_hook and rearrange_grad_samples),
         # except that the first per-example gradient of a parameter in a backward pass is stored as it is
         # when it covers the whole batch, instead of being copied into a new zero-filled buffer, and that
-        # the batch-size factor of loss_reduction="mean" multiplies the output gradient or the per-example
-        # gradients, whichever is smaller (every rule is linear in the output gradient).
+        # the batch-size factor of loss_reduction="mean" is applied where it costs least: privdiff's rules
+        # take it as an argument, for others it multiplies the output gradient or the per-example gradients,
+        # whichever is smaller (every rule is linear in the output gradient). The layer's bookkeeping
+        # (activations, max_batch_len) is read from its __dict__: through nn.Module's attribute methods a
+        # miss or a delete costs microseconds, ~90 layers a step.
         if not self.hooks_enabled:
             return
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction = {loss_reduction}. Only 'sum' and 'mean' losses are supported")
+        state = module.__dict__
         if not batch_first or type(module) is RNNLinear:  # a batch dimension to move first: Opacus's code
             activations, backprops = self.rearrange_grad_samples(
                 module=module, backprops=forward_output[0].detach(), loss_reduction="sum", batch_first=batch_first
             )
         else:
-            if not hasattr(module, "activations"):
+            if "activations" not in state:
                 raise ValueError(f"No activations detected for {type(module)}, run forward after add_hooks(model)")
-            if not hasattr(module, "max_batch_len"):
-                module.max_batch_len = max(a[-1].shape[0] for a in module.activations)
-            activations, backprops = module.activations.pop(), forward_output[0].detach()
+            if "max_batch_len" not in state:
+                state["max_batch_len"] = max(a[-1].shape[0] for a in state["activations"])
+            activations, backprops = state["activations"].pop(), forward_output[0].detach()
+        max_batch_len = state["max_batch_len"]
         params = [p for p in self._layer_parameters[module] if p.requires_grad]
-        scale = module.max_batch_len if loss_reduction == "mean" else 1
-        if scale != 1 and backprops.numel() <= module.max_batch_len * sum(p.numel() for p in params):
-            backprops, scale = backprops * scale, 1
+        scale = max_batch_len if loss_reduction == "mean" else 1
         rule = None if self.force_functorch else self.GRAD_SAMPLERS.get(self._get_module_type(module))
-        grad_samples = (rule or ft_compute_per_sample_gradient)(module, activations, backprops)
+        if rule is not None and accepts_scale(rule):
+            grad_samples, scale = rule(module, activations, backprops, scale=scale), 1
+        else:
+            if scale != 1 and backprops.numel() <= max_batch_len * sum(p.numel() for p in params):
+                backprops, scale = backprops * scale, 1
+            grad_samples = (rule or ft_compute_per_sample_gradient)(module, activations, backprops)
         for param, grad_sample in grad_samples.items():
             if not param.requires_grad:
                 continue
             if scale != 1:
                 grad_sample = grad_sample * scale
             current = getattr(param, "_current_grad_sample", None)
-            if current is None and grad_sample.shape[0] == module.max_batch_len:
+            if current is None and grad_sample.shape[0] == max_batch_len:
                 param._current_grad_sample = grad_sample
             elif current is None:
-                create_or_accumulate_grad_sample(param=param, grad_sample=grad_sample, max_batch_len=module.max_batch_len)
+                create_or_accumulate_grad_sample(param=param, grad_sample=grad_sample, max_batch_len=max_batch_len)
             else:  # a layer run twice in one pass: add out of place (the stored tensor may be a view)
                 total = current.clone()
                 total[: grad_sample.shape[0]] += grad_sample
@@ -468,15 +525,15 @@ class FastGradSampleModule(GradSampleModule):
             p._forward_counter -= 1
             if p._forward_counter == 0:
                 promote_current_grad_sample(p)
-                if self.norms_in_backward and torch.is_tensor(p.grad_sample) and p.numel() > SMALL_PARAMETER:
+                if self.norms_in_backward and p.numel() > SMALL_PARAMETER and torch.is_tensor(p.grad_sample):
                     cache_example_norms(p.grad_sample)
             if not self.grad_accumulation_allowed and isinstance(p.grad_sample, list) and len(p.grad_sample) > 1:
                 raise ValueError(
                     "Poisson sampling is not compatible with grad accumulation. You need to call "
                     "optimizer.step() after every forward/backward pass or consider using BatchMemoryManager"
                 )
-        if len(module.activations) == 0 and hasattr(module, "max_batch_len"):
-            del module.max_batch_len
+        if not state["activations"]:
+            del state["max_batch_len"]
 
 
 def _group_norm_statistics(layer: nn.Module, output: torch.Tensor) -> list[torch.Tensor]:
@@ -515,7 +572,9 @@ def _example_norms(grad_sample: torch.Tensor) -> torch.Tensor:
     Accumulated and returned in at least float32: a bf16 norm (mixed precision) is off by up to 2^-9 of
     itself, and a clipping factor taken from a norm rounded down lets an example's update exceed the bound.
     """
-    dtype = torch.promote_types(grad_sample.dtype, torch.float32)
+    dtype = grad_sample.dtype
+    if dtype not in (torch.float32, torch.float64):  # promote_types is a dispatched call: skipped for the usual case
+        dtype = torch.promote_types(dtype, torch.float32)
     if grad_sample.is_contiguous():  # most: no layout to find
         flat = grad_sample.view(grad_sample.shape[0], math.prod(grad_sample.shape[1:]))
         return torch.linalg.vector_norm(flat, dim=1, dtype=dtype)
@@ -559,11 +618,12 @@ def _example_block(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def weighted_example_sum(grad_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_n weights[n] * grad_sample[n]``, contiguous in the parameter's shape, without copying ``grad_sample``."""
+    weights = _as_dtype(weights, grad_sample.dtype)
     if grad_sample.is_contiguous():  # most: one product, no layout to find
         flat = grad_sample.view(grad_sample.shape[0], math.prod(grad_sample.shape[1:]))
-        return torch.mv(flat.t(), weights.to(grad_sample.dtype)).view(grad_sample.shape[1:])
+        return torch.mv(flat.t(), weights).view(grad_sample.shape[1:])
     view, dims = _as_lead_example_rest(grad_sample)
-    total = torch.matmul(weights.to(view.dtype), view)  # (lead, rest)
+    total = torch.matmul(weights, view)  # (lead, rest)
     shape = grad_sample.shape[1:]
     total = total.reshape([shape[d] for d in dims])
     return total.permute([dims.index(d) for d in range(len(dims))]).contiguous()
@@ -583,11 +643,37 @@ class LayoutFreeClipping:
         white-box audit adds its gradient canaries (``defenses.gradient_canaries``), as a sampled example's enters."""
         self.__dict__.setdefault("clipped_sum_hooks", []).append(hook)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Opacus's ``zero_grad`` (``p.grad_sample`` and ``p.summed_grad`` always to None) with torch's default
+        for ``p.grad``, None: Opacus defaults to zero-filling each ``p.grad``, which the next step replaces
+        anyway (one call per parameter, ~0.5 ms a step on the quickstart UNet; Lightning passes no argument)."""
+        super().zero_grad(set_to_none)
+
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
+        # Opacus 1.6's DPOptimizer.pre_step, reading each parameter's per-example gradient once: Opacus's
+        # reads ``self.grad_samples`` (a Python loop over the parameters) twice before clipping reads it again.
+        params = self.params
+        if not params:  # no trainable parameter: a plain optimizer step, as Opacus's
+            return True
+        self._clip_and_accumulate(params, [self._get_flat_grad_sample(p) for p in params])
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
     def clip_and_accumulate(self) -> None:
         params = self.params
+        self._clip_and_accumulate(params, [self._get_flat_grad_sample(p) for p in params])
+
+    def _clip_and_accumulate(self, params: list[nn.Parameter], grad_samples: list[torch.Tensor]) -> None:
+        self._grad_buffers = None  # set again by add_noise_to_all, for scale_grad
         for p in params:
             _check_processed_flag(p.grad_sample)
-        grad_samples = [self._get_flat_grad_sample(p) for p in params]
         # Biases, norms and small linear layers are clipped as one block per device and dtype: their
         # per-example norms and weighted sums are one call each over the concatenated gradients.
         small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -635,6 +721,7 @@ class LayoutFreeClipping:
         for p in self.params:
             _check_processed_flag(p.summed_grad)
             groups.setdefault((p.summed_grad.device, p.summed_grad.dtype), []).append(p)
+        self._grad_buffers = []
         for group in groups.values():
             total = torch.cat([p.summed_grad.reshape(-1) for p in group])
             total += _generate_noise(std=self.noise_multiplier * self.max_grad_norm, reference=total,
@@ -642,13 +729,21 @@ class LayoutFreeClipping:
             for p, grad in zip(group, total.split([p.numel() for p in group])):
                 p.grad = grad.view_as(p)
                 _mark_as_processed(p.summed_grad)
+            self._grad_buffers.append(total)
 
     def scale_grad(self) -> None:
         # Opacus 1.6's DPOptimizer.scale_grad reads ``self.accumulated_iterations`` (a loop over every
         # parameter) once per parameter: quadratic in their number (~6 ms of a DP step of the quickstart
         # UNet, 182 parameters). The same division with the count read once, in one call.
+        # When every p.grad is a view of the buffers add_noise_to_all just filled, one division per buffer.
+        buffers, self._grad_buffers = getattr(self, "_grad_buffers", None), None
         if self.loss_reduction == "mean":
-            torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size * self.accumulated_iterations)
+            denominator = self.expected_batch_size * self.accumulated_iterations
+            if buffers is not None:
+                for buffer in buffers:
+                    buffer.div_(denominator)
+            else:
+                torch._foreach_div_([p.grad for p in self.params], denominator)
 
 
 class ClippingDPOptimizer(LayoutFreeClipping, DPOptimizer):
@@ -666,5 +761,6 @@ class ClippingDistributedDPOptimizer(LayoutFreeClipping, DistributedDPOptimizer)
         if self.rank == 0:
             self.add_noise_to_all()
         else:
+            self._grad_buffers = None
             for p in self.params:
                 p.grad = p.summed_grad.view_as(p)

@@ -152,7 +152,7 @@ def max_relative_difference(got: list[torch.Tensor], ref: list[torch.Tensor]) ->
 
 def main(threads: int = 2, model: Path = REPO / "configs/model/small.yaml", batch: int = 64, steps: int = 4,
          repeats: int = 5, modes: Sequence[str] = ("none", "opacus", "hooks", "functorch", "ghost"),
-         check_grad_norm: float | None = None) -> None:
+         check_grad_norm: float | None = None, warmup: int = 15) -> None:
     """Time each mode's training step, interleaved; check the per-image gradient norms against stock Opacus.
 
     Args:
@@ -163,6 +163,8 @@ def main(threads: int = 2, model: Path = REPO / "configs/model/small.yaml", batc
         repeats: timed repeats of each mode
         modes: modes to time, among none, opacus, hooks, functorch, ghost and hooks+canaries
         check_grad_norm: the clipping bound of the exactness check; default: the median per-image norm (half clipped)
+        warmup: untimed steps of each mode first: the hooks mode's first steps try each convolution rule
+            in turn for every layer shape (``FastestConvolutionRule``), a one-time cost of a run
     """
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
@@ -170,8 +172,9 @@ def main(threads: int = 2, model: Path = REPO / "configs/model/small.yaml", batc
     fixed = Batch(images, None, torch.arange(batch))
     rates: dict[str, list[float]] = {}
     step = {mode: step_fn(mode, fixed, model)[0] for mode in modes}
-    for mode in modes:
-        step[mode]()  # warm-up
+    for _ in range(warmup):
+        for mode in modes:
+            step[mode]()
     for _ in range(repeats):  # interleave the modes so that drifts hit all alike
         for mode in modes:
             start = time.perf_counter()

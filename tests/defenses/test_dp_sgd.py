@@ -101,7 +101,7 @@ def test_the_backward_pass_skips_the_discarded_parameter_gradients() -> None:
 
 
 def test_per_image_gradients_of_a_class_conditional_model_reach_the_label_embedding() -> None:
-    """A layer fed integers (the class embedding) is reached through its own weight."""
+    """A layer fed integers (the class embedding) is reached through its output, and no parameter gets a summed gradient."""
     b = 3
 
     def unet() -> torch.nn.Module:
@@ -125,6 +125,7 @@ def test_per_image_gradients_of_a_class_conditional_model_reach_the_label_embedd
     assert any("class_embedding" in n for n in names)
     for name, p in wrapped._module.named_parameters():
         torch.testing.assert_close(p.grad_sample, torch.stack([r[name] for r in reference]), atol=1e-5, rtol=1e-4, msg=name)
+        assert p.grad is None, name
 
 
 def test_plain_opacus_hooks_are_wrong_after_the_attention_block() -> None:
