@@ -418,7 +418,7 @@ class FastGradSampleModule(GradSampleModule):
 
     def listed_parameters(self) -> tuple[nn.Parameter, ...]:
         """The wrapped module's parameters as ``parameters()`` lists them, listed once when the hooks were added
-        (``parameters()`` walks every submodule: ~1 ms a step on the quickstart UNet)."""
+        (``parameters()`` walks every submodule, at every step where it is called)."""
         return self._all_parameters
 
     def _capture_forward(
@@ -645,8 +645,8 @@ class LayoutFreeClipping:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Opacus's ``zero_grad`` (``p.grad_sample`` and ``p.summed_grad`` always to None) with torch's default
-        for ``p.grad``, None: Opacus defaults to zero-filling each ``p.grad``, which the next step replaces
-        anyway (one call per parameter, ~0.5 ms a step on the quickstart UNet; Lightning passes no argument)."""
+        for ``p.grad``, None: Opacus defaults to zero-filling each ``p.grad`` (one call per parameter), which
+        the next step replaces anyway, and Lightning passes no argument."""
         super().zero_grad(set_to_none)
 
     def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
