@@ -57,7 +57,9 @@ class FinalCheckpoint(pl.Callback):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
                 path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-                trainer.save_checkpoint(path)  # every process calls it; the strategy writes once
+                # every process calls it; the strategy writes once. weights_only as the callback's own saves
+                # (Lightning logs a misleading "weights_only was not set" when it is left out)
+                trainer.save_checkpoint(path, weights_only=callback.save_weights_only)
                 callback.last_model_path = str(path)
 
 
