@@ -652,10 +652,9 @@ class LayoutFreeClipping:
     def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
         # Opacus 1.6's DPOptimizer.pre_step, reading each parameter's per-example gradient once: Opacus's
         # reads ``self.grad_samples`` (a Python loop over the parameters) twice before clipping reads it again.
-        params = self.params
-        if not params:  # no trainable parameter: a plain optimizer step, as Opacus's
+        if not self.params:  # no trainable parameter: a plain optimizer step, as Opacus's
             return True
-        self._clip_and_accumulate(params, [self._get_flat_grad_sample(p) for p in params])
+        self.clip_and_accumulate()
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
@@ -667,13 +666,11 @@ class LayoutFreeClipping:
         return True
 
     def clip_and_accumulate(self) -> None:
-        params = self.params
-        self._clip_and_accumulate(params, [self._get_flat_grad_sample(p) for p in params])
-
-    def _clip_and_accumulate(self, params: list[nn.Parameter], grad_samples: list[torch.Tensor]) -> None:
         self._grad_buffers = None  # set again by add_noise_to_all, for scale_grad
+        params = self.params
         for p in params:
             _check_processed_flag(p.grad_sample)
+        grad_samples = [self._get_flat_grad_sample(p) for p in params]
         # Biases, norms and small linear layers are clipped as one block per device and dtype: their
         # per-example norms and weighted sums are one call each over the concatenated gradients.
         small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
