@@ -17,6 +17,10 @@ defense's per-image reduction, optimizer step) on a fixed batch:
   under Lightning, it is measured here to show what it would be worth.
 * ``hooks+canaries``: ``hooks`` with 1000 white-box gradient canaries (the one-run audit's cost on a DP step:
   ``python scripts/bench_dp.py --modes hooks hooks+canaries --repeats 9``).
+* ``hooks-free-conv``: NOT a private step, a ceiling: ``hooks`` with every convolution's per-example weight
+  gradient handed over as zeros from a buffer kept across steps (the norms, the clipping and the noise still read
+  it). What any faster exact convolution rule could at most gain:
+  ``python scripts/bench_dp.py --modes none hooks hooks-free-conv --repeats 30 --steps 1``.
 
 The modes are interleaved and repeated; prints the median images/s and the ratio to non-private,
 and checks on 8 images that every DP mode computes the same per-image gradient norms and the same
@@ -25,6 +29,7 @@ clipped sum of per-image gradients (before noise, half the images clipped) as st
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 import warnings
@@ -106,10 +111,13 @@ def step_fn(mode: str, batch: Batch, config: Path, max_grad_norm: float = 1.0, s
 
         return step, den
     canaries = 1000 if mode.endswith("+canaries") else 0
-    defense = DPSGDDefense(noise_multiplier=sigma, max_grad_norm=max_grad_norm, grad_sample_mode=mode.removesuffix("+canaries"),
+    rules = mode.removesuffix("+canaries").removesuffix("-free-conv")
+    defense = DPSGDDefense(noise_multiplier=sigma, max_grad_norm=max_grad_norm, grad_sample_mode=rules,
                            accountant="rdp", gradient_canaries=canaries)
     defense.on_data_ready(10 * len(batch), len(batch))
     den.trainable = defense.wrap_model(den.trainable)
+    if mode.endswith("-free-conv"):
+        den.trainable.GRAD_SAMPLERS = {**den.trainable.GRAD_SAMPLERS, torch.nn.Conv2d: ZeroConvolutionWeightRule()}
     opt = defense.wrap_optimizer(torch.optim.AdamW(den.trainable.parameters(), lr=1e-4), den.trainable)
     den.bench_parts = {"optimizer": opt, "defense": defense}
 
@@ -120,6 +128,26 @@ def step_fn(mode: str, batch: Batch, config: Path, max_grad_norm: float = 1.0, s
         opt.step()
 
     return step, den
+
+
+class ZeroConvolutionWeightRule:
+    """A grad-sampler rule for ``Conv2d`` whose per-example weight gradients are zeros from a buffer kept per layer
+    and batch size (the bias's are computed): the ``hooks-free-conv`` ceiling, never a private step."""
+
+    accepts_scale = True
+
+    def __init__(self) -> None:
+        self.zeros: dict[tuple[torch.nn.Module, int], torch.Tensor] = {}
+
+    def __call__(self, layer: torch.nn.Conv2d, activations, backprops: torch.Tensor, scale: float = 1.0):
+        n = backprops.shape[0]
+        if (layer, n) not in self.zeros:
+            self.zeros[layer, n] = backprops.new_zeros(n, *layer.weight.shape)
+        # A new view each step: Opacus marks the tensor it clipped as processed.
+        grads = {layer.weight: self.zeros[layer, n].view(n, *layer.weight.shape)}
+        if layer.bias is not None:
+            grads[layer.bias] = backprops.sum(dim=(2, 3)).mul_(scale)
+        return grads
 
 
 def norms_and_clipped_sum(mode: str, batch: Batch, config: Path, max_grad_norm: float) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -161,7 +189,7 @@ def main(threads: int = 2, model: Path = REPO / "configs/model/small.yaml", batc
         batch: the quickstart's data.batch_size
         steps: steps per repeat
         repeats: timed repeats of each mode
-        modes: modes to time, among none, opacus, hooks, functorch, ghost and hooks+canaries
+        modes: modes to time, among none, opacus, hooks, functorch, ghost, hooks+canaries and hooks-free-conv
         check_grad_norm: the clipping bound of the exactness check; default: the median per-image norm (half clipped)
         warmup: untimed steps of each mode first: the hooks mode's first steps try each convolution rule
             in turn for every layer shape (``FastestConvolutionRule``), a one-time cost of a run
@@ -175,8 +203,9 @@ def main(threads: int = 2, model: Path = REPO / "configs/model/small.yaml", batc
     for _ in range(warmup):
         for mode in modes:
             step[mode]()
-    for _ in range(repeats):  # interleave the modes so that drifts hit all alike
-        for mode in modes:
+    order = random.Random(0)
+    for _ in range(repeats):  # interleave the modes, in a new order each repeat, so that drifts hit all alike
+        for mode in order.sample(list(modes), len(modes)):
             start = time.perf_counter()
             for _ in range(steps):
                 step[mode]()
@@ -185,7 +214,7 @@ def main(threads: int = 2, model: Path = REPO / "configs/model/small.yaml", batc
     if check_grad_norm is None:  # half the images clipped: both branches of the clipping factor checked
         check_grad_norm = float(norms_and_clipped_sum("opacus", few, model, 1.0)[0].median())
     ref_norms, ref_sum = norms_and_clipped_sum("opacus", few, model, check_grad_norm)
-    for mode in (m for m in modes if m not in ("none", "opacus")):
+    for mode in (m for m in modes if m not in ("none", "opacus", "hooks-free-conv")):  # free-conv: zeros, not checked
         norms, clipped = norms_and_clipped_sum(mode, few, model, check_grad_norm)
         err = ((norms - ref_norms).abs() / ref_norms).max().item()
         sums = f"{max_relative_difference(clipped, ref_sum):.1e}" if clipped is not None else "n/a"
@@ -199,7 +228,12 @@ def main(threads: int = 2, model: Path = REPO / "configs/model/small.yaml", batc
         rate = statistics.median(rates[mode])
         ratio = f"{rate / base:.2f}x" if base else "-"
         spread = f"[{min(rates[mode]):.0f}-{max(rates[mode]):.0f}]"
-        print(f"  {mode:15s} {rate:7.1f} img/s {spread:>11s}   {ratio} of non-private")
+        paired = ""
+        if base:  # each repeat's ratio to the non-private step timed beside it: the machine's drift cancels
+            q1, mid, q3 = statistics.quantiles([r / b for r, b in zip(rates[mode], rates["none"])], n=4)
+            paired = f", paired by repeat {mid:.2f}x [{q1:.2f}-{q3:.2f}]"
+        note = "   (not private: convolution weight rules free)" if mode == "hooks-free-conv" else ""
+        print(f"  {mode:15s} {rate:7.1f} img/s {spread:>11s}   {ratio} of non-private{paired}{note}")
     if "hooks" in rates and "hooks+canaries" in rates:
         print(f"  gradient canaries: a DP step takes {statistics.median(rates['hooks']) / statistics.median(rates['hooks+canaries']):.3f}x "
               "the time of one without them")
