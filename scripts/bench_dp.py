@@ -22,7 +22,9 @@ defense's per-image reduction, optimizer step) on a fixed batch:
   it). What any faster exact convolution rule could at most gain:
   ``python scripts/bench_dp.py --modes none hooks hooks-free-conv --repeats 30 --steps 1``.
 
-The modes are interleaved and repeated; prints the median images/s and the ratio to non-private,
+The modes are interleaved, in a new random order each repeat; prints the median images/s, the ratio
+of the medians to non-private and the median (and quartiles) of each repeat's own ratio to the
+non-private step timed beside it, which the machine's slower drifts do not move,
 and checks on 8 images that every DP mode computes the same per-image gradient norms and the same
 clipped sum of per-image gradients (before noise, half the images clipped) as stock Opacus.
 """
@@ -229,7 +231,7 @@ def main(threads: int = 2, model: Path = REPO / "configs/model/small.yaml", batc
         ratio = f"{rate / base:.2f}x" if base else "-"
         spread = f"[{min(rates[mode]):.0f}-{max(rates[mode]):.0f}]"
         paired = ""
-        if base:  # each repeat's ratio to the non-private step timed beside it: the machine's drift cancels
+        if base and repeats > 1:  # each repeat's ratio to the non-private step timed beside it
             q1, mid, q3 = statistics.quantiles([r / b for r, b in zip(rates[mode], rates["none"])], n=4)
             paired = f", paired by repeat {mid:.2f}x [{q1:.2f}-{q3:.2f}]"
         note = "   (not private: convolution weight rules free)" if mode == "hooks-free-conv" else ""

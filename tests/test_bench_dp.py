@@ -63,3 +63,9 @@ def test_the_report_pairs_ratios_by_repeat_and_checks_only_private_modes(capsys)
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert "paired by repeat" in lines["hooks"]
     assert "not private" in lines["hooks-free-conv"] and "not private" not in lines["hooks"]
+
+
+def test_one_repeat_reports_without_a_paired_ratio(capsys):
+    _bench().main(model=TINY, batch=4, steps=1, repeats=1, warmup=0, modes=("none", "hooks"))
+    out = capsys.readouterr().out
+    assert "of non-private" in out and "paired by repeat" not in out
