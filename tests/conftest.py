@@ -1,5 +1,6 @@
 """Shared test settings: tiny models, few threads, offline loggers."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -24,6 +25,28 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = old
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture()
+def load_script():
+    """``load(name)``: ``scripts/<name>.py`` as a module named ``script_<name>``, with ``scripts/`` on the path while
+    it loads (as when run from there) and registered in ``sys.modules`` (a dataclass of the script looks it up)."""
+
+    def load(name: str):
+        sys.path.insert(0, str(SCRIPTS))
+        try:
+            spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(SCRIPTS))
+        return module
+
+    return load
 
 
 @pytest.fixture()

@@ -3,8 +3,6 @@ each mode's ratio paired by repeat without checking the ceiling against Opacus."
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -14,17 +12,6 @@ from privdiff.model import Batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/model/tiny.yaml"
-
-
-def _bench():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        spec = importlib.util.spec_from_file_location("script_bench_dp", ROOT / "scripts/bench_dp.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return module
 
 
 def _per_example_grads(bench, mode: str, batch: Batch) -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -37,8 +24,8 @@ def _per_example_grads(bench, mode: str, batch: Batch) -> dict[str, tuple[nn.Mod
     return {name: (owners[id(p)], p.grad_sample.clone()) for name, p in den.trainable.named_parameters() if p.requires_grad}
 
 
-def test_the_ceiling_zeroes_the_convolution_weights_and_nothing_else():
-    bench = _bench()
+def test_the_ceiling_zeroes_the_convolution_weights_and_nothing_else(load_script):
+    bench = load_script("bench_dp")
     torch.manual_seed(0)
     batch = Batch(torch.rand(4, 1, 16, 16), None, torch.arange(4))
     real = _per_example_grads(bench, "hooks", batch)
@@ -55,8 +42,8 @@ def test_the_ceiling_zeroes_the_convolution_weights_and_nothing_else():
     assert conv_weights > 3
 
 
-def test_the_report_pairs_ratios_by_repeat_and_checks_only_private_modes(capsys):
-    _bench().main(model=TINY, batch=4, steps=1, repeats=2, warmup=1, modes=("none", "hooks", "hooks-free-conv"))
+def test_the_report_pairs_ratios_by_repeat_and_checks_only_private_modes(load_script, capsys):
+    load_script("bench_dp").main(model=TINY, batch=4, steps=1, repeats=2, warmup=1, modes=("none", "hooks", "hooks-free-conv"))
     out = capsys.readouterr().out
     assert "hooks vs stock opacus" in out
     assert "hooks-free-conv vs stock opacus" not in out
@@ -65,7 +52,7 @@ def test_the_report_pairs_ratios_by_repeat_and_checks_only_private_modes(capsys)
     assert "not private" in lines["hooks-free-conv"] and "not private" not in lines["hooks"]
 
 
-def test_one_repeat_reports_without_a_paired_ratio(capsys):
-    _bench().main(model=TINY, batch=4, steps=1, repeats=1, warmup=0, modes=("none", "hooks"))
+def test_one_repeat_reports_without_a_paired_ratio(load_script, capsys):
+    load_script("bench_dp").main(model=TINY, batch=4, steps=1, repeats=1, warmup=0, modes=("none", "hooks"))
     out = capsys.readouterr().out
     assert "of non-private" in out and "paired by repeat" not in out

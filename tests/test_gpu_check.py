@@ -1,6 +1,5 @@
 """scripts/gpu_check.py: its CPU smoke run passes, and its per-example gradient check can fail."""
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -12,14 +11,6 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.py"
 ROWS = ("ddpm non-private", "ddpm DP-SGD", "per-sample gradients (ddpm)", "ddpm DP-SGD bf16-mixed", "LoRA", "DP-LoRA",
         "per-sample gradients (DP-LoRA)", "sampler vs diffusers")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def table_status(output: str) -> dict[str, str]:
@@ -41,8 +32,8 @@ def test_cpu_smoke_run_passes():
     assert status.get("ddp all-reduce (nccl)") == "skipped"
 
 
-def test_per_sample_gradient_check_catches_wrong_gradients():
-    gpu_check = load_script()
+def test_per_sample_gradient_check_catches_wrong_gradients(load_script):
+    gpu_check = load_script("gpu_check")
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     den, defense, opt = gpu_check.private_ddpm(gpu_check.SMOKE, cpu)
